@@ -1,0 +1,70 @@
+"""Small structured-concurrency helpers shared by the runner and the driver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+__all__ = ["background", "first_error", "guarded"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group; the error itself otherwise.
+
+    Cancellation leaves are skipped when a real error sits beside them.
+    """
+    while isinstance(error, BaseExceptionGroup):
+        leaves = [e for e in error.exceptions if not isinstance(e, asyncio.CancelledError)]
+        error = (leaves or list(error.exceptions))[0]
+    return error
+
+
+async def guarded(main: Awaitable[T], guards: Iterable[Coroutine[Any, Any, Any]]) -> T:
+    """Run ``main`` while ``guards`` watch (e.g. "raise if QEMU dies").
+
+    The first guard to raise cancels ``main`` and its error propagates (unwrapped
+    from the task group); when ``main`` returns, the guards are cancelled.
+    """
+    guard_tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            guard_tasks = [group.create_task(guard) for guard in guards]
+
+            async def run_main() -> T:
+                try:
+                    return await main
+                finally:
+                    for task in guard_tasks:
+                        task.cancel()
+
+            main_task = group.create_task(run_main())
+    except BaseExceptionGroup as group_error:
+        raise first_error(group_error) from None
+    return main_task.result()
+
+
+@contextlib.asynccontextmanager
+async def background(
+    *coroutines: Coroutine[Any, Any, Any],
+) -> AsyncIterator[list[asyncio.Task[Any]]]:
+    """Run collectors beside the body; on exit cancel them and wait until they have stopped.
+
+    A collector that failed is logged, not raised: collectors observe, and losing
+    one must not turn a finished migration into an error (its artifact shows the gap).
+    """
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("collector failed: %s", result)

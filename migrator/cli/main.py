@@ -1,0 +1,145 @@
+"""``migrator``: run a post-copy migration and read what it cost the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from migrator.config.loader import load_scenario, scenario_schema
+from migrator.errors import MigratorError
+
+__all__ = ["app"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Orchestrate QEMU post-copy migrations of hugepage-backed VMs and "
+                       "measure per-page fetch latency and vCPU stalls.")
+config_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(error: MigratorError) -> typer.Exit:
+    """Print a migrator error as one line and give its exit code."""
+    err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+    run_dir = getattr(error, "run_dir", None)
+    if run_dir is not None:
+        err.print(f"raw artifacts kept in {run_dir}", highlight=False, soft_wrap=True)
+    return typer.Exit(error.exit_code)
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.DEBUG)
+        handlers.append(handler)
+    if verbose:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setLevel(logging.INFO)
+        handlers.append(stream)
+    logging.basicConfig(level=logging.DEBUG if handlers else logging.WARNING,
+                        handlers=handlers or None, force=True)
+    # qemu.qmp logs every disconnect at INFO; that is noise for a user.
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path(
+        "runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
+) -> None:
+    """Run one scenario end to end and print its report."""
+    from migrator.cli.progress import LiveProgress
+    from migrator.metrics.summary import build_report, write_report
+    from migrator.report.terminal import render_report
+    from migrator.runner import run_scenario
+
+    try:
+        loaded = load_scenario(scenario)
+    except MigratorError as error:
+        raise _fail(error) from None
+    _setup_logging(verbose)
+    holder: dict[str, Path] = {}
+    try:
+        with LiveProgress(err) as progress:
+            run_dir = asyncio.run(run_scenario(
+                loaded, runs_dir, progress, on_rundir=lambda r: holder.update(path=r.path)))
+    except MigratorError as error:
+        _report_if_possible(holder.get("path"))
+        raise _fail(error) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/bold red]: QEMU stopped, hugepages returned")
+        _report_if_possible(holder.get("path"))
+        raise typer.Exit(130) from None
+    report = build_report(run_dir.path)
+    write_report(run_dir.path, report)
+    if json_out:
+        out.print_json(report.model_dump_json())
+    else:
+        render_report(report, out)
+    out.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
+
+
+def _report_if_possible(run_path: Path | None) -> None:
+    """After a failed run, still derive what the raw artifacts allow."""
+    if run_path is None:
+        return
+    from migrator.metrics.summary import build_report, write_report
+
+    try:
+        write_report(run_path, build_report(run_path))
+        err.print(f"partial report: {run_path / 'report.json'}", highlight=False, soft_wrap=True)
+    except Exception as error:
+        err.print(f"no report could be derived: {error}", highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by 'migrator run'")],
+    json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+) -> None:
+    """Rebuild report.json and the summary offline from a run directory's raw files."""
+    from migrator.metrics.summary import build_report, write_report
+    from migrator.report.terminal import render_report
+
+    try:
+        rebuilt = build_report(run_dir)
+    except MigratorError as error:
+        raise _fail(error) from None
+    write_report(run_dir, rebuilt)
+    if json_out:
+        out.print_json(rebuilt.model_dump_json())
+    else:
+        render_report(rebuilt, out)
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of scenario files."""
+    print(scenario_schema())
+
+
+@config_app.command("check")
+def config_check(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+) -> None:
+    """Validate a scenario file and print it resolved (every default explicit)."""
+    from migrator.config.loader import dump_scenario
+
+    try:
+        loaded = load_scenario(scenario)
+    except MigratorError as error:
+        raise _fail(error) from None
+    print(dump_scenario(loaded), end="")

@@ -1,0 +1,220 @@
+"""The scenario: typed, frozen, validated description of one migration run.
+
+A scenario names the two hosts, the VM, the guest workload, how to migrate and
+what to collect.  Unknown keys are rejected everywhere (``extra="forbid"``) so a
+typo is an error, not a silently ignored setting.  Sizes are MiB, times are
+seconds unless the field name says otherwise (``_ms``, ``_us``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Accel",
+    "AfterPasses",
+    "AfterSeconds",
+    "Backing",
+    "CollectSpec",
+    "GuestSpec",
+    "HostSpec",
+    "Immediately",
+    "LocalHostSpec",
+    "MigrationSpec",
+    "Pattern",
+    "Scenario",
+    "SwitchoverPolicy",
+    "VmSpec",
+    "WorkloadSpec",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Backing(StrEnum):
+    """How guest RAM is backed on both hosts, and so the host page size."""
+
+    ANON_4K = "anon-4k"
+    MEMFD_4K = "memfd-4k"
+    HUGETLB_2M = "hugetlb-2m"
+    HUGETLB_1G = "hugetlb-1g"
+
+    @property
+    def page_size(self) -> int:
+        """Host page size of the guest RAM block, in bytes."""
+        return {
+            Backing.ANON_4K: 4096,
+            Backing.MEMFD_4K: 4096,
+            Backing.HUGETLB_2M: 2 << 20,
+            Backing.HUGETLB_1G: 1 << 30,
+        }[self]
+
+    @property
+    def is_hugetlb(self) -> bool:
+        """True when guest RAM lives on hugetlbfs."""
+        return self in (Backing.HUGETLB_2M, Backing.HUGETLB_1G)
+
+
+class Accel(StrEnum):
+    """Accelerator; ``auto`` boots a probe guest under KVM and falls back to TCG."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Pattern(StrEnum):
+    """Order in which the guest workload walks its working set."""
+
+    SEQUENTIAL = "sequential"
+    RANDOM = "random"
+
+
+class LocalHostSpec(_Model):
+    """The machine migrator runs on."""
+
+    kind: Literal["local"] = "local"
+
+
+HostSpec = Annotated[LocalHostSpec, Field(discriminator="kind")]
+
+
+class HostsSpec(_Model):
+    """Where the source and destination QEMU run."""
+
+    source: HostSpec = Field(default_factory=LocalHostSpec)
+    destination: HostSpec = Field(default_factory=LocalHostSpec)
+
+
+class VmSpec(_Model):
+    """The virtual machine, identical on both sides."""
+
+    memory_mib: int = Field(1024, ge=128, le=1 << 22, description="guest RAM in MiB")
+    vcpus: int = Field(1, ge=1, le=256)
+    backing: Backing = Backing.HUGETLB_1G
+    accel: Accel = Accel.AUTO
+    qemu: str = Field(
+        "qemu-system-x86_64", description="QEMU binary: a name looked up in PATH or a path"
+    )
+    machine: str = Field("pc", pattern=r"^[a-z0-9._-]+$")
+
+    @model_validator(mode="after")
+    def _memory_fits_pages(self) -> VmSpec:
+        page_mib = self.backing.page_size >> 20
+        if page_mib and self.memory_mib % page_mib:
+            raise ValueError(
+                f"memory_mib={self.memory_mib} is not a multiple of the {self.backing.value} "
+                f"page size ({page_mib} MiB)"
+            )
+        return self
+
+
+class GuestSpec(_Model):
+    """The microguest: distribution kernel + migrator's initramfs."""
+
+    kernel: Path | None = Field(None, description="guest kernel; default: newest /boot/vmlinuz-*")
+    boot_timeout_s: float = Field(120.0, gt=0, le=3600)
+
+
+class WorkloadSpec(_Model):
+    """What the guest probe does while it is migrated."""
+
+    working_set_mib: int = Field(512, ge=1)
+    write_pct: int = Field(50, ge=0, le=100, description="share of accesses that write, percent")
+    pattern: Pattern = Pattern.SEQUENTIAL
+    threads: int = Field(0, ge=0, le=256, description="worker threads; 0 = one per vCPU")
+    stall_threshold_us: int = Field(
+        2000, ge=10, description="a gap between two accesses longer than this is a stall"
+    )
+    heartbeat_ms: int = Field(5, ge=1, le=1000)
+    warmup_s: float = Field(1.0, ge=0, description="run time after 'ready' before migrating")
+
+
+class Immediately(_Model):
+    """Switch to post-copy right after the migration starts."""
+
+    policy: Literal["immediately"] = "immediately"
+
+
+class AfterSeconds(_Model):
+    """Switch to post-copy N seconds after the migration starts."""
+
+    policy: Literal["after-seconds"] = "after-seconds"
+    seconds: float = Field(gt=0, le=3600)
+
+
+class AfterPasses(_Model):
+    """Switch to post-copy once N dirty-sync passes have completed (MIGRATION_PASS)."""
+
+    policy: Literal["after-passes"] = "after-passes"
+    passes: int = Field(ge=1, le=1000)
+
+
+SwitchoverPolicy = Annotated[
+    Immediately | AfterSeconds | AfterPasses, Field(discriminator="policy")
+]
+
+
+class MigrationSpec(_Model):
+    """How to migrate."""
+
+    postcopy: bool = True
+    preempt: bool = Field(False, description="postcopy-preempt: urgent pages on their own channel")
+    switchover: SwitchoverPolicy = Field(default_factory=lambda: AfterSeconds(seconds=1.0))
+    max_bandwidth_mib_s: int | None = Field(
+        None, ge=1, description="pre-copy bandwidth cap; unset = as fast as the link goes"
+    )
+    max_postcopy_bandwidth_mib_s: int | None = Field(
+        None, ge=1, description="post-copy background bandwidth cap; unset = QEMU's default"
+    )
+    downtime_limit_ms: int | None = Field(None, ge=1, le=2000000)
+    transport: Literal["tcp", "unix"] = "tcp"
+    timeout_s: float = Field(600.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _preempt_needs_postcopy(self) -> MigrationSpec:
+        if self.preempt and not self.postcopy:
+            raise ValueError("preempt = true needs postcopy = true")
+        return self
+
+
+class CollectSpec(_Model):
+    """What to observe while migrating."""
+
+    query_migrate_hz: float = Field(10.0, gt=0, le=1000)
+    trace: bool = Field(True, description="destination QEMU trace of page requests/placements")
+    blocktime: bool = Field(True, description="postcopy-blocktime capability on the destination")
+
+
+class Scenario(_Model):
+    """One migration run, fully described."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    hosts: HostsSpec = Field(default_factory=HostsSpec)
+    vm: VmSpec = Field(default_factory=VmSpec)  # type: ignore[arg-type]
+    guest: GuestSpec = Field(default_factory=GuestSpec)  # type: ignore[arg-type]
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)  # type: ignore[arg-type]
+    migration: MigrationSpec = Field(default_factory=MigrationSpec)  # type: ignore[arg-type]
+    collect: CollectSpec = Field(default_factory=CollectSpec)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _working_set_fits(self) -> Scenario:
+        # The guest kernel, initramfs and probe need some RAM of their own.
+        headroom = 96
+        if self.workload.working_set_mib > self.vm.memory_mib - headroom:
+            raise ValueError(
+                f"workload.working_set_mib={self.workload.working_set_mib} leaves less than "
+                f"{headroom} MiB of vm.memory_mib={self.vm.memory_mib} for the guest kernel"
+            )
+        if self.workload.threads > self.vm.vcpus:
+            raise ValueError(
+                f"workload.threads={self.workload.threads} exceeds vm.vcpus={self.vm.vcpus}"
+            )
+        return self

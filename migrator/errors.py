@@ -1,0 +1,199 @@
+"""The one exception tree of migrator.
+
+Every error migrator raises on purpose derives from :class:`MigratorError` and
+carries the data an operator needs to act (argv, exit status, output tail, QMP
+error class).  The CLI prints ``str(error)`` as one line and exits with
+``error.exit_code``; anything else is a bug and shows a traceback.
+
+::
+
+    MigratorError
+     +-- ConfigError                 scenario file or option invalid (exit 2)
+     +-- PreflightError              the host cannot run the scenario (exit 3)
+     |    +-- HugepageShortfall       not enough free hugepages of a size
+     |    +-- MissingCapability       QEMU lacks a migration capability
+     |    +-- MissingResource         binary, kernel or file not found
+     +-- HostError                   a command on a host failed
+     +-- GuestBuildError             the microguest could not be built
+     +-- QemuError                   a QEMU process misbehaved
+     |    +-- QemuLaunchError         QEMU exited or never opened its QMP socket
+     |    +-- QemuExitedError         QEMU died while it was needed
+     +-- QmpCommandError             a QMP command returned an error
+     +-- QmpTimeout                  a QMP command got no reply in time
+     +-- MigrationError              migration failed, was cancelled or stalled
+     |    +-- MigrationTimeout        a phase did not finish in time
+     +-- GuestError                  the guest probe reported a problem
+     +-- ArtifactError               a raw artifact is missing or malformed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ArtifactError",
+    "ConfigError",
+    "GuestBuildError",
+    "GuestError",
+    "HostError",
+    "HugepageShortfall",
+    "MigrationError",
+    "MigrationTimeout",
+    "MigratorError",
+    "MissingCapability",
+    "MissingResource",
+    "PreflightError",
+    "QemuError",
+    "QemuExitedError",
+    "QemuLaunchError",
+    "QmpCommandError",
+    "QmpTimeout",
+]
+
+
+def output_tail(text: str, lines: int = 5) -> str:
+    """Return the last ``lines`` non-empty lines of ``text`` joined by `` | ``."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])
+
+
+class MigratorError(Exception):
+    """Base of every error migrator raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(MigratorError):
+    """A scenario file, option or command-line value is invalid."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class PreflightError(MigratorError):
+    """The host cannot run the scenario as asked; nothing was started."""
+
+    exit_code = 3
+
+
+class MissingResource(PreflightError):
+    """A binary, kernel, device or file the scenario needs does not exist."""
+
+
+class MissingCapability(PreflightError):
+    """The QEMU binary lacks migration capabilities the scenario needs."""
+
+    def __init__(self, binary: str, version: str, missing: Sequence[str]) -> None:
+        super().__init__(
+            f"{binary} (QEMU {version}) lacks migration capabilities: {', '.join(missing)}; "
+            "use a newer QEMU or turn the option off in the scenario"
+        )
+        self.binary = binary
+        self.version = version
+        self.missing = list(missing)
+
+
+class HugepageShortfall(PreflightError):
+    """A hugepage pool cannot be grown to what the scenario needs."""
+
+    def __init__(self, page_size_kib: int, needed: int, free: int) -> None:
+        size = f"{page_size_kib // 1024} MiB" if page_size_kib < 1048576 else "1 GiB"
+        super().__init__(
+            f"hugepages-{page_size_kib}kB: need {needed} free {size} pages, only {free} "
+            f"could be had; free memory or raise "
+            f"/sys/kernel/mm/hugepages/hugepages-{page_size_kib}kB/nr_hugepages (as root)"
+        )
+        self.page_size_kib = page_size_kib
+        self.needed = needed
+        self.free = free
+
+
+class HostError(MigratorError):
+    """A command on a host failed; carries argv, status and output tail."""
+
+    def __init__(
+        self, message: str, *, argv: Sequence[str] = (), status: int | None = None, output: str = ""
+    ) -> None:
+        detail = f" (exit {status})" if status is not None else ""
+        tail = output_tail(output)
+        super().__init__(f"{message}{detail}" + (f": {tail}" if tail else ""))
+        self.argv = list(argv)
+        self.status = status
+        self.output = output
+
+
+class GuestBuildError(MigratorError):
+    """The microguest (kernel + initramfs + probe) could not be built."""
+
+
+class QemuError(MigratorError):
+    """A QEMU process misbehaved."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str = "qemu",
+        argv: Sequence[str] = (),
+        status: int | None = None,
+        stderr: str = "",
+    ) -> None:
+        detail = f" (exit {status})" if status is not None else ""
+        tail = output_tail(stderr)
+        super().__init__(f"{name}: {message}{detail}" + (f": {tail}" if tail else ""))
+        self.name = name
+        self.argv = list(argv)
+        self.status = status
+        self.stderr = stderr
+
+
+class QemuLaunchError(QemuError):
+    """QEMU exited during start-up or never opened its QMP socket."""
+
+
+class QemuExitedError(QemuError):
+    """QEMU exited while migrator still needed it."""
+
+
+class QmpCommandError(MigratorError):
+    """A QMP command returned an error reply."""
+
+    def __init__(self, vm: str, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{vm}: QMP {command} failed: {error_class}: {desc}")
+        self.vm = vm
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpTimeout(MigratorError):
+    """A QMP command got no reply within its deadline (QEMU busy or hung)."""
+
+    def __init__(self, vm: str, command: str, seconds: float) -> None:
+        super().__init__(f"{vm}: QMP {command} got no reply within {seconds:g} s")
+        self.vm = vm
+        self.command = command
+        self.seconds = seconds
+
+
+class MigrationError(MigratorError):
+    """The migration failed, was cancelled, or its state makes no sense."""
+
+    exit_code = 4
+
+
+class MigrationTimeout(MigrationError):
+    """A migration phase did not finish within its deadline."""
+
+
+class GuestError(MigratorError):
+    """The guest probe reported a problem (bad pages, no heartbeat, no boot)."""
+
+    exit_code = 5
+
+
+class ArtifactError(MigratorError):
+    """A raw artifact in a run directory is missing or cannot be parsed."""

@@ -1,0 +1,119 @@
+"""The one interface through which migrator touches a machine.
+
+A :class:`Host` runs commands (argv lists, never shell strings), supervises
+long-running processes, reads and writes files, and makes a unix socket on the
+host reachable from the controller.  ``LocalHost`` is the machine migrator runs
+on; remote hosts implement the same interface so nothing above this layer cares
+where a QEMU lives.
+"""
+
+from __future__ import annotations
+
+import abc
+import signal
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator.errors import HostError
+
+__all__ = ["CommandResult", "Host", "HostProcess"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command left: argv, exit status and its output."""
+
+    argv: tuple[str, ...]
+    status: int
+    stdout: str
+    stderr: str
+
+    def check(self, what: str) -> CommandResult:
+        """Return self, or raise :class:`HostError` describing ``what`` failed."""
+        if self.status != 0:
+            raise HostError(
+                f"{what} failed: {' '.join(self.argv)}",
+                argv=self.argv,
+                status=self.status,
+                output=self.stderr or self.stdout,
+            )
+        return self
+
+
+class HostProcess(abc.ABC):
+    """A long-running process started on a host."""
+
+    argv: tuple[str, ...]
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int:
+        """Process id on its host."""
+
+    @property
+    @abc.abstractmethod
+    def returncode(self) -> int | None:
+        """Exit status once it has exited (negative: killed by that signal), else None."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the process to exit and return its status."""
+
+    @abc.abstractmethod
+    async def send_signal(self, sig: signal.Signals) -> None:
+        """Send ``sig``; a process that already exited is not an error."""
+
+
+class Host(abc.ABC):
+    """A machine that runs commands and holds files (see module docstring)."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: bytes | None = None
+    ) -> CommandResult:
+        """Run ``argv`` to completion and return its result (non-zero status is not raised)."""
+
+    @abc.abstractmethod
+    async def start(
+        self, argv: Sequence[str], *, stdout: Path, stderr: Path, cwd: Path | None = None
+    ) -> HostProcess:
+        """Start ``argv`` in the background, output into files on the host.
+
+        The process must die with the controller: it may never outlive migrator.
+        """
+
+    @abc.abstractmethod
+    async def read_file(self, path: Path) -> bytes:
+        """Read a whole file; FileNotFoundError when it does not exist."""
+
+    @abc.abstractmethod
+    async def write_file(self, path: Path, data: bytes) -> None:
+        """Write (truncate) a file, e.g. a sysfs knob."""
+
+    @abc.abstractmethod
+    async def exists(self, path: Path) -> bool:
+        """Whether ``path`` exists on the host."""
+
+    @abc.abstractmethod
+    async def make_private_dir(self, path: Path) -> None:
+        """Create ``path`` (and parents) with the leaf at mode 0700."""
+
+    @abc.abstractmethod
+    async def remove_tree(self, path: Path) -> None:
+        """Remove a file or directory tree; a missing path is not an error."""
+
+    @abc.abstractmethod
+    async def get(self, remote: Path, local: Path) -> None:
+        """Copy a file from the host to the controller."""
+
+    @abc.abstractmethod
+    def forward_unix_socket(self, path: Path) -> AbstractAsyncContextManager[Path]:
+        """Make a unix socket on the host reachable here; yields the local path to use."""
+
+    async def read_text(self, path: Path) -> str:
+        """Read a whole file as UTF-8 text."""
+        return (await self.read_file(path)).decode("utf-8", errors="replace")

@@ -1,0 +1,146 @@
+"""The machine migrator itself runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from migrator.errors import HostError
+from migrator.hosts.base import CommandResult, Host, HostProcess
+
+__all__ = ["LocalHost", "LocalProcess"]
+
+# A child started through setpriv gets SIGKILL when migrator dies, however it dies
+# (even SIGKILL), so no QEMU can outlive the controller on this machine.
+_DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "SIGKILL", "--")
+
+
+class LocalProcess(HostProcess):
+    """A background process on the local machine."""
+
+    def __init__(self, process: asyncio.subprocess.Process, argv: Sequence[str]) -> None:
+        self._process = process
+        self.argv = tuple(argv)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    async def send_signal(self, sig: signal.Signals) -> None:
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(sig)
+
+
+class LocalHost(Host):
+    """Commands and files on the machine migrator runs on."""
+
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
+
+    async def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: bytes | None = None
+    ) -> CommandResult:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise HostError(f"{argv[0]}: command not found on {self.name}", argv=argv) from None
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await process.communicate(stdin)
+        except BaseException:
+            # Timeout or cancellation: the command must not outlive the call.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        assert process.returncode is not None
+        return CommandResult(
+            tuple(argv),
+            process.returncode,
+            out.decode("utf-8", errors="replace"),
+            err.decode("utf-8", errors="replace"),
+        )
+
+    async def start(
+        self, argv: Sequence[str], *, stdout: Path, stderr: Path, cwd: Path | None = None
+    ) -> HostProcess:
+        full = [*_DIE_WITH_PARENT, *argv] if shutil.which("setpriv") else list(argv)
+        out, err = await asyncio.to_thread(lambda: (open(stdout, "ab"), open(stderr, "ab")))  # noqa: SIM115
+        with out, err:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *full,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=cwd,
+                    # Own process group: a Ctrl-C at the terminal reaches migrator only,
+                    # which then shuts QEMU down in order instead of racing it.
+                    start_new_session=True,
+                )
+            except FileNotFoundError:
+                raise HostError(f"{argv[0]}: command not found on {self.name}", argv=argv) from None
+        return LocalProcess(process, argv)
+
+    async def read_file(self, path: Path) -> bytes:
+        return await asyncio.to_thread(path.read_bytes)
+
+    async def write_file(self, path: Path, data: bytes) -> None:
+        await asyncio.to_thread(path.write_bytes, data)
+
+    async def exists(self, path: Path) -> bool:
+        return await asyncio.to_thread(path.exists)
+
+    async def make_private_dir(self, path: Path) -> None:
+        def make() -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+        await asyncio.to_thread(make)
+
+    async def remove_tree(self, path: Path) -> None:
+        def remove() -> None:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+        await asyncio.to_thread(remove)
+
+    async def get(self, remote: Path, local: Path) -> None:
+        def copy() -> None:
+            if remote.resolve() != local.resolve():
+                shutil.copyfile(remote, local)
+
+        await asyncio.to_thread(copy)
+
+    @contextlib.asynccontextmanager
+    async def forward_unix_socket(self, path: Path) -> AsyncIterator[Path]:
+        yield path
+
+    def free_tcp_port(self) -> int:
+        """A loopback TCP port that was free a moment ago (for -incoming)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+            return port

@@ -1,0 +1,124 @@
+"""Migration phases and the real freeze, from QMP events and the driver's timeline.
+
+Inputs are the raw artifacts ``src/events.jsonl``, ``dst/events.jsonl`` and
+``timeline.jsonl``.  QMP event times are QEMU's own timestamps (the host wall
+clock when QEMU emitted the event); timeline times are the controller's wall
+clock.  Both are the same clock on one host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from migrator.report.schema import Phase
+
+__all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl"]
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL artifact; a torn last line (run killed mid-write) is skipped."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+@dataclass(frozen=True)
+class QmpEvent:
+    """One recorded QMP event."""
+
+    side: str
+    name: str
+    data: dict[str, Any]
+    qemu_ns: int
+
+
+@dataclass(frozen=True)
+class MigrationEvents:
+    """QMP events of both sides plus the driver's timeline marks."""
+
+    events: list[QmpEvent]
+    marks: dict[str, int]
+
+    def first(self, side: str, name: str, status: str | None = None,
+              after_ns: int = 0) -> int | None:
+        """QEMU time of the first matching event after ``after_ns``, or None."""
+        for event in self.events:
+            if (event.side == side and event.name == name and event.qemu_ns >= after_ns
+                    and (status is None or event.data.get("status") == status)):
+                return event.qemu_ns
+        return None
+
+    def passes(self) -> list[tuple[int, int]]:
+        """(pass number, QEMU ns) of each MIGRATION_PASS on the source."""
+        return [(int(e.data.get("pass", 0)), e.qemu_ns) for e in self.events
+                if e.side == "src" and e.name == "MIGRATION_PASS"]
+
+
+def load_events(run_path: Path) -> MigrationEvents:
+    """Read both sides' events and the timeline of a run directory."""
+    events = [
+        QmpEvent(side, str(r["event"]), dict(r.get("data", {})), int(r["qemu_ns"]))
+        for side in ("src", "dst")
+        for r in read_jsonl(run_path / side / "events.jsonl")
+    ]
+    events.sort(key=lambda e: e.qemu_ns)
+    marks: dict[str, int] = {}
+    for record in read_jsonl(run_path / "timeline.jsonl"):
+        marks.setdefault(str(record.get("what")), int(record["host_ns"]))
+    return MigrationEvents(events, marks)
+
+
+class PhaseTimeline:
+    """The run cut into named phases, to say in which phase an instant fell."""
+
+    def __init__(self, phases: list[Phase]) -> None:
+        self.phases = sorted(phases, key=lambda p: p.start_ns)
+
+    @classmethod
+    def from_events(cls, ev: MigrationEvents) -> PhaseTimeline:
+        """Boot, warm-up, setup, pre-copy, freeze, post-copy, verify (those that happened)."""
+        m = ev.marks
+        migrate = m.get("migrate")
+        active = ev.first("src", "MIGRATION", "active", after_ns=migrate or 0)
+        postcopy = ev.first("src", "MIGRATION", "postcopy-active", after_ns=migrate or 0)
+        src_done = ev.first("src", "MIGRATION", "completed")
+        dst_done = ev.first("dst", "MIGRATION", "completed")
+        stop = ev.first("src", "STOP", after_ns=migrate or 0)
+        resume = ev.first("dst", "RESUME")
+        finished = dst_done or src_done
+        phases: list[Phase] = []
+
+        def add(name: str, start: int | None, end: int | None) -> None:
+            if start is not None:
+                phases.append(Phase(name=name, start_ns=start, end_ns=end))
+
+        add("boot", m.get("source-started"), m.get("guest-ready"))
+        add("warmup", m.get("guest-ready"), migrate)
+        add("setup", migrate, active)
+        add("precopy", active, stop or finished)
+        add("freeze", stop, resume)
+        if postcopy is not None:
+            add("postcopy", resume or postcopy, finished)
+        add("after", finished, m.get("verifying"))
+        add("verify", m.get("verifying"), m.get("verified"))
+        return cls(phases)
+
+    def phase_at(self, host_ns: int) -> str:
+        """Name of the phase containing ``host_ns`` (the latest one started, for overlaps)."""
+        current = "before"
+        for phase in self.phases:
+            if phase.start_ns <= host_ns:
+                current = phase.name if (phase.end_ns is None or host_ns < phase.end_ns) \
+                    else current
+        return current

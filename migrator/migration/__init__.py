@@ -1,0 +1,12 @@
+"""Migration: plan capabilities/parameters and drive the migration over QMP."""
+
+from migrator.migration.driver import MigrationDriver, MigrationResult
+from migrator.migration.plan import MigrationPlan, check_capabilities, plan_migration
+
+__all__ = [
+    "MigrationDriver",
+    "MigrationPlan",
+    "MigrationResult",
+    "check_capabilities",
+    "plan_migration",
+]

@@ -1,0 +1,178 @@
+"""Drives one migration over QMP, from capabilities to completion.
+
+Sequence (cf. QEMU's tests/qtest/migration/framework.c): set capabilities and
+parameters on both sides, ``migrate-incoming`` on the destination, ``migrate``
+on the source, apply the switchover policy, then wait for the terminal
+``MIGRATION`` event on both sides.  State is followed through events, never by
+polling.  Every step is written to the run's timeline with the host wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
+from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
+from migrator.migration.plan import MigrationPlan
+from migrator.qemu.monitor import EventRecord, Monitor
+from migrator.rundir import JsonlWriter
+
+__all__ = ["MigrationDriver", "MigrationResult"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_TERMINAL = ("completed", "failed", "cancelled")
+DESTINATION_TERMINAL = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """How the migration ended, in QEMU's own words."""
+
+    source_status: str
+    destination_status: str
+    postcopy_requested_ns: int | None
+    postcopy_skipped_reason: str | None
+
+
+def _status_is(*statuses: str) -> Any:
+    def predicate(record: EventRecord) -> bool:
+        return record.data.get("status") in statuses
+
+    return predicate
+
+
+class MigrationDriver:
+    """One migration between two connected monitors."""
+
+    def __init__(
+        self, source: Monitor, destination: Monitor, plan: MigrationPlan, spec: MigrationSpec,
+        timeline: JsonlWriter,
+    ) -> None:
+        self.source = source
+        self.destination = destination
+        self.plan = plan
+        self.spec = spec
+        self.timeline = timeline
+
+    def mark(self, what: str, **details: Any) -> int:
+        """Record a driver step on the timeline; returns its host ns."""
+        now = time.time_ns()
+        self.timeline.write({"host_ns": now, "what": what, **details})
+        log.info("%s %s", what, details or "")
+        return now
+
+    async def prepare(self, incoming_uri: str) -> None:
+        """Capabilities and parameters on both sides; the destination starts listening."""
+        await self.destination.set_capabilities(self.plan.destination_capabilities)
+        await self.destination.set_parameters(self.plan.destination_parameters)
+        await self.source.set_capabilities(self.plan.source_capabilities)
+        await self.source.set_parameters(self.plan.source_parameters)
+        self.mark("capabilities-set", source=self.plan.source_capabilities,
+                  destination=self.plan.destination_capabilities,
+                  parameters=self.plan.source_parameters)
+        await self.destination.migrate_incoming(incoming_uri)
+        self.mark("incoming-listening", uri=incoming_uri)
+
+    async def run(self, uri: str) -> MigrationResult:
+        """Migrate to ``uri`` and wait until both sides reach a terminal state."""
+        try:
+            async with asyncio.timeout(self.spec.timeout_s):
+                return await self._run(uri)
+        except TimeoutError:
+            statuses = await self._last_statuses()
+            self.mark("timeout", statuses=statuses)
+            raise MigrationTimeout(
+                f"migration.timeout_s: not finished after {self.spec.timeout_s:g} s "
+                f"(source {statuses[0]}, destination {statuses[1]}); raise the timeout or "
+                "lower the working set"
+            ) from None
+
+    async def _last_statuses(self) -> tuple[str, str]:
+        def last(monitor: Monitor) -> str:
+            events = monitor.find_events("MIGRATION")
+            return str(events[-1].data.get("status")) if events else "none"
+
+        return last(self.source), last(self.destination)
+
+    async def _run(self, uri: str) -> MigrationResult:
+        started = self.mark("migrate", uri=uri)
+        await self.source.migrate(uri)
+        requested: int | None = None
+        skipped: str | None = None
+        async with asyncio.TaskGroup() as group:
+            source_done = group.create_task(
+                self.source.wait_for_event("MIGRATION", _status_is(*SOURCE_TERMINAL))
+            )
+            destination_done = group.create_task(
+                self.destination.wait_for_event("MIGRATION", _status_is(*DESTINATION_TERMINAL))
+            )
+            if self.spec.postcopy:
+                requested, skipped = await self._switchover(started, source_done)
+            source_end = await source_done
+            self.mark("source-finished", status=source_end.data["status"])
+            if source_end.data["status"] != "completed":
+                destination_done.cancel()
+                raise MigrationError(
+                    f"migration {source_end.data['status']} on the source: "
+                    f"{await self._error_desc(self.source)}"
+                )
+            destination_end = await destination_done
+        self.mark("destination-finished", status=destination_end.data["status"])
+        if destination_end.data["status"] != "completed":
+            raise MigrationError(
+                f"migration {destination_end.data['status']} on the destination: "
+                f"{await self._error_desc(self.destination)}"
+            )
+        return MigrationResult(
+            str(source_end.data["status"]), str(destination_end.data["status"]),
+            requested, skipped,
+        )
+
+    async def _error_desc(self, monitor: Monitor) -> str:
+        """QEMU's own explanation of a failed migration, if it still answers."""
+        try:
+            info = await monitor.query_migrate(timeout=5.0)
+        except Exception:
+            return f"no error text ({monitor.name} did not answer); see its stderr.log"
+        return str(info.get("error-desc", f"no error text; see {monitor.name}/stderr.log"))
+
+    async def _switchover(
+        self, started_ns: int, source_done: asyncio.Task[EventRecord]
+    ) -> tuple[int | None, str | None]:
+        """Apply the switchover policy; returns (when post-copy was asked, why not)."""
+        policy = self.spec.switchover
+        trigger: asyncio.Task[Any] | None = None
+        if isinstance(policy, AfterSeconds):
+            remaining = policy.seconds - (time.time_ns() - started_ns) / 1e9
+            trigger = asyncio.create_task(asyncio.sleep(max(0.0, remaining)))
+        elif isinstance(policy, AfterPasses):
+            trigger = asyncio.create_task(
+                self.source.wait_for_event(
+                    "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) >= policy.passes
+                )
+            )
+        else:
+            assert isinstance(policy, Immediately)
+        if trigger is not None:
+            try:
+                await asyncio.wait({trigger, source_done}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                trigger.cancel()
+            if source_done.done():
+                reason = "pre-copy finished before the switchover policy fired"
+                self.mark("postcopy-skipped", reason=reason)
+                return None, reason
+        try:
+            await self.source.start_postcopy()
+        except QmpCommandError as error:
+            if source_done.done():
+                reason = f"pre-copy finished first ({error.desc})"
+                self.mark("postcopy-skipped", reason=reason)
+                return None, reason
+            raise
+        return self.mark("postcopy-requested", policy=policy.policy), None

@@ -1,0 +1,206 @@
+"""QMP to one QEMU, spoken in the migration vocabulary.
+
+Wraps :class:`qemu.qmp.QMPClient`: every command has a deadline, error replies
+become :class:`QmpCommandError`, and every event QEMU sends is stamped with the
+host wall clock on arrival and appended to an ``events.jsonl`` raw artifact the
+moment it arrives.  Callers wait for events (``wait_for_event``) instead of
+polling state; the event history is kept because the interesting events of a
+migration are few and the waiter may arrive after the event did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from migrator.errors import QmpCommandError, QmpTimeout
+
+__all__ = ["EventRecord", "Monitor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """A QMP event with QEMU's own timestamp and the host time it arrived here."""
+
+    name: str
+    data: Mapping[str, Any]
+    qemu_ns: int
+    host_ns: int
+
+    def to_json(self, side: str) -> str:
+        """One JSONL line for the raw events artifact."""
+        return json.dumps(
+            {"side": side, "event": self.name, "data": dict(self.data),
+             "qemu_ns": self.qemu_ns, "host_ns": self.host_ns},
+            separators=(",", ":"),
+        )
+
+
+EventPredicate = Callable[[EventRecord], bool]
+
+
+class Monitor:
+    """A QMP session with one QEMU (see module docstring)."""
+
+    def __init__(self, name: str, events_log: Path) -> None:
+        self.name = name
+        self._client = QMPClient(name)
+        self._events_log_path = events_log
+        self._events_log: IO[str] | None = None
+        self._listener = EventListener()
+        self._history: list[EventRecord] = []
+        self._arrived = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def events(self) -> list[EventRecord]:
+        """Every event received so far, oldest first."""
+        return list(self._history)
+
+    async def connect(self, socket_path: Path) -> None:
+        """Connect, negotiate capabilities and start recording events."""
+        # Register before connecting so not even the first event can be missed.
+        self._client.register_listener(self._listener)
+        await self._client.connect(str(socket_path))
+        self._events_log = await asyncio.to_thread(
+            open, self._events_log_path, "a", encoding="utf-8"
+        )
+        self._pump = asyncio.create_task(self._record_events(), name=f"{self.name}-events")
+
+    async def close(self) -> None:
+        """Stop recording and disconnect; safe to call more than once."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
+        with contextlib.suppress(Exception):
+            self._client.remove_listener(self._listener)
+        if self._events_log is not None:
+            self._events_log.close()
+            self._events_log = None
+
+    async def _record_events(self) -> None:
+        async for message in self._listener:
+            host_ns = time.time_ns()
+            stamp = message.get("timestamp", {})
+            qemu_ns = int(stamp.get("seconds", 0)) * 1_000_000_000 + int(
+                stamp.get("microseconds", 0)
+            ) * 1000
+            record = EventRecord(str(message["event"]), dict(message.get("data", {})),
+                                 qemu_ns, host_ns)
+            self._history.append(record)
+            if self._events_log is not None:
+                self._events_log.write(record.to_json(self.name) + "\n")
+                self._events_log.flush()
+            log.debug("%s: event %s %s", self.name, record.name, record.data)
+            self._arrived.set()
+
+    async def wait_for_event(
+        self, name: str, predicate: EventPredicate | None = None, *, timeout: float | None = None
+    ) -> EventRecord:
+        """Return the first event named ``name`` matching ``predicate`` (past or future)."""
+        async with asyncio.timeout(timeout):
+            seen = 0
+            while True:
+                for record in self._history[seen:]:
+                    if record.name == name and (predicate is None or predicate(record)):
+                        return record
+                seen = len(self._history)
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def find_events(self, name: str) -> list[EventRecord]:
+        """Every recorded event with this name."""
+        return [record for record in self._history if record.name == name]
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *,
+        timeout: float = 30.0, oob: bool = False,
+    ) -> Any:
+        """Run a QMP command; errors and timeouts become migrator errors."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, arguments, oob=oob)
+        except ExecuteError as error:
+            raise QmpCommandError(
+                self.name, command, error.error_class, error.error.desc
+            ) from error
+        except TimeoutError:
+            raise QmpTimeout(self.name, command, timeout) from None
+
+    # The migration vocabulary (qapi/migration.json).
+
+    async def query_version(self) -> str:
+        """QEMU version as ``major.minor.micro``."""
+        reply = await self.execute("query-version")
+        q = reply["qemu"]
+        return f"{q['major']}.{q['minor']}.{q['micro']}"
+
+    async def query_status(self) -> dict[str, Any]:
+        """``query-status``: running flag and runstate."""
+        reply: dict[str, Any] = await self.execute("query-status")
+        return reply
+
+    async def query_migrate(self, *, timeout: float = 30.0) -> dict[str, Any]:
+        """``query-migrate``, raw."""
+        reply: dict[str, Any] = await self.execute("query-migrate", timeout=timeout)
+        return reply
+
+    async def migrate_capabilities(self) -> dict[str, bool]:
+        """Every migration capability this QEMU knows, with its current state."""
+        reply = await self.execute("query-migrate-capabilities")
+        return {item["capability"]: bool(item["state"]) for item in reply}
+
+    async def set_capabilities(self, capabilities: Mapping[str, bool]) -> None:
+        """``migrate-set-capabilities``."""
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in capabilities.items()]},
+        )
+
+    async def set_parameters(self, parameters: Mapping[str, object]) -> None:
+        """``migrate-set-parameters`` (no-op when empty)."""
+        if parameters:
+            await self.execute("migrate-set-parameters", dict(parameters))
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """Start listening for the incoming migration (destination, ``-incoming defer``)."""
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate(self, uri: str) -> None:
+        """Start the outgoing migration (source)."""
+        await self.execute("migrate", {"uri": uri})
+
+    async def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to post-copy as soon as QEMU can."""
+        await self.execute("migrate-start-postcopy")
+
+    async def migrate_cancel(self) -> None:
+        """``migrate_cancel``."""
+        await self.execute("migrate_cancel")
+
+    async def hmp(self, command_line: str, *, timeout: float = 30.0) -> str:
+        """A human-monitor command's text output (e.g. ``info ramblock``)."""
+        reply: str = await self.execute(
+            "human-monitor-command", {"command-line": command_line}, timeout=timeout
+        )
+        return reply
+
+    async def quit(self, *, timeout: float = 5.0) -> None:
+        """Ask QEMU to exit; the connection dropping before the reply is success."""
+        with contextlib.suppress(Exception):
+            await self.execute("quit", timeout=timeout)

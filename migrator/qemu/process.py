@@ -1,0 +1,167 @@
+"""One QEMU process: launch, QMP connection, and a shutdown that always happens.
+
+The contract follows qemu.machine: start-up failures carry the command line
+and QEMU's stderr; shutdown escalates ``quit`` -> SIGTERM -> SIGKILL with a
+deadline at each step and runs from ``__aexit__`` whatever happened inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from types import TracebackType
+
+from qemu.qmp import ConnectError
+
+from migrator.errors import QemuExitedError, QemuLaunchError
+from migrator.hosts.base import Host, HostProcess
+from migrator.qemu.cmdline import LaunchSpec, qemu_argv, shell_line
+from migrator.qemu.monitor import Monitor
+
+__all__ = ["QemuProcess"]
+
+log = logging.getLogger(__name__)
+
+
+class QemuProcess:
+    """A QEMU on ``host`` whose files (argv, logs, events) live in ``workdir``."""
+
+    def __init__(
+        self, host: Host, name: str, argv: list[str], qmp_socket: Path, workdir: Path, *,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.argv = argv
+        self.qmp_socket = qmp_socket
+        self.workdir = workdir
+        self.start_timeout = start_timeout
+        self.monitor = Monitor(name, workdir / "events.jsonl")
+        self.log = logging.getLogger(f"{__name__}.{name}")
+        self._process: HostProcess | None = None
+        self.started_ns = 0
+        self.exited_ns: int | None = None
+
+    @classmethod
+    def from_spec(
+        cls, host: Host, spec: LaunchSpec, workdir: Path, *, start_timeout: float = 30.0
+    ) -> QemuProcess:
+        """A QEMU launched from a VM :class:`LaunchSpec`."""
+        return cls(host, spec.name, qemu_argv(spec), spec.qmp_socket, workdir,
+                   start_timeout=start_timeout)
+
+    @property
+    def stderr_path(self) -> Path:
+        """QEMU's stderr, a raw artifact."""
+        return self.workdir / "stderr.log"
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid once started."""
+        return self._process.pid if self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once exited."""
+        return self._process.returncode if self._process else None
+
+    async def stderr_text(self) -> str:
+        """What QEMU wrote to stderr so far (empty if nothing)."""
+        try:
+            return await self.host.read_text(self.stderr_path)
+        except FileNotFoundError:
+            return ""
+
+    async def start(self) -> None:
+        """Launch QEMU and connect QMP; :class:`QemuLaunchError` if it does not come up."""
+        (self.workdir / "argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
+        (self.workdir / "cmdline.sh").write_text(shell_line(self.argv) + "\n")
+        self.log.info("starting: %s", shell_line(self.argv))
+        self.started_ns = time.time_ns()
+        self._process = await self.host.start(
+            self.argv, stdout=self.workdir / "stdout.log", stderr=self.stderr_path
+        )
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                await self._connect_when_listening()
+        except TimeoutError:
+            raise QemuLaunchError(
+                f"QMP socket {self.qmp_socket} not ready after {self.start_timeout:g} s",
+                name=self.name, argv=self.argv, stderr=await self.stderr_text(),
+            ) from None
+
+    async def _connect_when_listening(self) -> None:
+        assert self._process is not None
+        socket_path = self.qmp_socket
+        while True:
+            if self._process.returncode is not None:
+                raise QemuLaunchError(
+                    "exited during start-up", name=self.name, argv=self.argv,
+                    status=self._process.returncode, stderr=await self.stderr_text(),
+                )
+            if await self.host.exists(socket_path):
+                try:
+                    await self.monitor.connect(socket_path)
+                    return
+                except ConnectError:
+                    # The socket exists a moment before QEMU listens on it.
+                    pass
+            await asyncio.sleep(0.02)
+
+    async def wait_exit(self) -> int:
+        """Wait until QEMU exits; returns its status."""
+        assert self._process is not None
+        status = await self._process.wait()
+        self.exited_ns = self.exited_ns or time.time_ns()
+        return status
+
+    async def fail_if_exits(self) -> None:
+        """Raise :class:`QemuExitedError` when QEMU exits (run beside work that needs it)."""
+        status = await self.wait_exit()
+        raise QemuExitedError(
+            "exited unexpectedly", name=self.name, argv=self.argv, status=status,
+            stderr=await self.stderr_text(),
+        )
+
+    async def stop(self, *, grace: float = 5.0) -> int | None:
+        """Shut QEMU down: quit, then SIGTERM, then SIGKILL, each with a deadline."""
+        process = self._process
+        if process is None:
+            await self.monitor.close()
+            return None
+        try:
+            if process.returncode is None:
+                await self.monitor.quit(timeout=grace)
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        async with asyncio.timeout(grace):
+                            await process.wait()
+                        break
+                    except TimeoutError:
+                        self.log.warning("did not exit in %g s, sending %s", grace, sig.name)
+                        await process.send_signal(sig)
+                await process.wait()
+        finally:
+            await self.monitor.close()
+            await self.host.remove_tree(self.qmp_socket)
+        self.exited_ns = self.exited_ns or time.time_ns()
+        self.log.info("exited with status %s", process.returncode)
+        return process.returncode
+
+    async def __aenter__(self) -> QemuProcess:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(grace=2.0)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,317 @@
+"""One scenario, run end to end: preflight, boot, migrate, verify, tear down, report.
+
+The runner owns the order of things and the guarantee that whatever happens
+(an error, Ctrl-C, a QEMU crash) every QEMU is stopped, every socket and
+hugetlbfs file removed, every hugepage given back, and every raw artifact
+already collected kept.  It does this with one ``AsyncExitStack``: each
+resource is entered right after it exists, so it is released in reverse order
+on any exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from migrator import __version__
+from migrator.aio import background, guarded
+from migrator.config.loader import dump_scenario
+from migrator.config.models import Scenario
+from migrator.errors import GuestError, MigratorError, MissingResource
+from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
+from migrator.guest.console import GuestConsole, serial_chardev_args
+from migrator.hosts.base import Host
+from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
+from migrator.hosts.local import LocalHost
+from migrator.metrics.sampler import sample_query_migrate
+from migrator.migration.driver import MigrationDriver
+from migrator.migration.plan import check_capabilities, plan_migration
+from migrator.qemu.accel import AccelDecision, decide_accel
+from migrator.qemu.cmdline import LaunchSpec
+from migrator.qemu.probe import QemuFacts, probe_qemu
+from migrator.qemu.process import QemuProcess
+from migrator.rundir import RunDir
+
+__all__ = ["Observer", "run_scenario"]
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migrator"))
+# sun_path holds 108 bytes; longer socket paths move to a private temp dir.
+MAX_SOCKET_PATH = 100
+VERIFY_TIMEOUT_S = 600.0
+
+
+class Observer:
+    """Receives progress from a run (the CLI renders it; the default ignores it)."""
+
+    def phase(self, name: str, detail: str = "") -> None:
+        """The run entered a new phase."""
+
+    def sample(self, side: str, reply: dict[str, Any]) -> None:
+        """A query-migrate sample arrived."""
+
+
+class _ObservedWriter:
+    """Tees samples to the observer (for live progress) and the samples artifact."""
+
+    def __init__(self, run: RunDir, observer: Observer) -> None:
+        self._out = run.jsonl("samples.jsonl")
+        self._observer = observer
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._out.write(record)
+        if "reply" in record:
+            self._observer.sample(record["side"], record["reply"])
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def _hosts(scenario: Scenario) -> tuple[Host, Host]:
+    # Both sides are "local" until remote hosts exist; one LocalHost serves both.
+    local = LocalHost()
+    return local, local
+
+
+def _pages_needed(scenario: Scenario) -> tuple[int, int]:
+    """(page size in kB, pages per VM) for hugetlb backings."""
+    backing = scenario.vm.backing
+    page = backing.page_size
+    return page // 1024, scenario.vm.memory_mib * (1 << 20) // page
+
+
+class _Run:
+    """State of one run while it executes (see :func:`run_scenario`)."""
+
+    def __init__(self, scenario: Scenario, run: RunDir, observer: Observer) -> None:
+        self.scenario = scenario
+        self.run = run
+        self.observer = observer
+        self.meta: dict[str, Any] = {
+            "schema": 1,
+            "run_id": run.run_id,
+            "scenario": scenario.name,
+            "migrator_version": __version__,
+            "started_ns": time.time_ns(),
+            "controller": {"hostname": platform.node(), "kernel": platform.release(),
+                           "python": platform.python_version()},
+            "outcome": "running",
+        }
+        self.timeline = run.jsonl("timeline.jsonl")
+
+    def save_meta(self) -> None:
+        self.run.write_json("run.json", self.meta)
+
+    def mark(self, what: str, **details: Any) -> None:
+        self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
+        self.observer.phase(what, ", ".join(f"{k}={v}" for k, v in details.items()))
+
+    async def preflight(self, source: Host, destination: Host) -> tuple[QemuFacts, QemuFacts]:
+        """Everything that can be checked before a VM boots."""
+        scenario = self.scenario
+        plan = plan_migration(scenario)
+        src_facts = await probe_qemu(source, scenario.vm.qemu)
+        dst_facts = src_facts if destination is source else await probe_qemu(
+            destination, scenario.vm.qemu)
+        self.meta["qemu"] = {"source": asdict(src_facts), "destination": asdict(dst_facts)}
+        for facts in (src_facts, dst_facts):
+            check_capabilities(plan, facts)
+        if scenario.migration.postcopy and not await destination.exists(
+            Path("/dev/userfaultfd")
+        ) and not await destination.exists(Path("/proc/sys/vm/unprivileged_userfaultfd")):
+            raise MissingResource(
+                f"{destination.name}: no userfaultfd support; post-copy needs a kernel with "
+                "CONFIG_USERFAULTFD"
+            )
+        self.meta["plan"] = asdict(plan)
+        self.save_meta()
+        return src_facts, dst_facts
+
+    def socket_dir(self, stack: AsyncExitStack) -> Path:
+        if len(str(self.run.side("src") / "serial.sock")) <= MAX_SOCKET_PATH:
+            return self.run.path
+        private = Path(tempfile.mkdtemp(prefix="migrator-"))
+        stack.callback(shutil.rmtree, private, True)
+        self.meta["socket_dir"] = str(private)
+        return private
+
+    def launch_spec(
+        self, side: str, facts: QemuFacts, accel: AccelDecision, guest: GuestArtifacts,
+        mem_path: Path | None, sockets: Path,
+    ) -> LaunchSpec:
+        scenario = self.scenario
+        workload = scenario.workload
+        side_dir = self.run.side(side)
+        append = kernel_cmdline(
+            working_set_mib=workload.working_set_mib, write_pct=workload.write_pct,
+            pattern=workload.pattern.value, stall_threshold_us=workload.stall_threshold_us,
+            heartbeat_ms=workload.heartbeat_ms, threads=workload.threads,
+        )
+        return LaunchSpec(
+            binary=facts.binary, name=side, memory_mib=scenario.vm.memory_mib,
+            vcpus=scenario.vm.vcpus, backing=scenario.vm.backing, accel=accel.accel,
+            machine=scenario.vm.machine, kernel=guest.kernel, initrd=guest.initrd,
+            append=append, qmp_socket=sockets / f"{side}-qmp.sock",
+            serial_args=tuple(serial_chardev_args(sockets / f"{side}-serial.sock",
+                                                  side_dir / "serial.log")),
+            mem_path=mem_path, incoming=side == "dst",
+            trace_file=side_dir / "trace.log" if side == "dst" and scenario.collect.trace
+            else None,
+        )
+
+    async def execute(self) -> None:
+        scenario = self.scenario
+        source, destination = _hosts(scenario)
+        self.mark("preflight")
+        src_facts, dst_facts = await self.preflight(source, destination)
+        self.mark("guest-build")
+        guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
+        self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
+        accel = await decide_accel(source, scenario.vm.accel, src_facts, guest,
+                                   CACHE_DIR / "accel.json")
+        self.meta["accel"] = asdict(accel)
+        self.save_meta()
+        self.mark("accel", accel=accel.accel, method=accel.method)
+
+        async with AsyncExitStack() as stack:
+            sockets = self.socket_dir(stack)
+            mem_paths: dict[str, Path | None] = {"src": None, "dst": None}
+            if scenario.vm.backing.is_hugetlb:
+                size_kib, per_vm = _pages_needed(scenario)
+                if source is destination:
+                    await stack.enter_async_context(
+                        reserve_hugepages(source, size_kib, 2 * per_vm))
+                    shared = await stack.enter_async_context(
+                        hugetlbfs_dir(source, size_kib, self.run.run_id))
+                    mem_paths = {"src": shared, "dst": shared}
+                else:
+                    for side, host in (("src", source), ("dst", destination)):
+                        await stack.enter_async_context(reserve_hugepages(host, size_kib, per_vm))
+                        mem_paths[side] = await stack.enter_async_context(
+                            hugetlbfs_dir(host, size_kib, self.run.run_id))
+                self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
+
+            src_spec = self.launch_spec("src", src_facts, accel, guest, mem_paths["src"], sockets)
+            dst_spec = self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"], sockets)
+            src = await stack.enter_async_context(
+                QemuProcess.from_spec(source, src_spec, self.run.side("src")))
+            src_console = await stack.enter_async_context(GuestConsole(
+                sockets / "src-serial.sock", self.run.side("src") / "console.jsonl", side="src"))
+            self.mark("source-started", pid=src.pid)
+            dst = await stack.enter_async_context(
+                QemuProcess.from_spec(destination, dst_spec, self.run.side("dst")))
+            dst_console = await stack.enter_async_context(GuestConsole(
+                sockets / "dst-serial.sock", self.run.side("dst") / "console.jsonl", side="dst"))
+            self.mark("destination-started", pid=dst.pid)
+            (self.run.side("dst") / "ramblocks.txt").write_text(
+                await dst.monitor.hmp("info ramblock"))
+            watchers = (src.fail_if_exits, dst.fail_if_exits)
+
+            async def boot() -> None:
+                try:
+                    await src_console.wait_for("ready", timeout=scenario.guest.boot_timeout_s)
+                except TimeoutError:
+                    raise GuestError(
+                        f"guest.boot_timeout_s: the guest did not report ready within "
+                        f"{scenario.guest.boot_timeout_s:g} s; see src/serial.log"
+                    ) from None
+
+            self.mark("guest-booting")
+            await guarded(boot(), [w() for w in watchers])
+            self.mark("guest-ready")
+            await guarded(asyncio.sleep(scenario.workload.warmup_s), [w() for w in watchers])
+
+            driver = MigrationDriver(src.monitor, dst.monitor, plan_migration(scenario),
+                                     scenario.migration, self.timeline)
+            await driver.prepare(self._incoming_uri(destination, sockets))
+            samples = _ObservedWriter(self.run, self.observer)
+            stack.callback(samples.close)
+            hz = scenario.collect.query_migrate_hz
+            async with background(
+                sample_query_migrate(src.monitor, "src", samples, hz),  # type: ignore[arg-type]
+                sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
+            ):
+                self.observer.phase("migrating")
+                result = await guarded(
+                    driver.run(self._outgoing_uri()), [w() for w in watchers])
+            self.meta["migration"] = asdict(result)
+            final = {
+                "src": await src.monitor.query_migrate(timeout=30),
+                "dst": await dst.monitor.query_migrate(timeout=30),
+            }
+            self.run.write_json("final-query-migrate.json", final)
+            self.mark("verifying")
+            verify = await guarded(self._verify(dst_console), [dst.fail_if_exits()])
+            self.meta["verify"] = verify
+            self.mark("verified", bad_pages=verify.get("bad_pages"))
+            if verify.get("bad_pages") != 0:
+                raise GuestError(
+                    f"guest integrity check failed: {verify.get('bad_pages')} of "
+                    f"{verify.get('pages')} pages hold wrong content after migration"
+                )
+            self.mark("shutdown")
+        self.mark("cleaned-up")
+
+    def _incoming_uri(self, destination: Host, sockets: Path) -> str:
+        if self.scenario.migration.transport == "unix":
+            self._uri = f"unix:{sockets / 'migration.sock'}"
+        else:
+            assert isinstance(destination, LocalHost)
+            self._uri = f"tcp:127.0.0.1:{destination.free_tcp_port()}"
+        return self._uri
+
+    def _outgoing_uri(self) -> str:
+        return self._uri
+
+    async def _verify(self, console: GuestConsole) -> dict[str, Any]:
+        await console.send("verify")
+        try:
+            event = await console.wait_for("verify", timeout=VERIFY_TIMEOUT_S)
+        except TimeoutError:
+            raise GuestError(
+                f"the guest did not answer 'verify' within {VERIFY_TIMEOUT_S:g} s; "
+                "see dst/serial.log"
+            ) from None
+        return dict(asdict(event))  # type: ignore[call-overload]
+
+
+async def run_scenario(
+    scenario: Scenario, runs_root: Path, observer: Observer | None = None,
+    on_rundir: Callable[[RunDir], None] | None = None,
+) -> RunDir:
+    """Run ``scenario``; the run directory is returned, or attached to the raised error."""
+    run = RunDir.create(runs_root, scenario.name)
+    if on_rundir:
+        on_rundir(run)
+    (run.path / "scenario.toml").write_text(dump_scenario(scenario))
+    state = _Run(scenario, run, observer or Observer())
+    state.save_meta()
+    try:
+        await state.execute()
+        state.meta["outcome"] = "completed"
+    except MigratorError as error:
+        state.meta["outcome"] = "error"
+        state.meta["error"] = {"type": type(error).__name__, "message": str(error)}
+        error.run_dir = run.path  # type: ignore[attr-defined]
+        raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        state.meta["outcome"] = "interrupted"
+        raise
+    finally:
+        state.meta["finished_ns"] = time.time_ns()
+        state.timeline.close()
+        state.save_meta()
+    return run
+
+
