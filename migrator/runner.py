@@ -30,6 +30,7 @@ from migrator.config.models import Scenario
 from migrator.errors import GuestError, MigratorError, MissingResource
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
+from migrator.guest.protocol import ProbeError, Ready, Verify
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
@@ -220,15 +221,19 @@ class _Run:
 
             async def boot() -> None:
                 try:
-                    await src_console.wait_for("ready", timeout=scenario.guest.boot_timeout_s)
-                except TimeoutError:
+                    await src_console.wait_for(Ready, timeout=scenario.guest.boot_timeout_s)
+                except GuestError as error:
                     raise GuestError(
                         f"guest.boot_timeout_s: the guest did not report ready within "
-                        f"{scenario.guest.boot_timeout_s:g} s; see src/serial.log"
+                        f"{scenario.guest.boot_timeout_s:g} s ({error})"
                     ) from None
 
+            async def probe_error() -> None:
+                line = await src_console.wait_for(ProbeError, timeout=3600 * 24)
+                raise GuestError(f"the guest probe failed: {line.event.msg}")
+
             self.mark("guest-booting")
-            await guarded(boot(), [w() for w in watchers])
+            await guarded(boot(), [probe_error(), *(w() for w in watchers)])
             self.mark("guest-ready")
             await guarded(asyncio.sleep(scenario.workload.warmup_s), [w() for w in watchers])
 
@@ -275,15 +280,9 @@ class _Run:
         return self._uri
 
     async def _verify(self, console: GuestConsole) -> dict[str, Any]:
-        await console.send("verify")
-        try:
-            event = await console.wait_for("verify", timeout=VERIFY_TIMEOUT_S)
-        except TimeoutError:
-            raise GuestError(
-                f"the guest did not answer 'verify' within {VERIFY_TIMEOUT_S:g} s; "
-                "see dst/serial.log"
-            ) from None
-        return dict(asdict(event))  # type: ignore[call-overload]
+        mark = await console.send("verify")
+        line = await console.wait_for(Verify, timeout=VERIFY_TIMEOUT_S, since=mark)
+        return line.event.model_dump()
 
 
 async def run_scenario(

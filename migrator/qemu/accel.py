@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.config.models import Accel
-from migrator.errors import MigratorError
+from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
 from migrator.hosts.base import Host
@@ -68,7 +68,7 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
             ):
                 try:
                     await console.wait_for("boot", timeout=KVM_BOOT_TIMEOUT_S)
-                except TimeoutError:
+                except GuestError:
                     return False, (
                         f"a guest under KVM printed nothing in {KVM_BOOT_TIMEOUT_S:g} s "
                         "(KVM present but not usable)"

@@ -26,7 +26,6 @@ TRACE_EVENTS = (
     "postcopy_place_page",
     "postcopy_place_page_zero",
     "*postcopy_blocktime*",
-    "ramblock_rebuild_huge_mappings",
 )
 
 

@@ -1,0 +1,326 @@
+"""report.json from a run directory's raw artifacts, and nothing else.
+
+Pure functions of files: no live process is touched, so ``migrator report RUN``
+rebuilds exactly what ``migrator run`` printed.  Each section names its source;
+where two sources measure one quantity, both land in ``comparisons``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from migrator.errors import ArtifactError
+from migrator.metrics.events import MigrationEvents, PhaseTimeline, load_events
+from migrator.metrics.guest import GuestObservations, load_guest
+from migrator.metrics.qemu_counters import QemuCounters, load_counters
+from migrator.metrics.ramblock import load_ramblocks
+from migrator.metrics.trace import TraceAnalysis, analyze_trace
+from migrator.report.schema import (
+    BlockFetch,
+    Comparison,
+    Freeze,
+    GuestVcpuStalls,
+    Metric,
+    OutsideStalls,
+    Report,
+    Stall,
+)
+from migrator.rundir import atomic_write
+
+__all__ = ["build_report", "write_report"]
+
+TRACE_SOURCE = "dst QEMU trace: postcopy_ram_fault_thread_request -> postcopy_place_page"
+EVENTS_SOURCE = "QMP event timestamps (QEMU, host wall clock)"
+PROBE_SOURCE = "guest probe, guest CLOCK_MONOTONIC"
+OUTSIDE_SOURCE = "heartbeat arrival at the controller, host wall clock"
+MS = 1e6
+
+
+def _ms(ns: float | None) -> float | None:
+    return None if ns is None else round(ns / MS, 4)
+
+
+def _metric(value: float | int | None, unit: str, source: str) -> Metric:
+    return Metric(value=value, unit=unit, source=source)
+
+
+def _compare(quantity: str, a: Metric, b: Metric, note: str = "") -> Comparison:
+    diff = None
+    if isinstance(a.value, int | float) and isinstance(b.value, int | float):
+        diff = round(float(b.value) - float(a.value), 4)
+    return Comparison(quantity=quantity, a=a, b=b, difference=diff, note=note)
+
+
+def _fetch(analysis: TraceAnalysis) -> list[BlockFetch]:
+    blocks = []
+    for block in analysis.blocks:
+        if not block.faults and not block.pages_placed:
+            continue
+        hist = block.latency
+        pct = hist.percentiles((50, 90, 99, 99.9))
+        latency = {
+            f"p{p:g}": _metric(_ms(v), "ms", TRACE_SOURCE) for p, v in pct.items()
+        }
+        latency["max"] = _metric(_ms(hist.max), "ms", TRACE_SOURCE)
+        latency["mean"] = _metric(_ms(hist.mean), "ms", TRACE_SOURCE)
+        blocks.append(BlockFetch(
+            ramblock=block.name, page_size=block.page_size, faults=block.faults,
+            resolved=block.resolved, unresolved=block.unresolved,
+            pages_placed_requested=block.pages_requested,
+            pages_placed_background=block.pages_background, zero_pages=block.zero_pages,
+            placement_granularity=block.placement_granularity, latency_ms=latency,
+            histogram=hist.to_dict(),
+        ))
+    blocks.sort(key=lambda b: -b.faults)
+    return blocks
+
+
+def _freeze(ev: MigrationEvents, counters: QemuCounters) -> Freeze | None:
+    migrate = ev.marks.get("migrate", 0)
+    stop = ev.first("src", "STOP", after_ns=migrate)
+    resume = ev.first("dst", "RESUME")
+    if stop is None and resume is None:
+        return None
+    freeze = _ms(resume - stop) if stop is not None and resume is not None else None
+    return Freeze(
+        source_stop_ns=stop, destination_resume_ns=resume,
+        freeze=_metric(freeze, "ms", f"src STOP -> dst RESUME, {EVENTS_SOURCE}"),
+        qemu_downtime=counters.metric("src", "downtime", "ms"),
+    )
+
+
+def _vcpu_stalls(guest: GuestObservations, phases: PhaseTimeline) -> list[GuestVcpuStalls]:
+    vcpus = sorted({s.vcpu for s in guest.stalls} | set(guest.histograms))
+    out = []
+    for vcpu in vcpus:
+        mine = [s for s in guest.stalls if s.vcpu == vcpu]
+        by_phase: dict[str, int] = {}
+        for stall in mine:
+            name = phases.phase_at(stall.host_start_ns) if stall.host_start_ns else "unknown"
+            by_phase[name] = by_phase.get(name, 0) + 1
+        hist = guest.histograms.get(vcpu)
+        p99 = None
+        if hist is not None and sum(hist.buckets):
+            counts = np.array(hist.buckets, dtype=np.int64)
+            rank = int(np.searchsorted(np.cumsum(counts), 0.99 * counts.sum()))
+            p99 = _ms(hist.bucket_bounds(rank)[1])
+        max_gap = max([s.gap_ns for s in mine] + ([hist.max_gap_ns] if hist else []),
+                      default=None)
+        out.append(GuestVcpuStalls(
+            vcpu=vcpu, stalls=len(mine),
+            max_ms=_metric(_ms(max_gap), "ms", PROBE_SOURCE),
+            p99_ms=_metric(p99, "ms", f"{PROBE_SOURCE}, log2 histogram (bucket upper bound)"),
+            total_stalled_ms=_metric(_ms(sum(s.gap_ns for s in mine)), "ms", PROBE_SOURCE),
+            by_phase=by_phase,
+            histogram={"unit": "ns", "scheme": "log2: bucket k = [2^k, 2^(k+1)) ns",
+                       "buckets": list(hist.buckets), "ops": hist.ops} if hist else None,
+        ))
+    return out
+
+
+def _outside(guest: GuestObservations, phases: PhaseTimeline,
+             threshold_ms: float) -> OutsideStalls | None:
+    if len(guest.heartbeats) < 2:
+        return None
+    arrivals = np.array(sorted(h.host_ns for h in guest.heartbeats), dtype=np.int64)
+    gaps = np.diff(arrivals)
+    period = float(np.median(gaps)) / MS
+    worst_idx = np.argsort(gaps)[::-1][:10]
+    worst = [Stall(host_ns=int(arrivals[i]), duration_ms=round(float(gaps[i]) / MS, 3),
+                   phase=phases.phase_at(int(arrivals[i]))) for i in worst_idx]
+    return OutsideStalls(
+        heartbeats=len(guest.heartbeats), lost=guest.lost_heartbeats(),
+        period_ms=round(period, 3),
+        max_gap=_metric(_ms(float(gaps.max())), "ms", OUTSIDE_SOURCE),
+        p99_gap=_metric(_ms(float(np.percentile(gaps, 99))), "ms", OUTSIDE_SOURCE),
+        gaps_over_threshold=int((gaps > (period + threshold_ms) * MS).sum()),
+        worst=worst,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path}: not JSON: {error}") from None
+
+
+def build_report(run_path: Path) -> Report:
+    """Derive the report of one run directory (see module docstring)."""
+    meta = _read_json(run_path / "run.json")
+    scenario_path = run_path / "scenario.toml"
+    try:
+        scenario = tomllib.loads(scenario_path.read_text())
+    except (FileNotFoundError, tomllib.TOMLDecodeError) as error:
+        raise ArtifactError(f"{scenario_path}: {error}") from None
+    ev = load_events(run_path)
+    phases = PhaseTimeline.from_events(ev)
+    counters = load_counters(run_path)
+    guest = load_guest(run_path)
+    warnings: list[str] = []
+
+    analysis: TraceAnalysis | None = None
+    trace = run_path / "dst" / "trace.log"
+    if trace.exists():
+        ramblocks_file = run_path / "dst" / "ramblocks.txt"
+        blocks = load_ramblocks(ramblocks_file) if ramblocks_file.exists() else []
+        if not blocks:
+            warnings.append("no dst/ramblocks.txt: page sizes guessed from the trace")
+        analysis = analyze_trace(trace, blocks)
+        if analysis.malformed_lines:
+            warnings.append(f"trace: {analysis.malformed_lines} malformed lines skipped")
+    fetch = _fetch(analysis) if analysis else []
+    for block in fetch:
+        if block.unresolved:
+            warnings.append(f"{block.ramblock}: {block.unresolved} fault requests never "
+                            "resolved in the trace (trace cut short?)")
+
+    vm = scenario.get("vm", {})
+    migration = scenario.get("migration", {})
+    qemu = meta.get("qemu", {}).get("destination", {})
+    environment = {
+        "qemu_version": qemu.get("version"), "qemu_binary": qemu.get("binary"),
+        "accel": meta.get("accel", {}).get("accel"),
+        "accel_decided_by": meta.get("accel", {}).get("method"),
+        "backing": vm.get("backing"), "memory_mib": vm.get("memory_mib"),
+        "vcpus": vm.get("vcpus"), "postcopy": migration.get("postcopy"),
+        "preempt": migration.get("preempt"), "switchover": migration.get("switchover"),
+        "guest_kernel": meta.get("guest", {}).get("kernel_release"),
+        "host_kernel": meta.get("controller", {}).get("kernel"),
+        "migrator_version": meta.get("migrator_version"),
+    }
+
+    marks = ev.marks
+    postcopy_start = ev.first("src", "MIGRATION", "postcopy-active")
+    dst_done = ev.first("dst", "MIGRATION", "completed")
+    timings = {
+        "QEMU total-time": counters.metric("src", "total-time", "ms"),
+        "QEMU setup-time": counters.metric("src", "setup-time", "ms"),
+        "pre-copy (migrate -> postcopy-active)": _metric(
+            _ms(postcopy_start - marks["migrate"]) if postcopy_start and "migrate" in marks
+            else None, "ms", EVENTS_SOURCE),
+        "post-copy (postcopy-active -> dst completed)": _metric(
+            _ms(dst_done - postcopy_start) if postcopy_start and dst_done else None,
+            "ms", EVENTS_SOURCE),
+        "guest boot to ready": _metric(
+            _ms(marks["guest-ready"] - marks["source-started"])
+            if {"guest-ready", "source-started"} <= marks.keys() else None,
+            "ms", "migrator timeline (host wall clock)"),
+    }
+    transfer = {
+        "transferred": counters.metric("src", "ram.transferred", "bytes"),
+        "pre-copy bytes": counters.metric("src", "ram.precopy-bytes", "bytes"),
+        "post-copy bytes": counters.metric("src", "ram.postcopy-bytes", "bytes"),
+        "post-copy requests": counters.metric("src", "ram.postcopy-requests", "requests"),
+        "dirty-sync passes": counters.metric("src", "ram.dirty-sync-count", "passes"),
+    }
+    blocktime: dict[str, Metric] = {
+        "QEMU blocktime (all vCPUs)": counters.metric("dst", "postcopy-blocktime", "ms"),
+    }
+    vcpu_blocktime = counters.destination.get("postcopy-vcpu-blocktime")
+    if isinstance(vcpu_blocktime, list):
+        for index, value in enumerate(vcpu_blocktime):
+            blocktime[f"QEMU blocktime vCPU {index}"] = _metric(
+                value, "ms", f"{counters.origin} (dst: postcopy-vcpu-blocktime)")
+    if analysis is not None:
+        for vcpu, ns in sorted(analysis.vcpu_blocktime_ns.items()):
+            blocktime[f"trace blocktime vCPU {vcpu}"] = _metric(
+                _ms(ns), "ms", "dst QEMU trace: blocktime begin -> page placed")
+
+    qemu_latency: dict[str, Any] = {}
+    for field, unit in (("postcopy-latency", "ns"), ("postcopy-non-vcpu-latency", "ns")):
+        if field in counters.destination:
+            qemu_latency[field] = counters.metric("dst", field, unit)
+    if "postcopy-vcpu-latency" in counters.destination:
+        qemu_latency["postcopy-vcpu-latency_ns"] = counters.destination["postcopy-vcpu-latency"]
+    if "postcopy-latency-dist" in counters.destination:
+        qemu_latency["postcopy-latency-dist"] = {
+            "unit": "count per bucket k = [2^k, 2^(k+1)) us",
+            "counts": counters.destination["postcopy-latency-dist"],
+        }
+
+    freeze = _freeze(ev, counters)
+    workload = scenario.get("workload", {})
+    threshold_ms = float(workload.get("stall_threshold_us", 2000)) / 1000
+    guest_stalls = _vcpu_stalls(guest, phases)
+    outside = _outside(guest, phases, threshold_ms)
+    worst_guest = sorted(guest.stalls, key=lambda s: -s.gap_ns)[:10]
+
+    comparisons = _comparisons(freeze, analysis, counters, guest_stalls, outside, blocktime)
+    if meta.get("migration", {}).get("postcopy_skipped_reason"):
+        warnings.append("post-copy never started: "
+                        + meta["migration"]["postcopy_skipped_reason"])
+    warnings += [f"guest probe: {e}" for e in guest.errors]
+    if guest.malformed:
+        warnings.append(f"guest console: {guest.malformed} malformed probe lines")
+
+    return Report(
+        run_id=meta.get("run_id", run_path.name), scenario=meta.get("scenario", "?"),
+        outcome=meta.get("outcome", "unknown"), error=meta.get("error", {}).get("message"),
+        environment=environment, phases=phases.phases, timings=timings, transfer=transfer,
+        freeze=freeze, fetch=fetch, blocktime=blocktime, qemu_latency=qemu_latency,
+        guest_stalls=guest_stalls,
+        worst_guest_stalls=[
+            Stall(host_ns=s.host_start_ns or 0, duration_ms=round(s.gap_ns / MS, 3),
+                  vcpu=s.vcpu,
+                  phase=phases.phase_at(s.host_start_ns) if s.host_start_ns else "unknown")
+            for s in worst_guest],
+        outside_stalls=outside,
+        integrity=guest.verify.model_dump() if guest.verify else {},
+        comparisons=comparisons, warnings=warnings,
+    )
+
+
+def _comparisons(
+    freeze: Freeze | None, analysis: TraceAnalysis | None, counters: QemuCounters,
+    guest_stalls: list[GuestVcpuStalls], outside: OutsideStalls | None,
+    blocktime: dict[str, Metric],
+) -> list[Comparison]:
+    out = []
+    if freeze is not None:
+        out.append(_compare(
+            "VM stopped during switchover", freeze.qemu_downtime, freeze.freeze,
+            "QEMU's downtime ends when the destination starts loading device state; with "
+            "huge pages the destination first faults in the page holding its state"))
+    if analysis is not None:
+        out.append(_compare(
+            "post-copy page requests",
+            counters.metric("src", "ram.postcopy-requests", "requests"),
+            _metric(analysis.faults, "requests", TRACE_SOURCE),
+            "QEMU counts requests the source served; the trace counts faults on the "
+            "destination, duplicates and already-arrived pages included"))
+        if "postcopy-latency" in counters.destination:
+            mean = analysis.latency.mean
+            out.append(_compare(
+                "mean fetch latency",
+                counters.metric("dst", "postcopy-latency", "ms", scale=1e-6),
+                _metric(_ms(mean), "ms", TRACE_SOURCE)))
+    worst_guest = max((v.max_ms.value or 0 for v in guest_stalls), default=None)
+    if outside is not None and worst_guest is not None:
+        out.append(_compare(
+            "worst stall", _metric(worst_guest, "ms", PROBE_SOURCE), outside.max_gap,
+            "the guest clock does not run while the VM is stopped; the outside view does"))
+    total = blocktime.get("QEMU blocktime (all vCPUs)")
+    stalled = sum((v.total_stalled_ms.value or 0) for v in guest_stalls)
+    if total is not None and guest_stalls:
+        out.append(_compare(
+            "time vCPUs were blocked", total, _metric(round(stalled, 3), "ms", PROBE_SOURCE),
+            "QEMU blocktime counts vCPU faults only; the probe sums every gap over its "
+            "threshold, whatever caused it, in guest time"))
+    return out
+
+
+def write_report(run_path: Path, report: Report) -> Path:
+    """Write ``report.json`` atomically; returns its path."""
+    target = run_path / "report.json"
+    atomic_write(target, report.model_dump_json(indent=2) + "\n")
+    return target
+
+
