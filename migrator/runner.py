@@ -256,6 +256,8 @@ class _Run:
                 "dst": await dst.monitor.query_migrate(timeout=30),
             }
             self.run.write_json("final-query-migrate.json", final)
+            self.mark("settling")
+            await guarded(asyncio.sleep(scenario.workload.settle_s), [dst.fail_if_exits()])
             self.mark("verifying")
             verify = await guarded(self._verify(dst_console), [dst.fail_if_exits()])
             self.meta["verify"] = verify

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import MigratorError
+from migrator.rundir import RunDir
 
 __all__ = ["app"]
 
@@ -72,17 +74,25 @@ def run(
         raise _fail(error) from None
     _setup_logging(verbose)
     holder: dict[str, Path] = {}
+
+    async def main() -> RunDir:
+        # SIGTERM gets the same orderly teardown as Ctrl-C: cancel, then every finally runs.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_scenario(
+            loaded, runs_dir, progress, on_rundir=lambda r: holder.update(path=r.path))
+
     try:
         with LiveProgress(err) as progress:
-            run_dir = asyncio.run(run_scenario(
-                loaded, runs_dir, progress, on_rundir=lambda r: holder.update(path=r.path)))
+            run_dir = asyncio.run(main())
     except MigratorError as error:
         _report_if_possible(holder.get("path"))
         raise _fail(error) from None
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/bold red]: QEMU stopped, hugepages returned")
+    except (KeyboardInterrupt, asyncio.CancelledError) as stop:
+        err.print("[bold red]interrupted[/bold red]: every QEMU stopped, hugepages given back")
         _report_if_possible(holder.get("path"))
-        raise typer.Exit(130) from None
+        raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
     report = build_report(run_dir.path)
     write_report(run_dir.path, report)
     if json_out:

@@ -134,6 +134,9 @@ class WorkloadSpec(_Model):
     )
     heartbeat_ms: int = Field(5, ge=1, le=1000)
     warmup_s: float = Field(1.0, ge=0, description="run time after 'ready' before migrating")
+    settle_s: float = Field(
+        1.0, ge=0, description="run time on the destination after completion, before verifying"
+    )
 
 
 class Immediately(_Model):

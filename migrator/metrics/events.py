@@ -110,7 +110,7 @@ class PhaseTimeline:
         add("freeze", stop, resume)
         if postcopy is not None:
             add("postcopy", resume or postcopy, finished)
-        add("after", finished, m.get("verifying"))
+        add("settle", finished, m.get("verifying"))
         add("verify", m.get("verifying"), m.get("verified"))
         return cls(phases)
 
@@ -122,3 +122,8 @@ class PhaseTimeline:
                 current = phase.name if (phase.end_ns is None or host_ns < phase.end_ns) \
                     else current
         return current
+
+    def span(self, start_ns: int, end_ns: int) -> str:
+        """Phase of an interval: ``a`` or ``a->b`` when it starts and ends in different ones."""
+        first, last = self.phase_at(start_ns), self.phase_at(end_ns)
+        return first if first == last else f"{first}->{last}"

@@ -39,7 +39,7 @@ class QemuCounters:
         value = node * scale if isinstance(node, int | float) and scale != 1.0 else node
         if not isinstance(value, int | float):
             value = None
-        return Metric(value=value, unit=unit, source=f"{self.origin} ({side}: {path})")
+        return Metric(value=value, unit=unit, source=f"{self.origin} ({side})")
 
 
 def load_counters(run_path: Path) -> QemuCounters:

@@ -132,7 +132,8 @@ def _outside(guest: GuestObservations, phases: PhaseTimeline,
     period = float(np.median(gaps)) / MS
     worst_idx = np.argsort(gaps)[::-1][:10]
     worst = [Stall(host_ns=int(arrivals[i]), duration_ms=round(float(gaps[i]) / MS, 3),
-                   phase=phases.phase_at(int(arrivals[i]))) for i in worst_idx]
+                   phase=phases.span(int(arrivals[i]), int(arrivals[i + 1])))
+             for i in worst_idx]
     return OutsideStalls(
         heartbeats=len(guest.heartbeats), lost=guest.lost_heartbeats(),
         period_ms=round(period, 3),
@@ -201,8 +202,8 @@ def build_report(run_path: Path) -> Report:
     postcopy_start = ev.first("src", "MIGRATION", "postcopy-active")
     dst_done = ev.first("dst", "MIGRATION", "completed")
     timings = {
-        "QEMU total-time": counters.metric("src", "total-time", "ms"),
-        "QEMU setup-time": counters.metric("src", "setup-time", "ms"),
+        "total-time": counters.metric("src", "total-time", "ms"),
+        "setup-time": counters.metric("src", "setup-time", "ms"),
         "pre-copy (migrate -> postcopy-active)": _metric(
             _ms(postcopy_start - marks["migrate"]) if postcopy_start and "migrate" in marks
             else None, "ms", EVENTS_SOURCE),
@@ -215,20 +216,20 @@ def build_report(run_path: Path) -> Report:
             "ms", "migrator timeline (host wall clock)"),
     }
     transfer = {
-        "transferred": counters.metric("src", "ram.transferred", "bytes"),
-        "pre-copy bytes": counters.metric("src", "ram.precopy-bytes", "bytes"),
-        "post-copy bytes": counters.metric("src", "ram.postcopy-bytes", "bytes"),
-        "post-copy requests": counters.metric("src", "ram.postcopy-requests", "requests"),
-        "dirty-sync passes": counters.metric("src", "ram.dirty-sync-count", "passes"),
+        "ram.transferred": counters.metric("src", "ram.transferred", "bytes"),
+        "ram.precopy-bytes": counters.metric("src", "ram.precopy-bytes", "bytes"),
+        "ram.postcopy-bytes": counters.metric("src", "ram.postcopy-bytes", "bytes"),
+        "ram.postcopy-requests": counters.metric("src", "ram.postcopy-requests", "requests"),
+        "ram.dirty-sync-count": counters.metric("src", "ram.dirty-sync-count", "passes"),
     }
     blocktime: dict[str, Metric] = {
-        "QEMU blocktime (all vCPUs)": counters.metric("dst", "postcopy-blocktime", "ms"),
+        "postcopy-blocktime (all vCPUs)": counters.metric("dst", "postcopy-blocktime", "ms"),
     }
     vcpu_blocktime = counters.destination.get("postcopy-vcpu-blocktime")
     if isinstance(vcpu_blocktime, list):
         for index, value in enumerate(vcpu_blocktime):
-            blocktime[f"QEMU blocktime vCPU {index}"] = _metric(
-                value, "ms", f"{counters.origin} (dst: postcopy-vcpu-blocktime)")
+            blocktime[f"postcopy-vcpu-blocktime[{index}]"] = _metric(
+                value, "ms", f"{counters.origin} (dst)")
     if analysis is not None:
         for vcpu, ns in sorted(analysis.vcpu_blocktime_ns.items()):
             blocktime[f"trace blocktime vCPU {vcpu}"] = _metric(
@@ -307,7 +308,7 @@ def _comparisons(
         out.append(_compare(
             "worst stall", _metric(worst_guest, "ms", PROBE_SOURCE), outside.max_gap,
             "the guest clock does not run while the VM is stopped; the outside view does"))
-    total = blocktime.get("QEMU blocktime (all vCPUs)")
+    total = blocktime.get("postcopy-blocktime (all vCPUs)")
     stalled = sum((v.total_stalled_ms.value or 0) for v in guest_stalls)
     if total is not None and guest_stalls:
         out.append(_compare(

@@ -19,18 +19,35 @@ def fmt(metric: Metric | None, digits: int = 3) -> str:
     return f"{text} {metric.unit}".rstrip()
 
 
-def _metrics_table(title: str, metrics: dict[str, Metric]) -> Table:
+class Sources:
+    """Numbers each distinct metric source once, so tables cite ``[n]`` instead of prose."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def cite(self, metric: Metric) -> str:
+        """The footnote mark of this metric's source."""
+        number = self.numbers.setdefault(metric.source, len(self.numbers) + 1)
+        return f"[{number}]"
+
+    def legend(self) -> str:
+        """All cited sources, one per line."""
+        return "\n".join(f"[{n}] {source}" for source, n in self.numbers.items())
+
+
+def _metrics_table(title: str, metrics: dict[str, Metric], sources: Sources) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_column("source", style="dim")
+    table.add_column("src", style="dim")
     for name, metric in metrics.items():
-        table.add_row(name, fmt(metric), metric.source)
+        table.add_row(name, fmt(metric), sources.cite(metric))
     return table
 
 
 def render_report(report: Report, console: Console) -> None:
     """Print the whole report."""
+    sources = Sources()
     env = report.environment
     outcome_style = "green" if report.outcome == "completed" else "red"
     console.print(
@@ -49,17 +66,17 @@ def render_report(report: Report, console: Console) -> None:
     )
 
     if report.fetch:
-        table = Table(title="Per-page fetch latency (destination trace: fault request -> "
-                      "placement of its host page)", title_justify="left", show_edge=False)
-        for column in ("ramblock", "page", "faults", "unresolved", "p50", "p90", "p99",
-                       "p99.9", "max", "granularity"):
+        cite = sources.cite(report.fetch[0].latency_ms["max"])
+        table = Table(title=f"Per-page fetch latency, ms {cite}", title_justify="left",
+                      show_edge=False)
+        for column in ("ramblock", "page", "faults", "p50", "p90", "p99", "p99.9", "max",
+                       "placed at"):
             table.add_column(column, justify="right" if column != "ramblock" else "left")
         for block in report.fetch:
             lat = block.latency_ms
             table.add_row(
                 block.ramblock, _size(block.page_size), f"{block.faults:,}",
-                str(block.unresolved), *(fmt(lat.get(k)) for k in ("p50", "p90", "p99",
-                                                                   "p99.9", "max")),
+                *(_num(lat.get(k)) for k in ("p50", "p90", "p99", "p99.9", "max")),
                 _size(block.placement_granularity) if block.placement_granularity else "-",
             )
         console.print(table)
@@ -68,26 +85,27 @@ def render_report(report: Report, console: Console) -> None:
         console.print(_metrics_table("Freeze", {
             "source STOP -> destination RESUME": report.freeze.freeze,
             "QEMU's reported downtime": report.freeze.qemu_downtime,
-        }))
+        }, sources))
 
     if report.guest_stalls:
-        table = Table(title="vCPU stalls by the guest's own clock (guest probe)",
+        first = report.guest_stalls[0]
+        cite = sources.cite(first.max_ms)
+        table = Table(title=f"vCPU stalls by the guest's own clock, ms {cite}",
                       title_justify="left", show_edge=False)
-        for column in ("vCPU", "stalls", "max", "p99 gap", "total stalled", "by phase"):
-            table.add_column(column, justify="right" if column != "by phase" else "left")
+        for column in ("vCPU", "stalls", "max", "p99 gap", "total", "stalls by phase"):
+            table.add_column(column, justify="left" if column == "stalls by phase" else "right")
         for vcpu in report.guest_stalls:
-            table.add_row(str(vcpu.vcpu), str(vcpu.stalls), fmt(vcpu.max_ms), fmt(vcpu.p99_ms),
-                          fmt(vcpu.total_stalled_ms),
+            table.add_row(str(vcpu.vcpu), str(vcpu.stalls), _num(vcpu.max_ms),
+                          _num(vcpu.p99_ms), _num(vcpu.total_stalled_ms),
                           ", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items()))
         console.print(table)
 
     if report.outside_stalls is not None:
         outside = report.outside_stalls
         console.print(_metrics_table(
-            f"Stalls seen from outside (heartbeat arrival gaps on the host clock; "
-            f"{outside.heartbeats:,} heartbeats, {outside.lost} lost, period "
-            f"{outside.period_ms:g} ms)",
-            {"max gap": outside.max_gap, "p99 gap": outside.p99_gap},
+            f"Stalls seen from outside: heartbeat gaps ({outside.heartbeats:,} heartbeats, "
+            f"{outside.lost} lost, period {outside.period_ms:g} ms)",
+            {"max gap": outside.max_gap, "p99 gap": outside.p99_gap}, sources,
         ))
         if outside.worst:
             worst = ", ".join(f"{s.duration_ms:,.1f} ms ({s.phase})" for s in outside.worst[:5])
@@ -96,23 +114,26 @@ def render_report(report: Report, console: Console) -> None:
     for title, metrics in (("Blocktime", report.blocktime), ("Timings", report.timings),
                            ("Transfer", report.transfer)):
         if metrics:
-            console.print(_metrics_table(title, metrics))
+            console.print(_metrics_table(title, metrics, sources))
 
     if report.qemu_latency:
         console.print(_metrics_table("QEMU's own post-copy latency", {
             k: v for k, v in report.qemu_latency.items() if isinstance(v, Metric)
-        }))
+        }, sources))
 
     if report.comparisons:
         table = Table(title="Where two sources measure the same thing", title_justify="left",
                       show_edge=False)
-        for column in ("quantity", "source A", "source B", "B - A", "note"):
-            table.add_column(column)
+        for column in ("quantity", "A", "B", "B - A"):
+            table.add_column(column, justify="left" if column == "quantity" else "right")
         for c in report.comparisons:
             diff = "-" if c.difference is None else f"{c.difference:,.3f} {c.a.unit}"
-            table.add_row(c.quantity, f"{fmt(c.a)}\n[dim]{c.a.source}[/dim]",
-                          f"{fmt(c.b)}\n[dim]{c.b.source}[/dim]", diff, c.note)
+            table.add_row(c.quantity, f"{fmt(c.a)} {sources.cite(c.a)}",
+                          f"{fmt(c.b)} {sources.cite(c.b)}", diff)
         console.print(table)
+        for c in report.comparisons:
+            if c.note:
+                console.print(f"  [dim]{c.quantity}: {c.note}[/dim]", highlight=False)
 
     integrity = report.integrity
     if integrity:
@@ -122,6 +143,18 @@ def render_report(report: Report, console: Console) -> None:
                       f"{integrity.get('pages')} checked", highlight=False)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    console.print(f"[dim]Sources:\n{sources.legend()}[/dim]", highlight=False)
+
+
+def _num(metric: Metric | None) -> str:
+    """A metric's value alone (the unit is in the table's title)."""
+    if metric is None or metric.value is None:
+        return "-"
+    value = metric.value
+    if isinstance(value, int):
+        return f"{value:,}"
+    # Three significant digits or so: latencies span 10 us to seconds.
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _size(size: int | None) -> str:

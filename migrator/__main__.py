@@ -1,0 +1,5 @@
+"""``python -m migrator`` is the ``migrator`` command."""
+
+from migrator.cli.main import app
+
+app()

@@ -1,0 +1,47 @@
+"""Integration tests run real QEMU, real hugetlbfs and real hugepage pools: root only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from migrator.config import Scenario, parse_scenario
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_root_and_qemu() -> None:
+    # Not a skip: on the machines this project targets (CI included) these hold, and the
+    # core post-copy path must never be silently skipped there.
+    assert os.geteuid() == 0, "integration tests reserve hugepages and need root"
+    assert shutil.which("qemu-system-x86_64"), "run scripts/setup first: QEMU is missing"
+
+
+def scenario(name: str, **sections: dict[str, object]) -> Scenario:
+    """A small, fast scenario for tests (TCG-friendly sizes), overridable per section."""
+    data: dict[str, object] = {
+        "name": name,
+        "vm": {"memory_mib": 512, "vcpus": 1, "backing": "memfd-4k", "accel": "auto"},
+        "workload": {"working_set_mib": 256, "write_pct": 50, "warmup_s": 0.5},
+        "migration": {"postcopy": True, "timeout_s": 300,
+                      "switchover": {"policy": "after-seconds", "seconds": 0.5}},
+    }
+    for key, value in sections.items():
+        merged = dict(data.get(key, {}))  # type: ignore[call-overload]
+        merged.update(value)
+        data[key] = merged
+    return parse_scenario(data)
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run directories of the whole session (kept by pytest for inspection)."""
+    return tmp_path_factory.mktemp("runs")

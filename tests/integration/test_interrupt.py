@@ -1,0 +1,95 @@
+"""Interrupting a run mid-post-copy leaves nothing behind and keeps the raw artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migrator.config import dump_scenario
+from tests.integration.conftest import scenario
+
+POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+
+
+def qemu_processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and text in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def dst_in_postcopy(run_dir: Path) -> bool:
+    events = run_dir / "dst" / "events.jsonl"
+    return events.exists() and '"postcopy-active"' in events.read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    # Post-copy throttled to 16 MiB/s so it lasts long enough to be interrupted in.
+    spec = scenario("it-interrupt", vm={"backing": "hugetlb-2m"},
+                    migration={"max_postcopy_bandwidth_mib_s": 16})
+    scenario_file = tmp_path / "s.toml"
+    scenario_file.write_text(dump_scenario(spec))
+    runs = tmp_path / "runs"
+    pool_before = POOL.read_text()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "run", str(scenario_file), "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: runs.exists() and any(runs.iterdir()), 60, "the run directory")
+        run_dir = next(runs.iterdir())
+        wait_for(lambda: dst_in_postcopy(run_dir), 120, "post-copy on the destination")
+        time.sleep(0.3)
+        # The run really holds what must be released: two QEMUs and a hugetlbfs directory.
+        assert len(qemu_processes_mentioning(run_dir.name)) == 2
+        assert [m for m in Path("/proc/mounts").read_text().splitlines() if "hugetlbfs" in m]
+        child.send_signal(sig)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == (130 if sig == signal.SIGINT else 143), stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    # Nothing outlives the run: no QEMU, no socket, no hugetlbfs file, no extra hugepage.
+    assert qemu_processes_mentioning(run_dir.name) == []
+    assert not list(run_dir.glob("**/*.sock"))
+    assert POOL.read_text() == pool_before
+    mounts = Path("/proc/mounts").read_text()
+    assert run_dir.name not in mounts
+    for line in mounts.splitlines():
+        fields = line.split()
+        if fields[2] == "hugetlbfs":
+            assert not list(Path(fields[1]).glob(f"migrator-{run_dir.name}*"))
+    # What was collected is kept, and says how the run ended.
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["outcome"] == "interrupted"
+    assert (run_dir / "dst" / "trace.log").stat().st_size > 0
+    assert (run_dir / "src" / "events.jsonl").stat().st_size > 0
+    assert os.path.getsize(run_dir / "samples.jsonl") > 0
