@@ -258,6 +258,13 @@ def build_report(run_path: Path) -> Report:
     if meta.get("migration", {}).get("postcopy_skipped_reason"):
         warnings.append("post-copy never started: "
                         + meta["migration"]["postcopy_skipped_reason"])
+    elif migration.get("postcopy") and meta.get("outcome") == "completed" and not (
+        ev.first("src", "MIGRATION", "postcopy-active")
+        or ev.first("dst", "MIGRATION", "postcopy-active")
+    ):
+        # QEMU 11.1 accepts migrate-start-postcopy after pre-copy already converged.
+        warnings.append("post-copy was requested but the migration completed in pre-copy; "
+                        "lower migration.downtime_limit_ms to prevent convergence")
     warnings += [f"guest probe: {e}" for e in guest.errors]
     if guest.malformed:
         warnings.append(f"guest console: {guest.malformed} malformed probe lines")

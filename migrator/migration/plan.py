@@ -10,7 +10,7 @@ from migrator.qemu.probe import QemuFacts
 
 __all__ = ["UNLIMITED_BANDWIDTH", "MigrationPlan", "check_capabilities", "plan_migration"]
 
-# QEMU caps pre-copy at max-bandwidth (32 MiB/s by default on 7.2); "as fast as the
+# QEMU caps pre-copy at max-bandwidth (128 MiB/s by default on 7.2 and 11.1); "as fast as the
 # link goes" is asked for by a cap no real link reaches (1 TiB/s).
 UNLIMITED_BANDWIDTH = 1 << 40
 MIB = 1 << 20
