@@ -201,11 +201,11 @@ class Scenario(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     hosts: HostsSpec = Field(default_factory=HostsSpec)
-    vm: VmSpec = Field(default_factory=VmSpec)  # type: ignore[arg-type]
-    guest: GuestSpec = Field(default_factory=GuestSpec)  # type: ignore[arg-type]
-    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)  # type: ignore[arg-type]
-    migration: MigrationSpec = Field(default_factory=MigrationSpec)  # type: ignore[arg-type]
-    collect: CollectSpec = Field(default_factory=CollectSpec)  # type: ignore[arg-type]
+    vm: VmSpec = Field(default_factory=VmSpec)
+    guest: GuestSpec = Field(default_factory=GuestSpec)
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    migration: MigrationSpec = Field(default_factory=MigrationSpec)
+    collect: CollectSpec = Field(default_factory=CollectSpec)
 
     @model_validator(mode="after")
     def _working_set_fits(self) -> Scenario:

@@ -105,7 +105,7 @@ def _vcpu_stalls(guest: GuestObservations, phases: PhaseTimeline) -> list[GuestV
             by_phase[name] = by_phase.get(name, 0) + 1
         hist = guest.histograms.get(vcpu)
         p99 = None
-        if hist is not None and sum(hist.buckets):
+        if hist is not None and any(hist.buckets):
             counts = np.array(hist.buckets, dtype=np.int64)
             rank = int(np.searchsorted(np.cumsum(counts), 0.99 * counts.sum()))
             p99 = _ms(hist.bucket_bounds(rank)[1])

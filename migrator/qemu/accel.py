@@ -64,7 +64,7 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
         try:
             async with (
                 QemuProcess(host, "kvm-probe", argv, qmp, workdir, start_timeout=10) as qemu,
-                GuestConsole(serial, workdir / "console.jsonl", side="probe") as console,
+                GuestConsole(serial, workdir / "console.jsonl", side="src") as console,
             ):
                 try:
                     await console.wait_for("boot", timeout=KVM_BOOT_TIMEOUT_S)

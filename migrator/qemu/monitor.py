@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
@@ -96,12 +96,14 @@ class Monitor:
     async def _record_events(self) -> None:
         async for message in self._listener:
             host_ns = time.time_ns()
-            stamp = message.get("timestamp", {})
+            # qemu.qmp's Message is a Mapping[str, object]; QMP events are JSON objects.
+            raw = cast(dict[str, Any], message)
+            stamp: dict[str, Any] = raw.get("timestamp", {})
             qemu_ns = int(stamp.get("seconds", 0)) * 1_000_000_000 + int(
                 stamp.get("microseconds", 0)
             ) * 1000
-            record = EventRecord(str(message["event"]), dict(message.get("data", {})),
-                                 qemu_ns, host_ns)
+            data: dict[str, Any] = raw.get("data", {})
+            record = EventRecord(str(raw["event"]), dict(data), qemu_ns, host_ns)
             self._history.append(record)
             if self._events_log is not None:
                 self._events_log.write(record.to_json(self.name) + "\n")
@@ -137,7 +139,7 @@ class Monitor:
                 return await self._client.execute(command, arguments, oob=oob)
         except ExecuteError as error:
             raise QmpCommandError(
-                self.name, command, error.error_class, error.error.desc
+                self.name, command, error.error_class, error.error.error.desc
             ) from error
         except TimeoutError:
             raise QmpTimeout(self.name, command, timeout) from None

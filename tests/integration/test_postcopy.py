@@ -16,7 +16,7 @@ import pytest
 
 from migrator.config import Scenario
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.schema import Report
+from migrator.report.schema import BlockFetch, Report
 from migrator.runner import run_scenario
 from tests.integration.conftest import scenario
 
@@ -49,7 +49,7 @@ def migrated(runs_root: Path) -> MigrateFn:
     return run
 
 
-def ram(report: Report) -> object:
+def ram(report: Report) -> BlockFetch:
     """The guest RAM block's fetch figures."""
     return next(b for b in report.fetch if b.ramblock == "ram0")
 

@@ -1,0 +1,1 @@
+"""The microguest: its build, its serial protocol, and the controller's console on it."""
