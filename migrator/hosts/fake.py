@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -78,7 +79,8 @@ class FakeHost(Host):
         self.files = {f: v for f, v in self.files.items() if not f.is_relative_to(path)}
 
     async def get(self, remote: Path, local: Path) -> None:
-        local.write_bytes(await self.read_file(remote))
+        data = await self.read_file(remote)
+        await asyncio.to_thread(local.write_bytes, data)
 
     @contextlib.asynccontextmanager
     async def forward_unix_socket(self, path: Path) -> AsyncIterator[Path]:

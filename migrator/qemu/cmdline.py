@@ -20,8 +20,10 @@ RAM_BACKEND_ID = "ram0"
 
 # Destination-side trace events for per-page fetch latency and blocktime.  QEMU 7.2
 # names the blocktime events mark_postcopy_blocktime_*, QEMU >= 10.1 postcopy_blocktime_*;
-# the glob covers both.  Patterns that match nothing are accepted by QEMU.
+# the glob covers both.  postcopy_init_range gives each RAMBlock's host base address (one
+# line per block), so placements in blocks nobody faulted on are still attributed.
 TRACE_EVENTS = (
+    "postcopy_init_range",
     "postcopy_ram_fault_thread_request",
     "postcopy_place_page",
     "postcopy_place_page_zero",
