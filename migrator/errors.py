@@ -18,6 +18,7 @@ error class).  The CLI prints ``str(error)`` as one line and exits with
      +-- QemuError                   a QEMU process misbehaved
      |    +-- QemuLaunchError         QEMU exited or never opened its QMP socket
      |    +-- QemuExitedError         QEMU died while it was needed
+     |    +-- QmpConnectionLost       the QMP connection dropped mid-command
      +-- QmpCommandError             a QMP command returned an error
      +-- QmpTimeout                  a QMP command got no reply in time
      +-- MigrationError              migration failed, was cancelled or stalled
@@ -47,6 +48,7 @@ __all__ = [
     "QemuExitedError",
     "QemuLaunchError",
     "QmpCommandError",
+    "QmpConnectionLost",
     "QmpTimeout",
 ]
 
@@ -156,6 +158,10 @@ class QemuLaunchError(QemuError):
 
 class QemuExitedError(QemuError):
     """QEMU exited while migrator still needed it."""
+
+
+class QmpConnectionLost(QemuError):
+    """The QMP connection dropped while a command was pending (QEMU exited or crashed)."""
 
 
 class QmpCommandError(MigratorError):

@@ -27,10 +27,11 @@ from migrator import __version__
 from migrator.aio import background, guarded
 from migrator.config.loader import dump_scenario
 from migrator.config.models import Scenario
-from migrator.errors import GuestError, MigratorError, MissingResource
+from migrator.errors import GuestError, MigratorError, MissingResource, QemuError
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
-from migrator.guest.protocol import ProbeError, Ready, Verify
+from migrator.guest.crash import kernel_crash
+from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
@@ -51,6 +52,8 @@ CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migr
 # sun_path holds 108 bytes; longer socket paths move to a private temp dir.
 MAX_SOCKET_PATH = 100
 VERIFY_TIMEOUT_S = 600.0
+# A running guest heartbeats every few ms; this much silence means it is dead or hung.
+HEARTBEAT_SILENCE_S = 30.0
 
 
 class Observer:
@@ -257,9 +260,10 @@ class _Run:
             }
             self.run.write_json("final-query-migrate.json", final)
             self.mark("settling")
-            await guarded(asyncio.sleep(scenario.workload.settle_s), [dst.fail_if_exits()])
+            alive = (dst.fail_if_exits, lambda: _heartbeats_continue(dst_console))
+            await guarded(asyncio.sleep(scenario.workload.settle_s), [a() for a in alive])
             self.mark("verifying")
-            verify = await guarded(self._verify(dst_console), [dst.fail_if_exits()])
+            verify = await guarded(self._verify(dst_console), [a() for a in alive])
             self.meta["verify"] = verify
             self.mark("verified", bad_pages=verify.get("bad_pages"))
             if verify.get("bad_pages") != 0:
@@ -287,6 +291,39 @@ class _Run:
         return line.event.model_dump()
 
 
+async def _heartbeats_continue(console: GuestConsole) -> None:
+    """Raise :class:`GuestError` once the guest stays silent for HEARTBEAT_SILENCE_S."""
+    while True:
+        mark = console.mark()
+        try:
+            await console.wait_for(Heartbeat, timeout=HEARTBEAT_SILENCE_S, since=mark)
+        except GuestError as error:
+            raise GuestError(
+                f"the guest on {console.side} sent no heartbeat for {HEARTBEAT_SILENCE_S:g} s "
+                f"while running ({error})"
+            ) from None
+        await asyncio.sleep(1.0)
+
+
+def _diagnose(run: RunDir, error: MigratorError) -> MigratorError:
+    """Name a guest kernel crash behind a QEMU that exited or a console that went quiet."""
+    if not isinstance(error, QemuError | GuestError):
+        return error
+    for side in ("dst", "src"):
+        try:
+            text = (run.side(side) / "serial.log").read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        crash = kernel_crash(text)
+        if crash:
+            diagnosed = GuestError(
+                f"the guest kernel crashed on {side} ({crash}); see {side}/serial.log"
+            )
+            diagnosed.__cause__ = error
+            return diagnosed
+    return error
+
+
 async def run_scenario(
     scenario: Scenario, runs_root: Path, observer: Observer | None = None,
     on_rundir: Callable[[RunDir], None] | None = None,
@@ -301,11 +338,12 @@ async def run_scenario(
     try:
         await state.execute()
         state.meta["outcome"] = "completed"
-    except MigratorError as error:
+    except MigratorError as caught:
+        error = _diagnose(run, caught)
         state.meta["outcome"] = "error"
         state.meta["error"] = {"type": type(error).__name__, "message": str(error)}
         error.run_dir = run.path  # type: ignore[attr-defined]
-        raise
+        raise error from caught
     except (asyncio.CancelledError, KeyboardInterrupt):
         state.meta["outcome"] = "interrupted"
         raise

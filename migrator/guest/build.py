@@ -165,8 +165,11 @@ def kernel_cmdline(
             # the middle of a probe line) to warnings and worse.
             "console=ttyS0",
             "quiet",
-            # A panic reboots at once, and QEMU's -no-reboot turns that into an exit.
+            # A panic reboots at once, and QEMU's -no-reboot turns that into an exit;
+            # oops=panic makes a kernel oops (e.g. guest memory corrupted by a broken
+            # migration) end the VM too instead of leaving a half-dead guest.
             "panic=-1",
+            "oops=panic",
             # Under TCG every vCPU reads QEMU's one tick counter, yet the guest's
             # TSC sync check fails and it falls back to the HPET: each
             # clock_gettime() then becomes a syscall plus an emulated MMIO read

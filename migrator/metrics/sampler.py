@@ -14,7 +14,7 @@ import time
 
 from qemu.qmp import QMPError
 
-from migrator.errors import QmpCommandError, QmpTimeout
+from migrator.errors import QmpCommandError, QmpConnectionLost, QmpTimeout
 from migrator.qemu.monitor import Monitor
 from migrator.rundir import JsonlWriter
 
@@ -38,7 +38,7 @@ async def sample_query_migrate(
             out.write({"side": side, "host_ns": sent_ns, "error": "timeout"})
         except QmpCommandError as error:
             out.write({"side": side, "host_ns": sent_ns, "error": str(error)})
-        except (QMPError, ConnectionError, EOFError) as error:
+        except (QmpConnectionLost, QMPError, ConnectionError, EOFError) as error:
             # QEMU went away; the process watcher reports why.
             log.debug("%s: sampler stops: %s", side, error)
             return

@@ -235,15 +235,19 @@ def build_report(run_path: Path) -> Report:
             blocktime[f"trace blocktime vCPU {vcpu}"] = _metric(
                 _ms(ns), "ms", "dst QEMU trace: blocktime begin -> page placed")
 
-    qemu_latency: dict[str, Any] = {}
-    for field, unit in (("postcopy-latency", "ns"), ("postcopy-non-vcpu-latency", "ns")):
+    # QEMU >= 10.1 only; ns (qapi/migration.json).
+    qemu_latency: dict[str, Metric] = {}
+    for field in ("postcopy-latency", "postcopy-non-vcpu-latency"):
         if field in counters.destination:
-            qemu_latency[field] = counters.metric("dst", field, unit)
-    if "postcopy-vcpu-latency" in counters.destination:
-        qemu_latency["postcopy-vcpu-latency_ns"] = counters.destination["postcopy-vcpu-latency"]
+            qemu_latency[field] = counters.metric("dst", field, "ms", scale=1e-6)
+    for index, value in enumerate(counters.destination.get("postcopy-vcpu-latency", [])):
+        qemu_latency[f"postcopy-vcpu-latency[{index}]"] = _metric(
+            round(value / MS, 4), "ms", f"{counters.origin} (dst)")
+    latency_dist = None
     if "postcopy-latency-dist" in counters.destination:
-        qemu_latency["postcopy-latency-dist"] = {
-            "unit": "count per bucket k = [2^k, 2^(k+1)) us",
+        latency_dist = {
+            "unit": "faults per bucket; bucket k = [2^k, 2^(k+1)) us, the last open-ended",
+            "source": f"{counters.origin} (dst: postcopy-latency-dist)",
             "counts": counters.destination["postcopy-latency-dist"],
         }
 
@@ -274,6 +278,7 @@ def build_report(run_path: Path) -> Report:
         outcome=meta.get("outcome", "unknown"), error=meta.get("error", {}).get("message"),
         environment=environment, phases=phases.phases, timings=timings, transfer=transfer,
         freeze=freeze, fetch=fetch, blocktime=blocktime, qemu_latency=qemu_latency,
+        qemu_latency_dist=latency_dist,
         guest_stalls=guest_stalls,
         worst_guest_stalls=[
             Stall(host_ns=s.host_start_ns or 0, duration_ms=round(s.gap_ns / MS, 3),
@@ -281,7 +286,7 @@ def build_report(run_path: Path) -> Report:
                   phase=phases.phase_at(s.host_start_ns) if s.host_start_ns else "unknown")
             for s in worst_guest],
         outside_stalls=outside,
-        integrity=guest.verify.model_dump() if guest.verify else {},
+        integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
     )
 

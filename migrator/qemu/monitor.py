@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from migrator.errors import QmpCommandError, QmpTimeout
+from migrator.errors import QmpCommandError, QmpConnectionLost, QmpTimeout
 
 __all__ = ["EventRecord", "Monitor"]
 
@@ -143,6 +143,10 @@ class Monitor:
             ) from error
         except TimeoutError:
             raise QmpTimeout(self.name, command, timeout) from None
+        except (QMPError, ConnectionError, EOFError) as error:
+            raise QmpConnectionLost(
+                f"QMP connection lost during {command} ({type(error).__name__})", name=self.name
+            ) from error
 
     # The migration vocabulary (qapi/migration.json).
 

@@ -136,7 +136,8 @@ class Report(_Model):
     freeze: Freeze | None
     fetch: list[BlockFetch]
     blocktime: dict[str, Metric]
-    qemu_latency: dict[str, Any]
+    qemu_latency: dict[str, Metric]
+    qemu_latency_dist: dict[str, Any] | None = None
     guest_stalls: list[GuestVcpuStalls]
     worst_guest_stalls: list[Stall]
     outside_stalls: OutsideStalls | None

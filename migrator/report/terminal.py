@@ -117,9 +117,8 @@ def render_report(report: Report, console: Console) -> None:
             console.print(_metrics_table(title, metrics, sources))
 
     if report.qemu_latency:
-        console.print(_metrics_table("QEMU's own post-copy latency", {
-            k: v for k, v in report.qemu_latency.items() if isinstance(v, Metric)
-        }, sources))
+        console.print(_metrics_table("QEMU's own post-copy latency", report.qemu_latency,
+                                     sources))
 
     if report.comparisons:
         table = Table(title="Where two sources measure the same thing", title_justify="left",

@@ -1,0 +1,132 @@
+"""Reports are pure functions of recorded run directories."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from migrator.cli.main import app
+from migrator.errors import ArtifactError
+from migrator.guest.crash import kernel_crash
+from migrator.metrics.summary import build_report, write_report
+from migrator.report.schema import Report
+
+RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path) -> Path:
+    """A writable copy of the recorded 1 GiB run."""
+    target = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-1g", target)
+    return target
+
+
+def test_1g_report_shows_the_freeze_qemu_does_not_report() -> None:
+    report = build_report(RUNS / "hugetlb-1g")
+    assert report.outcome == "completed"
+    assert report.integrity["bad_pages"] == 0
+    ram = next(b for b in report.fetch if b.ramblock == "ram0")
+    assert ram.page_size == 1 << 30
+    assert ram.faults == 1
+    assert ram.placement_granularity == 1 << 30
+    freeze = report.freeze
+    assert freeze is not None
+    assert isinstance(freeze.freeze.value, float)
+    assert isinstance(freeze.qemu_downtime.value, int)
+    assert freeze.freeze.value > 1000 > 100 * freeze.qemu_downtime.value
+    assert freeze.freeze.unit == "ms"
+    assert "STOP" in freeze.freeze.source
+    names = [p.name for p in report.phases]
+    assert names[:4] == ["boot", "warmup", "setup", "precopy"]
+    assert "freeze" in names
+    assert "postcopy" in names
+    compared = {c.quantity: c for c in report.comparisons}
+    switchover = compared["VM stopped during switchover"]
+    assert switchover.difference is not None
+    assert switchover.difference > 1000
+    outside = report.outside_stalls
+    assert outside is not None
+    assert outside.max_gap.value is not None
+    assert outside.max_gap.value >= 0.9 * freeze.freeze.value
+    assert outside.worst[0].phase.startswith("precopy")
+
+
+def test_every_metric_names_its_source_and_unit() -> None:
+    report = build_report(RUNS / "hugetlb-2m")
+    metrics = [*report.timings.values(), *report.transfer.values(), *report.blocktime.values()]
+    for block in report.fetch:
+        metrics += block.latency_ms.values()
+    assert metrics
+    for metric in metrics:
+        assert metric.unit
+        assert metric.source
+
+
+def test_2m_report_resolves_faults_on_2m_pages() -> None:
+    report = build_report(RUNS / "hugetlb-2m")
+    ram = next(b for b in report.fetch if b.ramblock == "ram0")
+    assert ram.page_size == 2 << 20
+    assert ram.faults > 0
+    assert ram.unresolved == 0
+    p50 = ram.latency_ms["p50"].value
+    assert p50 is not None
+    assert p50 > 0.1  # a 2 MiB fetch is never sub-100 us here
+
+
+def test_rebuild_is_deterministic_and_round_trips(run_copy: Path) -> None:
+    first = build_report(run_copy)
+    written = write_report(run_copy, first)
+    assert Report.model_validate_json(written.read_text()) == first
+    assert build_report(run_copy) == first
+
+
+def test_torn_artifacts_still_give_a_report(run_copy: Path) -> None:
+    for name in ("samples.jsonl", "timeline.jsonl", "dst/console.jsonl", "dst/trace.log"):
+        path = run_copy / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 7])  # cut the last line mid-way
+    report = build_report(run_copy)
+    assert report.freeze is not None
+    assert report.fetch
+
+
+def test_missing_run_json_is_a_clear_error(run_copy: Path) -> None:
+    (run_copy / "run.json").unlink()
+    with pytest.raises(ArtifactError, match=r"run\.json: missing"):
+        build_report(run_copy)
+
+
+def test_crashed_run_without_trace_reports_what_it_has() -> None:
+    run = RUNS / "crashed-memfd-4k"
+    report = build_report(run)
+    assert report.outcome == "error"
+    assert report.fetch == []
+    assert report.integrity == {}
+    crash = kernel_crash((run / "dst" / "serial.log").read_text())
+    assert crash == "BUG: kernel NULL pointer dereference, address: 0000000000000000"
+
+
+def test_kernel_crash_ignores_healthy_consoles() -> None:
+    healthy = (RUNS / "hugetlb-1g" / "dst" / "serial.log").read_text()
+    assert kernel_crash(healthy) is None
+    assert kernel_crash("[ 1.0] Kernel panic - not syncing: Fatal exception\n") == (
+        "Kernel panic - not syncing: Fatal exception")
+
+
+def test_cli_report_rebuilds_offline(run_copy: Path) -> None:
+    (run_copy / "report.json").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["report", str(run_copy)])
+    assert result.exit_code == 0, result.output
+    assert "Per-page fetch latency" in result.output
+    assert (run_copy / "report.json").exists()
+
+
+def test_cli_report_on_a_non_run_dir_fails_cleanly(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "run.json: missing" in result.output
+    assert "Traceback" not in result.output
