@@ -17,7 +17,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -175,120 +175,145 @@ class _Run:
         )
 
     async def execute(self) -> None:
+        """All stages in order; every resource joins the exit stack the moment it exists."""
         scenario = self.scenario
         source, destination = _hosts(scenario)
         self.mark("preflight")
         src_facts, dst_facts = await self.preflight(source, destination)
-        self.mark("guest-build")
-        guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
-        self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
-        accel = await decide_accel(source, scenario.vm.accel, src_facts, guest,
-                                   CACHE_DIR / "accel.json")
-        self.meta["accel"] = asdict(accel)
-        self.save_meta()
-        self.mark("accel", accel=accel.accel, method=accel.method)
-
         async with AsyncExitStack() as stack:
-            sockets = self.socket_dir(stack)
-            mem_paths: dict[str, Path | None] = {"src": None, "dst": None}
-            if scenario.vm.backing.is_hugetlb:
-                size_kib, per_vm = _pages_needed(scenario)
-                if source is destination:
-                    await stack.enter_async_context(
-                        reserve_hugepages(source, size_kib, 2 * per_vm))
-                    shared = await stack.enter_async_context(
-                        hugetlbfs_dir(source, size_kib, self.run.run_id))
-                    mem_paths = {"src": shared, "dst": shared}
-                else:
-                    for side, host in (("src", source), ("dst", destination)):
-                        await stack.enter_async_context(reserve_hugepages(host, size_kib, per_vm))
-                        mem_paths[side] = await stack.enter_async_context(
-                            hugetlbfs_dir(host, size_kib, self.run.run_id))
-                self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
+            # Memory first: a hugepage shortfall must stop the run before anything boots.
+            mem_paths = await self.reserve_memory(stack, source, destination)
+            self.mark("guest-build")
+            guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
+            self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
+            accel = await decide_accel(source, scenario.vm.accel, src_facts, guest,
+                                       CACHE_DIR / "accel.json")
+            self.meta["accel"] = asdict(accel)
+            self.save_meta()
+            self.mark("accel", accel=accel.accel, method=accel.method)
 
-            src_spec = self.launch_spec("src", src_facts, accel, guest, mem_paths["src"], sockets)
-            dst_spec = self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"], sockets)
-            src = await stack.enter_async_context(
-                QemuProcess.from_spec(source, src_spec, self.run.side("src")))
+            sockets = self.socket_dir(stack)
+            src = await stack.enter_async_context(QemuProcess.from_spec(
+                source, self.launch_spec("src", src_facts, accel, guest, mem_paths["src"],
+                                         sockets), self.run.side("src")))
             src_console = await stack.enter_async_context(GuestConsole(
                 sockets / "src-serial.sock", self.run.side("src") / "console.jsonl", side="src"))
             self.mark("source-started", pid=src.pid)
-            dst = await stack.enter_async_context(
-                QemuProcess.from_spec(destination, dst_spec, self.run.side("dst")))
+            dst = await stack.enter_async_context(QemuProcess.from_spec(
+                destination, self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"],
+                                              sockets), self.run.side("dst")))
             dst_console = await stack.enter_async_context(GuestConsole(
                 sockets / "dst-serial.sock", self.run.side("dst") / "console.jsonl", side="dst"))
             self.mark("destination-started", pid=dst.pid)
             (self.run.side("dst") / "ramblocks.txt").write_text(
                 await dst.monitor.hmp("info ramblock"))
-            watchers = (src.fail_if_exits, dst.fail_if_exits)
 
-            async def boot() -> None:
-                try:
-                    await src_console.wait_for(Ready, timeout=scenario.guest.boot_timeout_s)
-                except GuestError as error:
-                    raise GuestError(
-                        f"guest.boot_timeout_s: the guest did not report ready within "
-                        f"{scenario.guest.boot_timeout_s:g} s ({error})"
-                    ) from None
-
-            async def probe_error() -> None:
-                line = await src_console.wait_for(ProbeError, timeout=3600 * 24)
-                raise GuestError(f"the guest probe failed: {line.event.msg}")
-
-            self.mark("guest-booting")
-            await guarded(boot(), [probe_error(), *(w() for w in watchers)])
-            self.mark("guest-ready")
-            await guarded(asyncio.sleep(scenario.workload.warmup_s), [w() for w in watchers])
-
-            driver = MigrationDriver(src.monitor, dst.monitor, plan_migration(scenario),
-                                     scenario.migration, self.timeline)
-            await driver.prepare(self._incoming_uri(destination, sockets))
-            samples = _ObservedWriter(self.run, self.observer)
-            stack.callback(samples.close)
-            hz = scenario.collect.query_migrate_hz
-            async with background(
-                sample_query_migrate(src.monitor, "src", samples, hz),  # type: ignore[arg-type]
-                sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
-            ):
-                self.observer.phase("migrating")
-                result = await guarded(
-                    driver.run(self._outgoing_uri()), [w() for w in watchers])
-            self.meta["migration"] = asdict(result)
-            final = {
-                "src": await src.monitor.query_migrate(timeout=30),
-                "dst": await dst.monitor.query_migrate(timeout=30),
-            }
-            self.run.write_json("final-query-migrate.json", final)
-            self.mark("settling")
-            alive = (dst.fail_if_exits, lambda: _heartbeats_continue(dst_console))
-            await guarded(asyncio.sleep(scenario.workload.settle_s), [a() for a in alive])
-            self.mark("verifying")
-            verify = await guarded(self._verify(dst_console), [a() for a in alive])
-            self.meta["verify"] = verify
-            self.mark("verified", bad_pages=verify.get("bad_pages"))
-            if verify.get("bad_pages") != 0:
-                raise GuestError(
-                    f"guest integrity check failed: {verify.get('bad_pages')} of "
-                    f"{verify.get('pages')} pages hold wrong content after migration"
-                )
+            await self.boot_and_warm_up(src, dst, src_console)
+            await self.migrate(stack, src, dst, destination, sockets)
+            await self.settle_and_verify(dst, dst_console)
             self.mark("shutdown")
         self.mark("cleaned-up")
 
-    def _incoming_uri(self, destination: Host, sockets: Path) -> str:
-        if self.scenario.migration.transport == "unix":
-            self._uri = f"unix:{sockets / 'migration.sock'}"
+    async def reserve_memory(
+        self, stack: AsyncExitStack, source: Host, destination: Host
+    ) -> dict[str, Path | None]:
+        """Hugepages and a hugetlbfs directory per side (nothing for 4 KiB backings)."""
+        mem_paths: dict[str, Path | None] = {"src": None, "dst": None}
+        if not self.scenario.vm.backing.is_hugetlb:
+            return mem_paths
+        size_kib, per_vm = _pages_needed(self.scenario)
+        if source is destination:
+            await stack.enter_async_context(reserve_hugepages(source, size_kib, 2 * per_vm))
+            shared = await stack.enter_async_context(
+                hugetlbfs_dir(source, size_kib, self.run.run_id))
+            mem_paths = {"src": shared, "dst": shared}
         else:
-            assert isinstance(destination, LocalHost)
-            self._uri = f"tcp:127.0.0.1:{destination.free_tcp_port()}"
-        return self._uri
+            for side, host in (("src", source), ("dst", destination)):
+                await stack.enter_async_context(reserve_hugepages(host, size_kib, per_vm))
+                mem_paths[side] = await stack.enter_async_context(
+                    hugetlbfs_dir(host, size_kib, self.run.run_id))
+        self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
+        return mem_paths
 
-    def _outgoing_uri(self) -> str:
-        return self._uri
+    async def boot_and_warm_up(
+        self, src: QemuProcess, dst: QemuProcess, console: GuestConsole
+    ) -> None:
+        """Wait for the probe's ready line, then let the workload run for warmup_s."""
+        scenario = self.scenario
 
-    async def _verify(self, console: GuestConsole) -> dict[str, Any]:
+        async def boot() -> None:
+            try:
+                await console.wait_for(Ready, timeout=scenario.guest.boot_timeout_s)
+            except GuestError as error:
+                raise GuestError(
+                    f"guest.boot_timeout_s: the guest did not report ready within "
+                    f"{scenario.guest.boot_timeout_s:g} s ({error})"
+                ) from None
+
+        async def probe_error() -> None:
+            line = await console.wait_for(ProbeError, timeout=3600 * 24)
+            raise GuestError(f"the guest probe failed: {line.event.msg}")
+
+        self.mark("guest-booting")
+        await guarded(boot(), [probe_error(), src.fail_if_exits(), dst.fail_if_exits()])
+        self.mark("guest-ready")
+        await guarded(asyncio.sleep(scenario.workload.warmup_s),
+                      [src.fail_if_exits(), dst.fail_if_exits()])
+
+    async def migrate(
+        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: Host,
+        sockets: Path,
+    ) -> None:
+        """Drive the migration with both samplers running beside it."""
+        scenario = self.scenario
+        driver = MigrationDriver(src.monitor, dst.monitor, plan_migration(scenario),
+                                 scenario.migration, self.timeline)
+        uri = self._incoming_uri(destination, sockets)
+        await driver.prepare(uri)
+        samples = _ObservedWriter(self.run, self.observer)
+        stack.callback(samples.close)
+        hz = scenario.collect.query_migrate_hz
+        async with background(
+            sample_query_migrate(src.monitor, "src", samples, hz),  # type: ignore[arg-type]
+            sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
+        ):
+            self.observer.phase("migrating")
+            result = await guarded(driver.run(uri), [src.fail_if_exits(), dst.fail_if_exits()])
+        self.meta["migration"] = asdict(result)
+        self.run.write_json("final-query-migrate.json", {
+            "src": await src.monitor.query_migrate(timeout=30),
+            "dst": await dst.monitor.query_migrate(timeout=30),
+        })
+
+    async def settle_and_verify(self, dst: QemuProcess, console: GuestConsole) -> None:
+        """Let the guest run on the destination, then check every page it wrote."""
+        self.mark("settling")
+
+        def alive() -> list[Coroutine[Any, Any, None]]:
+            return [dst.fail_if_exits(), _heartbeats_continue(console)]
+
+        await guarded(asyncio.sleep(self.scenario.workload.settle_s), alive())
+        self.mark("verifying")
         mark = await console.send("verify")
-        line = await console.wait_for(Verify, timeout=VERIFY_TIMEOUT_S, since=mark)
-        return line.event.model_dump()
+        line = await guarded(console.wait_for(Verify, timeout=VERIFY_TIMEOUT_S, since=mark),
+                             alive())
+        verify = line.event
+        self.meta["verify"] = verify.model_dump(mode="json")
+        self.mark("verified", bad_pages=verify.bad_pages)
+        if not verify.ok:
+            raise GuestError(
+                f"guest integrity check failed: {verify.bad_pages} of {verify.pages} pages "
+                f"hold wrong content after migration ({verify.read_mismatches} bad reads "
+                f"during the run); first bad pages {list(verify.first_bad)}"
+            )
+
+    def _incoming_uri(self, destination: Host, sockets: Path) -> str:
+        """Where the destination listens (and so where the source connects)."""
+        if self.scenario.migration.transport == "unix":
+            return f"unix:{sockets / 'migration.sock'}"
+        assert isinstance(destination, LocalHost)
+        return f"tcp:127.0.0.1:{destination.free_tcp_port()}"
+
 
 
 async def _heartbeats_continue(console: GuestConsole) -> None:

@@ -1,0 +1,89 @@
+"""Bad input and missing resources: one clear line, a distinct exit code, nothing started."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migrator.config import dump_scenario
+from tests.integration.conftest import scenario
+from tests.integration.test_interrupt import qemu_processes_mentioning
+
+POOL_1G = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")
+
+
+def migrator(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def run_expecting_failure(tmp_path: Path, spec_file: Path) -> tuple[str, Path | None]:
+    runs = tmp_path / "runs"
+    done = migrator("run", str(spec_file), "--runs-dir", str(runs))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, done.stderr
+    run_dirs = list(runs.iterdir()) if runs.exists() else []
+    return f"{done.returncode} {error_lines[0]}", (run_dirs[0] if run_dirs else None)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('name = "x"\n[vm]\nbacking = "huge"\n', "vm.backing: Input should be"),
+        ('name = "x"\n[vm]\nmemroy_mib = 512\n', "vm.memroy_mib: unknown key"),
+        ('name = "x"\n[migration]\npostcopy = false\npreempt = true\n', "preempt = true needs"),
+        ('name = "x"\n[vm\n', "not valid TOML"),
+    ],
+)
+def test_bad_scenarios_exit_2_before_anything(tmp_path: Path, toml: str, message: str) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(toml)
+    outcome, run_dir = run_expecting_failure(tmp_path, spec)
+    assert outcome.startswith("2 error:")
+    assert message in outcome
+    assert run_dir is None
+
+
+def write(tmp_path: Path, **sections: dict[str, object]) -> Path:
+    spec = tmp_path / "s.toml"
+    spec.write_text(dump_scenario(scenario("it-errors", **sections)))
+    return spec
+
+
+def assert_nothing_started(run_dir: Path | None) -> None:
+    assert run_dir is not None
+    assert qemu_processes_mentioning(run_dir.name) == []
+    assert not (run_dir / "src" / "argv.json").exists()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["outcome"] == "error"
+
+
+def test_missing_qemu_binary(tmp_path: Path) -> None:
+    outcome, run_dir = run_expecting_failure(
+        tmp_path, write(tmp_path, vm={"qemu": "/nonexistent/qemu-system-x86_64"}))
+    assert outcome.startswith("3 error: vm.qemu: /nonexistent/qemu-system-x86_64 does not exist")
+    assert_nothing_started(run_dir)
+
+
+def test_missing_kernel(tmp_path: Path) -> None:
+    outcome, run_dir = run_expecting_failure(
+        tmp_path, write(tmp_path, guest={"kernel": "/nonexistent/vmlinuz"}))
+    assert outcome.startswith("3 error:")
+    assert "/nonexistent/vmlinuz" in outcome
+    assert_nothing_started(run_dir)
+
+
+def test_hugepage_shortfall_says_how_many(tmp_path: Path) -> None:
+    before = POOL_1G.read_text()
+    # 2 x 64 GiB of 1 GiB pages on a machine with far less memory.
+    outcome, run_dir = run_expecting_failure(
+        tmp_path, write(tmp_path, vm={"backing": "hugetlb-1g", "memory_mib": 65536}))
+    assert outcome.startswith("3 error: hugepages-1048576kB: need 128 free 1 GiB pages, only ")
+    assert POOL_1G.read_text() == before
+    assert_nothing_started(run_dir)
