@@ -29,7 +29,7 @@ from migrator.config.loader import dump_scenario
 from migrator.config.models import Scenario
 from migrator.errors import GuestError, MigratorError, MissingResource, QemuError
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
-from migrator.guest.console import GuestConsole, serial_chardev_args
+from migrator.guest.console import GuestConsole, Side, serial_chardev_args
 from migrator.guest.crash import kernel_crash
 from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
 from migrator.hosts.base import Host
@@ -86,6 +86,11 @@ def _hosts(scenario: Scenario) -> tuple[Host, Host]:
     # Both sides are "local" until remote hosts exist; one LocalHost serves both.
     local = LocalHost()
     return local, local
+
+
+def _serial_socket(sockets: Path, side: str) -> Path:
+    """The unix socket of one QEMU's serial line (next to its QMP socket)."""
+    return sockets / f"{side}-serial.sock"
 
 
 def _pages_needed(scenario: Scenario) -> tuple[int, int]:
@@ -167,7 +172,7 @@ class _Run:
             vcpus=scenario.vm.vcpus, backing=scenario.vm.backing, accel=accel.accel,
             machine=scenario.vm.machine, kernel=guest.kernel, initrd=guest.initrd,
             append=append, qmp_socket=sockets / f"{side}-qmp.sock",
-            serial_args=tuple(serial_chardev_args(sockets / f"{side}-serial.sock",
+            serial_args=tuple(serial_chardev_args(_serial_socket(sockets, side),
                                                   side_dir / "serial.log")),
             mem_path=mem_path, incoming=side == "dst",
             trace_file=side_dir / "trace.log" if side == "dst" and scenario.collect.trace
@@ -193,17 +198,13 @@ class _Run:
             self.mark("accel", accel=accel.accel, method=accel.method)
 
             sockets = self.socket_dir(stack)
-            src = await stack.enter_async_context(QemuProcess.from_spec(
-                source, self.launch_spec("src", src_facts, accel, guest, mem_paths["src"],
-                                         sockets), self.run.side("src")))
-            src_console = await stack.enter_async_context(GuestConsole(
-                sockets / "src-serial.sock", self.run.side("src") / "console.jsonl", side="src"))
+            src, src_console = await self.start_vm(
+                stack, "src", source,
+                self.launch_spec("src", src_facts, accel, guest, mem_paths["src"], sockets))
             self.mark("source-started", pid=src.pid)
-            dst = await stack.enter_async_context(QemuProcess.from_spec(
-                destination, self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"],
-                                              sockets), self.run.side("dst")))
-            dst_console = await stack.enter_async_context(GuestConsole(
-                sockets / "dst-serial.sock", self.run.side("dst") / "console.jsonl", side="dst"))
+            dst, dst_console = await self.start_vm(
+                stack, "dst", destination,
+                self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"], sockets))
             self.mark("destination-started", pid=dst.pid)
             (self.run.side("dst") / "ramblocks.txt").write_text(
                 await dst.monitor.hmp("info ramblock"))
@@ -213,6 +214,17 @@ class _Run:
             await self.settle_and_verify(dst, dst_console)
             self.mark("shutdown")
         self.mark("cleaned-up")
+
+    async def start_vm(
+        self, stack: AsyncExitStack, side: Side, host: Host, spec: LaunchSpec
+    ) -> tuple[QemuProcess, GuestConsole]:
+        """One QEMU and the console on its serial line, both owned by ``stack``."""
+        qemu = await stack.enter_async_context(
+            QemuProcess.from_spec(host, spec, self.run.side(side)))
+        console = await stack.enter_async_context(GuestConsole(
+            _serial_socket(spec.qmp_socket.parent, side),
+            self.run.side(side) / "console.jsonl", side=side))
+        return qemu, console
 
     async def reserve_memory(
         self, stack: AsyncExitStack, source: Host, destination: Host
