@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from migrator.aio import first_error
 from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
 from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
 from migrator.migration.plan import MigrationPlan
@@ -82,7 +83,10 @@ class MigrationDriver:
         """Migrate to ``uri`` and wait until both sides reach a terminal state."""
         try:
             async with asyncio.timeout(self.spec.timeout_s):
-                return await self._run(uri)
+                try:
+                    return await self._run(uri)
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
         except TimeoutError:
             statuses = await self._last_statuses()
             self.mark("timeout", statuses=statuses)

@@ -103,13 +103,16 @@ class Monitor:
                 stamp.get("microseconds", 0)
             ) * 1000
             data: dict[str, Any] = raw.get("data", {})
-            record = EventRecord(str(raw["event"]), dict(data), qemu_ns, host_ns)
-            self._history.append(record)
-            if self._events_log is not None:
-                self._events_log.write(record.to_json(self.name) + "\n")
-                self._events_log.flush()
-            log.debug("%s: event %s %s", self.name, record.name, record.data)
-            self._arrived.set()
+            self.record_event(EventRecord(str(raw["event"]), dict(data), qemu_ns, host_ns))
+
+    def record_event(self, record: EventRecord) -> None:
+        """Keep an arrived event: history, the raw events artifact, and wake the waiters."""
+        self._history.append(record)
+        if self._events_log is not None:
+            self._events_log.write(record.to_json(self.name) + "\n")
+            self._events_log.flush()
+        log.debug("%s: event %s %s", self.name, record.name, record.data)
+        self._arrived.set()
 
     async def wait_for_event(
         self, name: str, predicate: EventPredicate | None = None, *, timeout: float | None = None

@@ -1,0 +1,66 @@
+"""Structured-concurrency helpers: guards, background collectors, error unwrapping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from migrator.aio import background, first_error, guarded
+from migrator.errors import QemuExitedError
+
+
+async def test_guard_failure_cancels_main_and_is_raised_unwrapped() -> None:
+    main_cancelled = asyncio.Event()
+
+    async def main() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            main_cancelled.set()
+            raise
+
+    async def guard() -> None:
+        await asyncio.sleep(0.01)
+        raise QemuExitedError("exited unexpectedly", name="dst")
+
+    with pytest.raises(QemuExitedError, match="dst: exited unexpectedly"):
+        await guarded(main(), [guard()])
+    assert main_cancelled.is_set()
+
+
+async def test_main_result_returned_and_guards_stopped() -> None:
+    guard_stopped = asyncio.Event()
+
+    async def guard() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            guard_stopped.set()
+
+    async def main() -> int:
+        return 42
+
+    assert await guarded(main(), [guard()]) == 42
+    assert guard_stopped.is_set()
+
+
+async def test_background_stops_collectors_and_swallows_their_errors() -> None:
+    ran = asyncio.Event()
+
+    async def collector() -> None:
+        ran.set()
+        await asyncio.sleep(10)
+
+    async def broken() -> None:
+        raise RuntimeError("sampler broke")
+
+    async with background(collector(), broken()) as tasks:
+        await ran.wait()
+    assert all(task.done() for task in tasks)
+
+
+def test_first_error_skips_cancellations() -> None:
+    group = BaseExceptionGroup("g", [asyncio.CancelledError(), ValueError("real")])
+    assert isinstance(first_error(group), ValueError)
+    assert isinstance(first_error(KeyError("k")), KeyError)

@@ -1,0 +1,145 @@
+"""The migration driver's sequencing and switchover policies, against scripted monitors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrator.config import parse_scenario
+from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
+from migrator.migration import MigrationDriver, plan_migration
+from migrator.qemu.monitor import EventRecord, Monitor
+from migrator.rundir import JsonlWriter
+
+Reaction = Callable[["ScriptedMonitor", Mapping[str, object] | None], Any]
+
+
+class ScriptedMonitor(Monitor):
+    """A Monitor whose commands are answered by a script and whose events are injected."""
+
+    def __init__(self, name: str, tmp: Path) -> None:
+        super().__init__(name, tmp / f"{name}-events.jsonl")
+        self.commands: list[str] = []
+        self.reactions: dict[str, Reaction] = {}
+
+    def emit(self, event: str, **data: object) -> None:
+        now = time.time_ns()
+        self.record_event(EventRecord(event, data, now, now))
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None, *,
+                      timeout: float = 30.0, oob: bool = False) -> Any:
+        self.commands.append(command)
+        reaction = self.reactions.get(command)
+        return reaction(self, arguments) if reaction else {}
+
+
+def later(delay: float, action: Callable[[], None]) -> None:
+    asyncio.get_running_loop().call_later(delay, action)
+
+
+def complete(src: ScriptedMonitor, dst: ScriptedMonitor, delay: float = 0.05) -> None:
+    def done() -> None:
+        dst.emit("MIGRATION", status="completed")
+        src.emit("MIGRATION", status="completed")
+
+    later(delay, done)
+
+
+@pytest.fixture
+def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter]:
+    return (ScriptedMonitor("src", tmp_path), ScriptedMonitor("dst", tmp_path),
+            JsonlWriter(tmp_path / "timeline.jsonl"))
+
+
+def driver_for(migration: dict[str, object], src: Monitor, dst: Monitor,
+               timeline: JsonlWriter) -> MigrationDriver:
+    scenario = parse_scenario({"name": "t", "migration": migration})
+    return MigrationDriver(src, dst, plan_migration(scenario), scenario.migration, timeline)
+
+
+async def test_prepare_sets_both_sides_then_listens(sides: Any) -> None:
+    src, dst, timeline = sides
+    driver = driver_for({"preempt": True}, src, dst, timeline)
+    await driver.prepare("tcp:127.0.0.1:4444")
+    assert dst.commands == ["migrate-set-capabilities", "migrate-incoming"]
+    assert src.commands == ["migrate-set-capabilities", "migrate-set-parameters"]
+
+
+async def test_immediate_switchover(sides: Any) -> None:
+    src, dst, timeline = sides
+    src.reactions["migrate-start-postcopy"] = lambda m, a: complete(src, dst)
+    driver = driver_for({"switchover": {"policy": "immediately"}}, src, dst, timeline)
+    result = await driver.run("tcp:x")
+    assert src.commands == ["migrate", "migrate-start-postcopy"]
+    assert result.source_status == result.destination_status == "completed"
+    assert result.postcopy_requested_ns is not None
+
+
+async def test_after_passes_waits_for_the_pass_event(sides: Any) -> None:
+    src, dst, timeline = sides
+
+    def on_migrate(m: ScriptedMonitor, a: object) -> None:
+        later(0.02, lambda: src.emit("MIGRATION_PASS", **{"pass": 1}))
+        later(0.04, lambda: src.emit("MIGRATION_PASS", **{"pass": 2}))
+
+    switched_at: list[int] = []
+
+    def on_switch(m: ScriptedMonitor, a: object) -> None:
+        switched_at.append(len(src.find_events("MIGRATION_PASS")))
+        complete(src, dst)
+
+    src.reactions["migrate"] = on_migrate
+    src.reactions["migrate-start-postcopy"] = on_switch
+    driver = driver_for({"switchover": {"policy": "after-passes", "passes": 2}}, src, dst,
+                        timeline)
+    await driver.run("tcp:x")
+    assert switched_at == [2]
+
+
+async def test_precopy_finishing_first_skips_postcopy(sides: Any) -> None:
+    src, dst, timeline = sides
+    src.reactions["migrate"] = lambda m, a: complete(src, dst, delay=0.01)
+    driver = driver_for({"switchover": {"policy": "after-seconds", "seconds": 5}}, src, dst,
+                        timeline)
+    result = await driver.run("tcp:x")
+    assert "migrate-start-postcopy" not in src.commands
+    assert result.postcopy_skipped_reason is not None
+    marks = [json.loads(line)["what"] for line in timeline.path.read_text().splitlines()]
+    assert "postcopy-skipped" in marks
+
+
+async def test_failure_is_an_error_with_qemus_reason(sides: Any) -> None:
+    src, dst, timeline = sides
+    src.reactions["migrate"] = lambda m, a: later(0.01, lambda: src.emit("MIGRATION",
+                                                                         status="failed"))
+    src.reactions["query-migrate"] = lambda m, a: {"status": "failed",
+                                                   "error-desc": "Unable to write to socket"}
+    driver = driver_for({"postcopy": False}, src, dst, timeline)
+    with pytest.raises(MigrationError, match="failed on the source: Unable to write to socket"):
+        await driver.run("tcp:x")
+
+
+async def test_timeout_names_the_field_and_states(sides: Any) -> None:
+    src, dst, timeline = sides
+    src.reactions["migrate"] = lambda m, a: src.emit("MIGRATION", status="active")
+    driver = driver_for({"postcopy": False, "timeout_s": 0.2}, src, dst, timeline)
+    with pytest.raises(MigrationTimeout, match=r"migration.timeout_s: .*source active"):
+        await driver.run("tcp:x")
+
+
+async def test_start_postcopy_refused_while_running_is_raised(sides: Any) -> None:
+    src, dst, timeline = sides
+
+    def refuse(m: ScriptedMonitor, a: object) -> None:
+        raise QmpCommandError("src", "migrate-start-postcopy", "GenericError", "nope")
+
+    src.reactions["migrate-start-postcopy"] = refuse
+    driver = driver_for({"switchover": {"policy": "immediately"}}, src, dst, timeline)
+    with pytest.raises(QmpCommandError, match="nope"):
+        await driver.run("tcp:x")
