@@ -24,7 +24,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 config_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 app.add_typer(config_app, name="config")
 
-err = Console(stderr=True)
+err = Console(stderr=True, log_path=False)
 out = Console()
 
 
