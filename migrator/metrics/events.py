@@ -107,6 +107,15 @@ class PhaseTimeline:
         add("warmup", m.get("guest-ready"), migrate)
         add("setup", migrate, active)
         add("precopy", active, stop or finished)
+        # Each dirty-sync pass inside pre-copy (MIGRATION_PASS marks its start); these
+        # start later than "precopy" and so win in phase_at.
+        precopy_end = stop or finished
+        # Pass 1 is announced a moment before the source reports "active".
+        passes = [(number, max(ns, active or ns)) for number, ns in ev.passes()
+                  if precopy_end is None or ns < precopy_end]
+        for index, (number, start) in enumerate(passes):
+            end = passes[index + 1][1] if index + 1 < len(passes) else precopy_end
+            add(f"precopy-pass-{number}", start, end)
         add("freeze", stop, resume)
         if postcopy is not None:
             add("postcopy", resume or postcopy, finished)

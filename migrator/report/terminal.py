@@ -72,7 +72,8 @@ def render_report(report: Report, console: Console) -> None:
         for column in ("ramblock", "page", "faults", "p50", "p90", "p99", "p99.9", "max",
                        "placed at"):
             table.add_column(column, justify="right" if column != "ramblock" else "left")
-        for block in report.fetch:
+        faulted = [block for block in report.fetch if block.faults]
+        for block in faulted:
             lat = block.latency_ms
             table.add_row(
                 block.ramblock, _size(block.page_size), f"{block.faults:,}",
@@ -80,6 +81,11 @@ def render_report(report: Report, console: Console) -> None:
                 _size(block.placement_granularity) if block.placement_granularity else "-",
             )
         console.print(table)
+        quiet = [block for block in report.fetch if not block.faults]
+        if quiet:
+            pages = sum(block.pages_placed_background for block in quiet)
+            console.print(f"  {len(quiet)} other RAMBlocks took no faults ({pages:,} pages "
+                          "arrived in the background)", highlight=False)
 
     if report.freeze is not None:
         console.print(_metrics_table("Freeze", {

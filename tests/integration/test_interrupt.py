@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,15 +48,23 @@ def dst_in_postcopy(run_dir: Path) -> bool:
     return events.exists() and '"postcopy-active"' in events.read_text()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
-    # Post-copy throttled to 16 MiB/s so it lasts long enough to be interrupted in.
+def destination_pid(run_dir: Path) -> int:
+    for line in (run_dir / "timeline.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["what"] == "destination-started":
+            return int(record["pid"])
+    raise AssertionError("no destination-started mark")
+
+
+def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path], None]
+                   ) -> tuple[subprocess.Popen[str], str, Path]:
+    """Start a slow post-copy run, call ``strike`` mid-post-copy, wait for the exit."""
+    # Post-copy throttled to 16 MiB/s so it lasts long enough to be struck in.
     spec = scenario("it-interrupt", vm={"backing": "hugetlb-2m"},
                     migration={"max_postcopy_bandwidth_mib_s": 16})
     scenario_file = tmp_path / "s.toml"
     scenario_file.write_text(dump_scenario(spec))
     runs = tmp_path / "runs"
-    pool_before = POOL.read_text()
     child = subprocess.Popen(
         [sys.executable, "-m", "migrator", "run", str(scenario_file), "--runs-dir", str(runs)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -68,16 +77,17 @@ def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signa
         # The run really holds what must be released: two QEMUs and a hugetlbfs directory.
         assert len(qemu_processes_mentioning(run_dir.name)) == 2
         assert [m for m in Path("/proc/mounts").read_text().splitlines() if "hugetlbfs" in m]
-        child.send_signal(sig)
+        strike(child, run_dir)
         _, stderr = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert child.returncode == (130 if sig == signal.SIGINT else 143), stderr
-    assert "interrupted" in stderr
-    assert "Traceback" not in stderr
-    # Nothing outlives the run: no QEMU, no socket, no hugetlbfs file, no extra hugepage.
+    return child, stderr, run_dir
+
+
+def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
+    """No QEMU, socket, hugetlbfs file or extra hugepage outlives the run; artifacts stay."""
     assert qemu_processes_mentioning(run_dir.name) == []
     assert not list(run_dir.glob("**/*.sock"))
     assert POOL.read_text() == pool_before
@@ -87,9 +97,33 @@ def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signa
         fields = line.split()
         if fields[2] == "hugetlbfs":
             assert not list(Path(fields[1]).glob(f"migrator-{run_dir.name}*"))
-    # What was collected is kept, and says how the run ended.
-    meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["outcome"] == "interrupted"
     assert (run_dir / "dst" / "trace.log").stat().st_size > 0
     assert (run_dir / "src" / "events.jsonl").stat().st_size > 0
     assert os.path.getsize(run_dir / "samples.jsonl") > 0
+
+
+def test_destination_qemu_killed_mid_postcopy(tmp_path: Path) -> None:
+    pool_before = POOL.read_text()
+    child, stderr, run_dir = run_and_strike(
+        tmp_path, lambda _, run: os.kill(destination_pid(run), signal.SIGKILL))
+    assert child.returncode not in (0, 130, 143), stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "dst" in errors[0]
+    assert "Traceback" not in stderr
+    assert_nothing_left(run_dir, pool_before)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["outcome"] == "error"
+    assert (run_dir / "report.json").exists()  # the partial report of what was observed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    pool_before = POOL.read_text()
+    child, stderr, run_dir = run_and_strike(tmp_path, lambda proc, _: proc.send_signal(sig))
+    assert child.returncode == (130 if sig == signal.SIGINT else 143), stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert_nothing_left(run_dir, pool_before)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["outcome"] == "interrupted"
