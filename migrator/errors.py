@@ -29,6 +29,7 @@ error class).  The CLI prints ``str(error)`` as one line and exits with
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 __all__ = [
@@ -51,6 +52,18 @@ __all__ = [
     "QmpConnectionLost",
     "QmpTimeout",
 ]
+
+
+def _exit_detail(status: int | None) -> str:
+    """' (exit N)' or ' (killed by SIGNAME)' for a process status, '' when unknown."""
+    if status is None:
+        return ""
+    if status < 0:
+        try:
+            return f" (killed by {signal.Signals(-status).name})"
+        except ValueError:
+            return f" (killed by signal {-status})"
+    return f" (exit {status})"
 
 
 def output_tail(text: str, lines: int = 5) -> str:
@@ -143,9 +156,8 @@ class QemuError(MigratorError):
         status: int | None = None,
         stderr: str = "",
     ) -> None:
-        detail = f" (exit {status})" if status is not None else ""
         tail = output_tail(stderr)
-        super().__init__(f"{name}: {message}{detail}" + (f": {tail}" if tail else ""))
+        super().__init__(f"{name}: {message}{_exit_detail(status)}" + (f": {tail}" if tail else ""))
         self.name = name
         self.argv = list(argv)
         self.status = status

@@ -123,7 +123,7 @@ class QemuProcess:
         """Raise :class:`QemuExitedError` when QEMU exits (run beside work that needs it)."""
         status = await self.wait_exit()
         raise QemuExitedError(
-            "exited unexpectedly", name=self.name, argv=self.argv, status=status,
+            "QEMU exited unexpectedly", name=self.name, argv=self.argv, status=status,
             stderr=await self.stderr_text(),
         )
 
