@@ -27,7 +27,7 @@ from migrator import __version__
 from migrator.aio import background, guarded
 from migrator.config.loader import dump_scenario
 from migrator.config.models import Scenario
-from migrator.errors import GuestError, MigratorError, MissingResource, QemuError
+from migrator.errors import GuestError, MigratorError, QemuError
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, Side, serial_chardev_args
 from migrator.guest.crash import kernel_crash
@@ -37,14 +37,15 @@ from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
-from migrator.migration.plan import check_capabilities, plan_migration
+from migrator.migration.plan import plan_migration
+from migrator.preflight import check_hosts, raise_unmet
 from migrator.qemu.accel import AccelDecision, decide_accel
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts, probe_qemu
 from migrator.qemu.process import QemuProcess
 from migrator.rundir import RunDir
 
-__all__ = ["Observer", "run_scenario"]
+__all__ = ["CACHE_DIR", "Observer", "run_scenario", "scenario_hosts"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class _ObservedWriter:
         self._out.close()
 
 
-def _hosts(scenario: Scenario) -> tuple[Host, Host]:
+def scenario_hosts(scenario: Scenario) -> tuple[Host, Host]:
+    """The source and destination hosts of a scenario (one object when both are local)."""
     # Both sides are "local" until remote hosts exist; one LocalHost serves both.
     local = LocalHost()
     return local, local
@@ -127,23 +129,15 @@ class _Run:
         self.observer.phase(what, ", ".join(f"{k}={v}" for k, v in details.items()))
 
     async def preflight(self, source: Host, destination: Host) -> tuple[QemuFacts, QemuFacts]:
-        """Everything that can be checked before a VM boots."""
-        scenario = self.scenario
-        plan = plan_migration(scenario)
-        src_facts = await probe_qemu(source, scenario.vm.qemu)
+        """The hosts preflight (as ``migrator hosts check``), then the QEMU facts to launch."""
+        report = await check_hosts(self.scenario, source, destination)
+        self.run.write_json("preflight.json", report.model_dump(mode="json"))
+        raise_unmet(report)
+        src_facts = await probe_qemu(source, self.scenario.vm.qemu)
         dst_facts = src_facts if destination is source else await probe_qemu(
-            destination, scenario.vm.qemu)
+            destination, self.scenario.vm.qemu)
         self.meta["qemu"] = {"source": asdict(src_facts), "destination": asdict(dst_facts)}
-        for facts in (src_facts, dst_facts):
-            check_capabilities(plan, facts)
-        if scenario.migration.postcopy and not await destination.exists(
-            Path("/dev/userfaultfd")
-        ) and not await destination.exists(Path("/proc/sys/vm/unprivileged_userfaultfd")):
-            raise MissingResource(
-                f"{destination.name}: no userfaultfd support; post-copy needs a kernel with "
-                "CONFIG_USERFAULTFD"
-            )
-        self.meta["plan"] = asdict(plan)
+        self.meta["plan"] = asdict(plan_migration(self.scenario))
         self.save_meta()
         return src_facts, dst_facts
 
@@ -182,7 +176,7 @@ class _Run:
     async def execute(self) -> None:
         """All stages in order; every resource joins the exit stack the moment it exists."""
         scenario = self.scenario
-        source, destination = _hosts(scenario)
+        source, destination = scenario_hosts(scenario)
         self.mark("preflight")
         src_facts, dst_facts = await self.preflight(source, destination)
         async with AsyncExitStack() as stack:

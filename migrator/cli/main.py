@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from migrator.cli.hosts import hosts_app
 from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import MigratorError
 from migrator.rundir import RunDir
@@ -23,6 +24,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                        "measure per-page fetch latency and vCPU stalls.")
 config_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 app.add_typer(config_app, name="config")
+app.add_typer(hosts_app, name="hosts")
 
 err = Console(stderr=True, log_path=False)
 out = Console()
