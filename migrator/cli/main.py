@@ -54,6 +54,8 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
                         handlers=handlers or None, force=True)
     # qemu.qmp logs every disconnect at INFO; that is noise for a user.
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    # asyncssh logs every exec request (with the whole remote supervisor) at INFO.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 @app.command()

@@ -2,5 +2,6 @@
 
 from migrator.hosts.base import CommandResult, Host, HostProcess
 from migrator.hosts.local import LocalHost
+from migrator.hosts.ssh import SSHHost, SSHTarget
 
-__all__ = ["CommandResult", "Host", "HostProcess", "LocalHost"]
+__all__ = ["CommandResult", "Host", "HostProcess", "LocalHost", "SSHHost", "SSHTarget"]

@@ -75,7 +75,11 @@ class Host(abc.ABC):
     async def run(
         self, argv: Sequence[str], *, timeout: float = 60.0, stdin: bytes | None = None
     ) -> CommandResult:
-        """Run ``argv`` to completion and return its result (non-zero status is not raised)."""
+        """Run ``argv`` to completion and return its result.
+
+        A non-zero status is not raised; a command not found or still running after
+        ``timeout`` seconds (it is then killed) raises :class:`HostError`.
+        """
 
     @abc.abstractmethod
     async def start(

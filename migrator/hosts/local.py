@@ -66,11 +66,14 @@ class LocalHost(Host):
         try:
             async with asyncio.timeout(timeout):
                 out, err = await process.communicate(stdin)
-        except BaseException:
+        except BaseException as error:
             # Timeout or cancellation: the command must not outlive the call.
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+            if isinstance(error, TimeoutError):
+                raise HostError(f"{argv[0]} on {self.name} did not finish within {timeout:g} s",
+                                argv=argv) from None
             raise
         assert process.returncode is not None
         return CommandResult(
