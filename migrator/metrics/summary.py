@@ -20,6 +20,7 @@ from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.trace import TraceAnalysis, analyze_trace
+from migrator.qemu.known_issues import tcg_dirty_tracking_risk
 from migrator.report.schema import (
     BlockFetch,
     Comparison,
@@ -269,6 +270,11 @@ def build_report(run_path: Path) -> Report:
         # QEMU 11.1 accepts migrate-start-postcopy after pre-copy already converged.
         warnings.append("post-copy was requested but the migration completed in pre-copy; "
                         "lower migration.downtime_limit_ms to prevent convergence")
+    passes = counters.source.get("ram", {}).get("dirty-sync-count")
+    risk = tcg_dirty_tracking_risk(environment["qemu_version"], environment["accel"],
+                                   passes if isinstance(passes, int) else None)
+    if risk:
+        warnings.append(risk)
     warnings += [f"guest probe: {e}" for e in guest.errors]
     if guest.malformed:
         warnings.append(f"guest console: {guest.malformed} malformed probe lines")
