@@ -64,6 +64,7 @@ def run(
     runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path(
         "runs"),
     json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+    html: HtmlOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
 ) -> None:
     """Run one scenario end to end and print its report."""
@@ -99,6 +100,8 @@ def run(
         raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
     report = build_report(run_dir.path)
     write_report(run_dir.path, report)
+    if html:
+        _write_html(run_dir.path)
     if json_out:
         out.print_json(report.model_dump_json())
     else:
@@ -119,10 +122,25 @@ def _report_if_possible(run_path: Path | None) -> None:
         err.print(f"no report could be derived: {error}", highlight=False)
 
 
+HtmlOption = Annotated[bool, typer.Option(
+    "--html", help="also write RUN_DIR/report.html: a self-contained page with interactive plots")]
+
+
+def _write_html(run_dir: Path) -> None:
+    from migrator.report.html import write_run_html
+
+    try:
+        page = write_run_html(run_dir)  # reads the report.json just written
+    except MigratorError as error:
+        raise _fail(error) from None
+    err.print(f"HTML report: {page}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory made by 'migrator run'")],
     json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+    html: HtmlOption = False,
 ) -> None:
     """Rebuild report.json and the summary offline from a run directory's raw files."""
     from migrator.metrics.summary import build_report, write_report
@@ -133,6 +151,8 @@ def report(
     except MigratorError as error:
         raise _fail(error) from None
     write_report(run_dir, rebuilt)
+    if html:
+        _write_html(run_dir)
     if json_out:
         out.print_json(rebuilt.model_dump_json())
     else:

@@ -1,0 +1,825 @@
+"""One run directory as one self-contained HTML page: interactive plots and the report's tables.
+
+Like every renderer this reads a run directory and nothing else: ``report.json``
+(derived again from the raw artifacts with :func:`build_report` when it is
+missing or of another schema) for the derived numbers, and the raw artifacts
+for the series the report only summarises:
+
+* fetch latency CDF per RAMBlock: ``report.fetch[*].histogram`` (the streaming
+  histogram of the destination trace), plus QEMU's ``postcopy-latency-dist``
+  when the destination QEMU reported one (>= 10.1);
+* guest stall timeline per vCPU: every stall of ``src|dst/console.jsonl``
+  (:func:`load_guest`), the heartbeat gaps of the same files, the phases of
+  ``report.phases``;
+* bytes remaining and throughput: ``samples.jsonl`` (``query-migrate`` of both
+  sides);
+* per-vCPU blocktime: ``report.blocktime`` (QEMU's and the trace's);
+* tables: ``report.json``, ``scenario.toml`` verbatim and ``run.json``.
+
+The page embeds plotly.js once, inline, so it opens without network access
+(about 4.8 MB of the page is plotly.js).  Stall and heartbeat-gap series with
+more points than :data:`MAX_POINTS` keep their largest values and say so in
+their legend, so the page stays small whatever the length of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import plotly.graph_objects as go  # type: ignore[import-untyped]
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+from plotly.io.json import to_json_plotly  # type: ignore[import-untyped]
+from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
+from plotly.subplots import make_subplots  # type: ignore[import-untyped]
+from pydantic import ValidationError
+
+from migrator.errors import ArtifactError
+from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl
+from migrator.metrics.guest import GuestObservations, load_guest
+from migrator.metrics.histogram import Histogram
+from migrator.metrics.summary import build_report
+from migrator.report.schema import SCHEMA_VERSION, Metric, Phase, Report
+from migrator.rundir import atomic_write
+
+__all__ = ["MAX_POINTS", "load_run_report", "render_run_html", "write_run_html"]
+
+#: Most markers one series of a plot carries (the largest values are kept).
+MAX_POINTS = 20_000
+TEMPLATES = Path(__file__).parent / "templates"
+MIB = float(1 << 20)
+MS = 1e6
+S = 1e9
+# Fill colours of the phases (see PhaseTimeline.from_events for their meaning).
+PHASE_COLOURS = {
+    "boot": "#9e9e9e", "warmup": "#4db6ac", "setup": "#fdd835", "precopy": "#42a5f5",
+    "freeze": "#e53935", "postcopy": "#fb8c00", "settle": "#7cb342", "verify": "#8e24aa",
+}
+PASS_COLOURS = ("#0d47a1", "#90caf9")
+PLOT_CONFIG = {
+    "displaylogo": False,
+    "responsive": True,
+    "toImageButtonOptions": {"format": "png", "scale": 2},
+}
+_BLOCKTIME_QEMU = re.compile(r"postcopy-vcpu-blocktime\[(\d+)\]")
+_BLOCKTIME_TRACE = re.compile(r"trace blocktime vCPU (\d+)")
+
+F64 = npt.NDArray[np.float64]
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def load_run_report(run_path: Path) -> tuple[Report, str]:
+    """The run's report and a sentence saying where it came from.
+
+    ``report.json`` is a cache of :func:`build_report`: when it is absent, or
+    written by another schema version, the report is derived again from the
+    raw artifacts (nothing is written).
+    """
+    path = run_path / "report.json"
+    if path.exists():
+        try:
+            report = Report.model_validate_json(path.read_bytes())
+        except ValidationError as error:
+            why = (f"report.json does not match schema {SCHEMA_VERSION} "
+                   f"({error.error_count()} errors)")
+        else:
+            if report.schema_version == SCHEMA_VERSION:
+                return report, "report.json"
+            why = f"report.json has schema {report.schema_version}, not {SCHEMA_VERSION}"
+    else:
+        why = "no report.json"
+    return build_report(run_path), f"{why}: derived again from the raw artifacts"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
+
+
+@dataclass(frozen=True)
+class SideSamples:
+    """``query-migrate`` replies of one side that carry ram statistics, as arrays.
+
+    ``t_s`` is the reply time relative to the page's time origin: QEMU fills in
+    the reply when it runs the command, which a busy main loop delays (the
+    destination's replies took up to 0.5 s during the switchover), so the reply
+    time is closer to the moment the numbers describe than the request time.
+    """
+
+    side: str
+    replies: int
+    t_s: F64
+    remaining: F64
+    transferred: F64
+    mbps: F64
+
+
+def load_samples(run_path: Path, clock: Clock) -> dict[str, SideSamples]:
+    """Both sides' ``samples.jsonl`` replies with ``ram`` members (see :class:`SideSamples`)."""
+    rows: dict[str, list[tuple[int, float, float, float]]] = {"src": [], "dst": []}
+    replies = {"src": 0, "dst": 0}
+    for record in read_jsonl(run_path / "samples.jsonl"):
+        side = record.get("side")
+        reply = record.get("reply")
+        if side not in rows or not isinstance(reply, dict):
+            continue
+        replies[side] += 1
+        ram = reply.get("ram")
+        if not isinstance(ram, dict) or "remaining" not in ram or "transferred" not in ram:
+            continue
+        when = record.get("reply_ns") or record.get("host_ns")
+        if not isinstance(when, int):
+            continue
+        rows[side].append((when, float(ram["remaining"]), float(ram["transferred"]),
+                           float(ram.get("mbps", np.nan))))
+    out = {}
+    for side, data in rows.items():
+        data.sort()
+        arr = np.array([r[1:] for r in data], dtype=np.float64).reshape(-1, 3)
+        t_s = np.array([clock.s(int(r[0])) for r in data], dtype=np.float64)
+        out[side] = SideSamples(side, replies[side], t_s, arr[:, 0], arr[:, 1], arr[:, 2])
+    return out
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The host wall clock as the time axes show it.
+
+    ``t0_ns`` is t = 0: the ``migrate`` command when the run got that far, else
+    the first phase, else the run's start.  ``end_ns``: the end of the run, where
+    a phase still open at the end stops.  ``view_ns`` is the initial x range:
+    from the warm-up on (the boot takes seconds and shows nothing about the
+    migration) to the last phase change, heartbeat or stall (a run that waited
+    out a timeout would otherwise be mostly that wait); the autoscale button
+    shows everything.
+    """
+
+    t0_ns: int
+    what: str
+    axis: str
+    end_ns: int
+    view_ns: tuple[int, int]
+
+    def s(self, ns: int) -> float:
+        """Seconds since t = 0 (subtracted in integers: epoch ns overflow a float mantissa)."""
+        return (ns - self.t0_ns) / S
+
+    def view(self) -> list[float]:
+        """The initial x range in seconds, with a small margin."""
+        lo, hi = self.s(self.view_ns[0]), self.s(self.view_ns[1])
+        pad = max((hi - lo) * 0.02, 0.01)
+        return [lo - pad, hi + pad]
+
+
+def run_clock(run_path: Path, report: Report, meta: Mapping[str, Any],
+              guest: GuestObservations) -> Clock:
+    """The :class:`Clock` of one run (see there)."""
+    marks = load_events(run_path).marks
+    started = int(meta.get("started_ns") or 0)
+    if "migrate" in marks:
+        t0, what, axis = marks["migrate"], "the migrate command", "s since migrate"
+    elif report.phases:
+        first = report.phases[0]
+        t0, what, axis = first.start_ns, f"the start of {first.name}", f"s since {first.name}"
+    else:
+        t0, what, axis = started, "the start of the run", "s since the run started"
+    seen = ([p.end_ns or p.start_ns for p in report.phases]
+            + [h.host_ns for h in guest.heartbeats]
+            + [st.host_start_ns + st.gap_ns for st in guest.stalls if st.host_start_ns])
+    last_seen = max([*seen, t0])
+    end = max(last_seen, int(meta.get("finished_ns") or 0))
+    warmup = next((p.start_ns for p in report.phases if p.name == "warmup"), None)
+    first_seen = min([p.start_ns for p in report.phases] or [t0])
+    return Clock(t0, what, f"{axis} (host wall clock)", end, (warmup or first_seen, last_seen))
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def _keep_largest(values: F64, limit: int = MAX_POINTS) -> npt.NDArray[np.intp]:
+    """Indices of the ``limit`` largest values, in their original order."""
+    if values.size <= limit:
+        return np.arange(values.size)
+    return np.sort(np.argpartition(values, values.size - limit)[-limit:])
+
+
+def _layout(fig: Any, title: str, height: int) -> None:
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.99, "yanchor": "top",
+               "font": {"size": 16}},
+        template="plotly_white", height=height, margin={"l": 70, "r": 30, "t": 60, "b": 50},
+        hoverlabel={"namelength": -1}, font={"size": 12},
+    )
+
+
+def _note(fig: Any, text: str, centre: bool = False, above: int = 8) -> None:
+    """Say on the plot what is missing: centred on an empty plot, else under the title.
+
+    ``above``: pixels between the note and the plot area (room for subplot titles).
+    """
+    if centre:
+        where = {"x": 0.5, "y": 0.5, "xanchor": "center", "yanchor": "middle"}
+    else:
+        # Room between the title and the plot area (the mode bar has the top right corner).
+        lines = text.count("<br>") + 1
+        fig.update_layout(margin={"t": 58 + above + 16 * lines})
+        where = {"x": 0.0, "y": 1.0, "xanchor": "left", "yanchor": "bottom", "yshift": above}
+    fig.add_annotation(text=text, xref="paper", yref="paper", showarrow=False, align="left",
+                       font={"size": 12, "color": "#9a3412"}, **where)
+
+
+# Log axes labelled 1-2-5 per decade: plotly's default labels the 2 and 5 of each decade
+# alone ("5 10 2 5 100"), which reads badly.
+LOG_TICKS = [m * 10.0**e for e in range(-3, 6) for m in (1, 2, 5)]
+
+
+def _log_axis(title: str) -> dict[str, Any]:
+    return {"type": "log", "title_text": title, "tickvals": LOG_TICKS,
+            "ticktext": [f"{v:g}" for v in LOG_TICKS]}
+
+
+def _size(page_size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if page_size >= 1 << shift and page_size % (1 << shift) == 0:
+            return f"{page_size >> shift} {unit}"
+    return f"{page_size} B"
+
+
+def fetch_cdf_figure(report: Report) -> Any:
+    """(a) Fetch latency CDF per RAMBlock, log x, from each block's histogram buckets.
+
+    Each step is a bucket's upper bound (clamped to the exact max): the
+    fraction of faults whose latency is at most that, within the histogram's
+    stated relative error.  QEMU's own ``postcopy-latency-dist`` is added when
+    the destination reported it.
+    """
+    fig = go.Figure()
+    for block in report.fetch:
+        hist = Histogram.from_dict(block.histogram)
+        if not hist.count:
+            continue
+        buckets = hist.buckets()
+        assert hist.min is not None
+        assert hist.max is not None
+        x = np.array([hist.min] + [min(b.upper, hist.max) for b in buckets]) / MS
+        cum = np.concatenate(([0], np.cumsum([b.count for b in buckets]))) / hist.count
+        fig.add_trace(go.Scatter(
+            x=x, y=cum, mode="lines+markers", line_shape="hv", marker={"size": 5},
+            name=f"{block.ramblock} · {_size(block.page_size)} pages · {hist.count:,} faults",
+            hovertemplate="≤ %{x:.4g} ms: %{y:.1%} of faults<extra>%{fullData.name}</extra>",
+        ))
+    dist = report.qemu_latency_dist
+    if dist and any(dist.get("counts", [])):
+        counts = np.array(dist["counts"], dtype=np.float64)
+        # Bucket k holds [2^k, 2^(k+1)) us; the last is open-ended, so it is drawn at its
+        # lower bound.
+        upper_us = 2.0 ** np.arange(1, counts.size + 1)
+        upper_us[-1] = 2.0 ** (counts.size - 1)
+        fig.add_trace(go.Scatter(
+            x=upper_us / 1e3, y=np.cumsum(counts) / counts.sum(), mode="lines+markers",
+            line={"dash": "dot"}, line_shape="hv",
+            name="QEMU postcopy-latency-dist (all blocks, power-of-2 buckets)",
+            hovertemplate="< %{x:.4g} ms: %{y:.1%} of faults<extra>QEMU</extra>",
+        ))
+    _layout(fig, "Per-page fetch latency CDF (destination trace: fault request → page placed)",
+            420)
+    fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))
+    fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
+    if not fig.data:
+        _note(fig, "no fetch latencies: the run has no destination trace or took no faults",
+              centre=True)
+    return fig
+
+
+def add_phases(fig: Any, phases: list[Phase], clock: Clock, legend: bool = True) -> None:
+    """Shade each phase of ``report.phases`` as a vertical band (passes as a top strip)."""
+    seen: set[str] = set()
+    pass_number = 0
+    for phase in phases:
+        # A phase still open when the run ended lasts to the last thing recorded.
+        end = phase.end_ns if phase.end_ns is not None else max(clock.end_ns, phase.start_ns)
+        x0, x1 = clock.s(phase.start_ns), clock.s(end)
+        is_pass = phase.name.startswith("precopy-pass-")
+        if is_pass:
+            # Passes lie inside "precopy": a strip along the top keeps both readable.
+            colour, y0, opacity = PASS_COLOURS[pass_number % 2], 0.96, 0.5
+            pass_number += 1
+            group = "precopy passes"
+        else:
+            colour, y0, opacity = PHASE_COLOURS.get(phase.name, "#bdbdbd"), 0.0, 0.16
+            group = phase.name
+        fig.add_shape(
+            type="rect", xref="x", yref="paper", x0=x0, x1=x1, y0=y0, y1=1.0,
+            fillcolor=colour, opacity=opacity, line_width=0, layer="below",
+            name=group, legendgroup=group, showlegend=legend and group not in seen,
+            legend="legend2" if legend else None,
+        )
+        seen.add(group)
+
+
+def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock,
+                          threshold_ms: float) -> Any:
+    """(b) Every guest stall per vCPU (host-clock start vs duration, log y), phases shaded.
+
+    The outside view (heartbeat arrival gaps longer than the heartbeat period
+    plus the probe's threshold, the same cut ``report.outside_stalls`` counts)
+    is the second kind of series: it also sees the time the VM was stopped,
+    which the guest clock does not.
+    """
+    fig = go.Figure()
+    timeline = PhaseTimeline(list(report.phases))
+    unplaced = sum(1 for s in guest.stalls if s.host_start_ns is None)
+    for vcpu in sorted({s.vcpu for s in guest.stalls}):
+        mine = [s for s in guest.stalls if s.vcpu == vcpu and s.host_start_ns is not None]
+        if not mine:
+            continue
+        gaps = np.array([s.gap_ns / MS for s in mine])
+        keep = _keep_largest(gaps)
+        stall_starts = [mine[i].host_start_ns or 0 for i in keep.tolist()]
+        name = f"vCPU {vcpu}: guest stall (guest clock)"
+        if keep.size < gaps.size:
+            name += f", {keep.size:,} longest of {gaps.size:,}"
+        fig.add_trace(go.Scatter(
+            x=np.array([clock.s(ns) for ns in stall_starts]), y=gaps[keep], mode="markers",
+            marker={"size": 7, "opacity": 0.8}, name=name,
+            customdata=[timeline.phase_at(ns) for ns in stall_starts],
+            hovertemplate="t = %{x:.4f} s<br>%{y:.4g} ms<br>phase %{customdata}"
+                          f"<extra>vCPU {vcpu}</extra>",
+        ))
+    outside = report.outside_stalls
+    if outside is not None and len(guest.heartbeats) > 1:
+        arrivals = np.array(sorted(h.host_ns for h in guest.heartbeats), dtype=np.int64)
+        gaps_ms = np.diff(arrivals) / MS
+        cut = outside.period_ms + threshold_ms
+        over = np.flatnonzero(gaps_ms > cut)
+        name = f"outside view: heartbeat gap > {cut:.3g} ms (host clock)"
+        if over.size > MAX_POINTS:
+            name += f", {MAX_POINTS:,} longest of {over.size:,}"
+        over = over[_keep_largest(gaps_ms[over])]
+        starts = arrivals[over]
+        fig.add_trace(go.Scatter(
+            x=np.array([clock.s(ns) for ns in starts.tolist()]), y=gaps_ms[over],
+            mode="markers",
+            marker={"symbol": "x-thin", "size": 9, "line": {"width": 2, "color": "#212121"}},
+            name=name,
+            customdata=[timeline.span(int(a), int(a + g * MS))
+                        for a, g in zip(starts.tolist(), gaps_ms[over].tolist(), strict=True)],
+            hovertemplate="gap from t = %{x:.4f} s<br>%{y:.4g} ms<br>phase %{customdata}"
+                          "<extra>heartbeats</extra>",
+        ))
+    fig.add_hline(y=threshold_ms, line={"dash": "dot", "color": "#757575", "width": 1})
+    # Annotations on a log axis take log10(y) (add_hline's own label would land at 10**y).
+    fig.add_annotation(text=f"probe threshold {threshold_ms:g} ms", xref="paper", x=1.0,
+                       yref="y", y=math.log10(threshold_ms), xanchor="right",
+                       yanchor="bottom", showarrow=False, font={"size": 11, "color": "#555"})
+    add_phases(fig, list(report.phases), clock)
+    _layout(fig, "Guest stalls per vCPU on the host clock, migration phases shaded", 480)
+    fig.update_xaxes(title_text=clock.axis, range=clock.view())
+    fig.update_yaxes(**_log_axis("stall duration, ms (log)"))
+    fig.update_layout(
+        legend={"orientation": "h", "y": -0.18, "x": 0},
+        legend2={"title": {"text": "phases"}, "x": 1.01, "y": 1, "bgcolor": "rgba(0,0,0,0)"},
+        margin={"r": 150},
+    )
+    notes = []
+    if not guest.stalls:
+        notes.append("the guest probe reported no stalls")
+    if unplaced:
+        notes.append(f"{unplaced} stall(s) before the first heartbeat cannot be placed on "
+                     "the host clock")
+    if outside is None:
+        notes.append("fewer than two heartbeats: no outside view")
+    if notes:
+        _note(fig, "<br>".join(notes))
+    return fig
+
+
+def transfer_figure(report: Report, samples: Mapping[str, SideSamples], clock: Clock) -> Any:
+    """(c) ``ram.remaining`` and the throughput (``ram.transferred`` deltas) of both sides."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
+                        subplot_titles=("bytes remaining (query-migrate ram.remaining)",
+                                        "throughput (Δ ram.transferred / Δt between samples)"))
+    colours = {"src": "#1e88e5", "dst": "#d81b60"}
+    missing = []
+    for side in ("src", "dst"):
+        data = samples.get(side)
+        if data is None or data.t_s.size == 0:
+            replies = data.replies if data else 0
+            missing.append(f"{side}: {replies} query-migrate replies, none with ram statistics"
+                           + (" (QEMU keeps them on the source only)" if side == "dst" else ""))
+            continue
+        label = "source" if side == "src" else "destination"
+        fig.add_trace(go.Scatter(
+            x=data.t_s, y=data.remaining / MIB, mode="lines+markers", marker={"size": 4},
+            line={"color": colours[side]}, name=f"{label}: ram.remaining",
+            customdata=data.remaining,
+            hovertemplate="t = %{x:.3f} s<br>%{y:.1f} MiB (%{customdata:,} B)"
+                          f"<extra>{side}</extra>",
+        ), row=1, col=1)
+        if data.t_s.size > 1:
+            dt = np.diff(data.t_s)
+            ok = dt > 0
+            rate = np.diff(data.transferred)[ok] / dt[ok] / MIB
+            mid = (data.t_s[1:] + data.t_s[:-1])[ok] / 2
+            fig.add_trace(go.Scatter(
+                x=mid, y=rate, mode="lines+markers", marker={"size": 4},
+                line={"color": colours[side]}, name=f"{label}: Δ ram.transferred / Δt",
+                hovertemplate="around t = %{x:.3f} s<br>%{y:.1f} MiB/s"
+                              f"<extra>{side}</extra>",
+            ), row=2, col=1)
+            if np.isfinite(data.mbps).any():
+                fig.add_trace(go.Scatter(
+                    x=data.t_s, y=data.mbps * 1e6 / 8 / MIB, mode="lines",
+                    line={"color": colours[side], "dash": "dot"}, visible="legendonly",
+                    name=f"{label}: QEMU's own ram.mbps estimate",
+                    hovertemplate="t = %{x:.3f} s<br>%{y:.1f} MiB/s<extra>mbps</extra>",
+                ), row=2, col=1)
+    add_phases(fig, list(report.phases), clock, legend=False)
+    _layout(fig, "Migration stream over time, both sides (samples.jsonl)", 560)
+    fig.update_xaxes(range=clock.view())
+    fig.update_xaxes(title_text=clock.axis, row=2, col=1)
+    fig.update_yaxes(title_text="MiB", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="MiB/s", rangemode="tozero", row=2, col=1)
+    fig.update_layout(legend={"orientation": "h", "y": -0.14, "x": 0})
+    if missing:
+        _note(fig, "<br>".join(missing), above=30)
+    return fig
+
+
+def blocktime_figure(report: Report) -> Any:
+    """(d) Per-vCPU blocktime, QEMU's ``postcopy-vcpu-blocktime`` next to the trace's."""
+    series: dict[str, dict[int, float | None]] = {"qemu": {}, "trace": {}}
+    sources: dict[str, str] = {}
+    for key, metric in report.blocktime.items():
+        for kind, pattern in (("qemu", _BLOCKTIME_QEMU), ("trace", _BLOCKTIME_TRACE)):
+            match = pattern.fullmatch(key)
+            if match:
+                value = metric.value
+                series[kind][int(match.group(1))] = None if value is None else float(value)
+                sources[kind] = metric.source
+    vcpus = sorted(set(series["qemu"]) | set(series["trace"])
+                   | {v.vcpu for v in report.guest_stalls})
+    fig = go.Figure()
+    labels = [f"vCPU {v}" for v in vcpus]
+    names = {"qemu": "QEMU postcopy-vcpu-blocktime", "trace": "trace: blocktime begin → placed"}
+    for kind, colour in (("qemu", "#5e35b1"), ("trace", "#00897b")):
+        values = [series[kind].get(v) for v in vcpus]
+        fig.add_trace(go.Bar(
+            x=labels, y=values, name=f"{names[kind]} ({sources.get(kind, 'not reported')})",
+            marker_color=colour, text=["-" if v is None else f"{v:,.1f}" for v in values],
+            textposition="outside", cliponaxis=False,
+            hovertemplate="%{x}: %{y:,.3f} ms<extra>" + names[kind] + "</extra>",
+        ))
+    fig.add_trace(go.Bar(
+        x=[f"vCPU {v.vcpu}" for v in report.guest_stalls],
+        y=[v.total_stalled_ms.value for v in report.guest_stalls],
+        name="guest probe: sum of stalls over threshold (guest clock)", marker_color="#bdbdbd",
+        visible="legendonly",
+        hovertemplate="%{x}: %{y:,.3f} ms<extra>guest probe</extra>",
+    ))
+    total = report.blocktime.get("postcopy-blocktime (all vCPUs)")
+    title = "Post-copy blocktime per vCPU"
+    if total is not None and total.value is not None:
+        title += f" (QEMU, all vCPUs overlapping: {total.value:,} {total.unit})"
+    _layout(fig, title, 360)
+    # A few vCPUs would otherwise get bars as wide as the plot.
+    fig.update_layout(barmode="group", bargap=0.55 if len(vcpus) < 4 else 0.2,
+                      legend={"orientation": "h", "y": -0.2, "x": 0})
+    fig.update_yaxes(title_text="ms", rangemode="tozero")
+    notes = []
+    if not series["qemu"]:
+        notes.append("QEMU reported no per-vCPU blocktime (postcopy-blocktime capability off?)")
+    if not series["trace"]:
+        notes.append("the trace has no blocktime begin events for any vCPU")
+    if notes:
+        _note(fig, "<br>".join(notes))
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Tables
+
+
+class Sources:
+    """Numbers each distinct metric source once; tables cite ``[n]``."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def cite(self, source: str) -> int:
+        """The footnote number of ``source``."""
+        return self.numbers.setdefault(source, len(self.numbers) + 1)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell: text, optionally a cited source (footnote number and its text)."""
+
+    text: str
+    source: int | None = None
+    title: str = ""
+    numeric: bool = False
+
+
+@dataclass
+class Table:
+    """A titled table for the template: column names and rows of cells."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    note: str = ""
+    anchor: str = ""
+
+
+def _value(value: object, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, int | float):
+        return str(value)
+    text = f"{value:,}" if isinstance(value, int) else f"{value:,.3f}".rstrip("0").rstrip(".")
+    if unit == "bytes" and value >= MIB:
+        text += f" ({value / MIB:,.1f} MiB)"
+    return text
+
+
+def _metric_row(name: str, metric: Metric, sources: Sources) -> list[Cell]:
+    return [Cell(name), Cell(_value(metric.value, metric.unit), numeric=True), Cell(metric.unit),
+            Cell("", source=sources.cite(metric.source), title=metric.source)]
+
+
+def headline_tables(report: Report, sources: Sources) -> list[Table]:
+    """Headline metrics, each with its unit and cited source."""
+    columns = ["metric", "value", "unit", "src"]
+    tables = []
+    timings = Table("Timings", columns)
+    for name, metric in report.timings.items():
+        timings.rows.append(_metric_row(name, metric, sources))
+    if report.freeze is not None:
+        timings.rows.append(_metric_row("freeze (src STOP → dst RESUME)", report.freeze.freeze,
+                                        sources))
+        timings.rows.append(_metric_row("QEMU downtime", report.freeze.qemu_downtime, sources))
+    tables.append(timings)
+    transfer = Table("Transfer", columns,
+                     [_metric_row(n, m, sources) for n, m in report.transfer.items()])
+    tables.append(transfer)
+    blocktime = Table("Blocktime", columns,
+                      [_metric_row(n, m, sources) for n, m in report.blocktime.items()])
+    blocktime.rows += [_metric_row(n, m, sources) for n, m in report.qemu_latency.items()]
+    tables.append(blocktime)
+    outside = report.outside_stalls
+    if outside is not None:
+        tables.append(Table("Outside view of the guest (heartbeats)", columns, [
+            [Cell("heartbeats"), Cell(_value(outside.heartbeats), numeric=True), Cell(""),
+             Cell("")],
+            [Cell("lost"), Cell(_value(outside.lost), numeric=True), Cell(""), Cell("")],
+            [Cell("period"), Cell(_value(outside.period_ms), numeric=True), Cell("ms"),
+             Cell("")],
+            _metric_row("max gap", outside.max_gap, sources),
+            _metric_row("p99 gap", outside.p99_gap, sources),
+            [Cell("gaps over period + threshold"), Cell(_value(outside.gaps_over_threshold),
+                                                          numeric=True), Cell(""), Cell("")],
+        ]))
+    if report.integrity:
+        tables.append(Table("Memory integrity (guest verify)", ["field", "value"], [
+            [Cell(str(k)), Cell(json.dumps(v) if isinstance(v, list | dict) else _value(v),
+                                numeric=isinstance(v, int | float))]
+            # "t" is the probe line's type tag, not a finding.
+            for k, v in report.integrity.items() if k != "t"
+        ]))
+    return tables
+
+
+def fetch_table(report: Report, sources: Sources) -> Table:
+    """Per-RAMBlock fetch latency percentiles and page counts."""
+    keys = ("p50", "p90", "p99", "p99.9", "max", "mean")
+    table = Table("Fetch latency per RAMBlock, ms", [
+        "RAMBlock", "page", "faults", "resolved", "unresolved", *keys,
+        "placed (requested / background / zero)", "placed at", "src"], anchor="fetch")
+    for block in report.fetch:
+        any_metric = block.latency_ms.get("max")
+        table.rows.append([
+            Cell(block.ramblock), Cell(_size(block.page_size)),
+            *(Cell(_value(v), numeric=True)
+              for v in (block.faults, block.resolved, block.unresolved)),
+            *(Cell(_value(block.latency_ms[k].value if k in block.latency_ms else None),
+                   numeric=True) for k in keys),
+            Cell(f"{block.pages_placed_requested:,} / {block.pages_placed_background:,} / "
+                 f"{block.zero_pages:,}", numeric=True),
+            Cell("-" if block.placement_granularity is None
+                 else _size(block.placement_granularity)),
+            Cell("") if any_metric is None else Cell("", sources.cite(any_metric.source),
+                                                     any_metric.source),
+        ])
+    if not report.fetch:
+        table.note = "no destination trace in this run"
+    return table
+
+
+def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
+    """Per-vCPU guest stall summary and the worst stalls of both views."""
+    per_vcpu = Table("Guest stalls per vCPU", [
+        "vCPU", "stalls", "max, ms", "p99, ms", "total, ms", "by phase", "src"])
+    for vcpu in report.guest_stalls:
+        per_vcpu.rows.append([
+            Cell(str(vcpu.vcpu)), Cell(_value(vcpu.stalls), numeric=True),
+            Cell(_value(vcpu.max_ms.value), numeric=True),
+            Cell(_value(vcpu.p99_ms.value), numeric=True, title=vcpu.p99_ms.source),
+            Cell(_value(vcpu.total_stalled_ms.value), numeric=True),
+            Cell(", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items())),
+            Cell("", sources.cite(vcpu.max_ms.source), vcpu.max_ms.source),
+        ])
+    worst = Table("Worst stalls by the guest clock", ["t, s", "duration, ms", "vCPU", "phase"],
+                  note="t: host wall clock, placed through the heartbeat before the stall")
+    for stall in report.worst_guest_stalls:
+        worst.rows.append([
+            Cell(_value(round(clock.s(stall.host_ns), 4)) if stall.host_ns else "-",
+                 numeric=True),
+            Cell(_value(stall.duration_ms), numeric=True),
+            Cell("-" if stall.vcpu is None else str(stall.vcpu)), Cell(stall.phase)])
+    outside = Table("Worst heartbeat gaps (outside view)", ["t, s", "duration, ms", "phase"],
+                    note="t: host wall clock at the heartbeat that opened the gap")
+    if report.outside_stalls is not None:
+        for stall in report.outside_stalls.worst:
+            outside.rows.append([
+                Cell(_value(round(clock.s(stall.host_ns), 4)), numeric=True),
+                Cell(_value(stall.duration_ms), numeric=True), Cell(stall.phase)])
+    return [per_vcpu, worst, outside]
+
+
+def comparison_table(report: Report, sources: Sources) -> Table:
+    """Quantities measured by two sources, side by side."""
+    table = Table("Comparisons: one quantity, two sources",
+                  ["quantity", "a", "b", "b - a", "note"], anchor="comparisons")
+    for comp in report.comparisons:
+        table.rows.append([
+            Cell(comp.quantity),
+            Cell(f"{_value(comp.a.value, comp.a.unit)} {comp.a.unit}", sources.cite(comp.a.source),
+                 comp.a.source, numeric=True),
+            Cell(f"{_value(comp.b.value, comp.b.unit)} {comp.b.unit}", sources.cite(comp.b.source),
+                 comp.b.source, numeric=True),
+            Cell(_value(comp.difference), numeric=True), Cell(comp.note)])
+    return table
+
+
+def phase_table(report: Report, clock: Clock) -> Table:
+    """The phases of the run with their times relative to the origin."""
+    table = Table("Phases (host wall clock)", ["phase", "start, s", "end, s", "duration, ms"])
+    for phase in report.phases:
+        table.rows.append([
+            Cell(phase.name), Cell(f"{clock.s(phase.start_ns):.4f}", numeric=True),
+            Cell("-" if phase.end_ns is None else f"{clock.s(phase.end_ns):.4f}", numeric=True),
+            Cell(_value(None if phase.duration_ms is None else round(phase.duration_ms, 3)),
+                 numeric=True)])
+    return table
+
+
+def environment_line(report: Report) -> str:
+    """The run's setup in one line: QEMU, accelerator, backing, size, post-copy options."""
+    env = report.environment
+    switchover = env.get("switchover") or {}
+    policy = switchover.get("policy") if isinstance(switchover, dict) else switchover
+    parts = [
+        f"QEMU {_value(env.get('qemu_version'))}", f"accel {_value(env.get('accel'))}",
+        f"backing {_value(env.get('backing'))}", f"{_value(env.get('memory_mib'))} MiB",
+        f"{_value(env.get('vcpus'))} vCPU", f"post-copy {_value(env.get('postcopy'))}",
+        f"preempt {_value(env.get('preempt'))}", f"switchover {_value(policy)}",
+        f"host kernel {_value(env.get('host_kernel'))}",
+        f"guest kernel {_value(env.get('guest_kernel'))}",
+    ]
+    return " · ".join(parts)
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / S, UTC).isoformat(timespec="milliseconds")
+
+
+def _flatten(prefix: str, value: Any) -> Iterable[tuple[str, str]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), inner)
+    elif isinstance(value, list):
+        if all(not isinstance(v, dict | list) for v in value):
+            yield prefix, ", ".join(str(v) for v in value) if value else "(none)"
+        else:
+            for index, inner in enumerate(value):
+                yield from _flatten(f"{prefix}[{index}]", inner)
+    elif isinstance(value, int) and not isinstance(value, bool) and prefix.endswith("_ns") \
+            and value > 10**17:
+        yield prefix, f"{value} ({_iso(value)})"
+    else:
+        yield prefix, _value(value) if isinstance(value, bool) else \
+            "null" if value is None else str(value)
+
+
+def facts_table(meta: Mapping[str, Any]) -> Table:
+    """Every field of ``run.json`` (host, QEMU, accelerator, plan, outcome), flattened."""
+    return Table("Host and QEMU facts (run.json)", ["field", "value"],
+                 [[Cell(k), Cell(v)] for k, v in _flatten("", meta)], anchor="facts")
+
+
+# ---------------------------------------------------------------------------
+# The page
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure for the template: its div id, caption and serialised figure."""
+
+    div_id: str
+    title: str
+    caption: str
+    figure_json: Markup
+
+
+def _plot(div_id: str, title: str, caption: str, fig: Any) -> Plot:
+    # Plotly.newPlot takes {data, layout, config} as one object.  plotly's encoder escapes
+    # <, > and /, so text from the run directory cannot end the <script> it lands in.
+    figure = {**fig.to_plotly_json(), "config": PLOT_CONFIG}
+    return Plot(div_id, title, caption, Markup(to_json_plotly(figure)))
+
+
+def _environment() -> Environment:
+    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                       keep_trailing_newline=True)
+
+
+def render_run_html(run_path: Path) -> str:
+    """The HTML report of one run directory (see module docstring); writes nothing."""
+    report, report_origin = load_run_report(run_path)
+    meta = json.loads(_read_text(run_path / "run.json"))
+    scenario_text = _read_text(run_path / "scenario.toml")
+    try:
+        scenario = tomllib.loads(scenario_text)
+    except tomllib.TOMLDecodeError as error:
+        raise ArtifactError(f"{run_path / 'scenario.toml'}: {error}") from None
+    # The probe's default threshold when the scenario predates the field (as build_report).
+    threshold_ms = float(scenario.get("workload", {}).get("stall_threshold_us", 2000)) / 1000
+    guest = load_guest(run_path)
+    clock = run_clock(run_path, report, meta, guest)
+    samples = load_samples(run_path, clock)
+
+    plots = [
+        _plot("plot-fetch-cdf", "Fetch latency",
+              "Cumulative distribution of per-page fetch latency per RAMBlock (destination "
+              "QEMU trace, report.fetch[*].histogram; steps are histogram bucket bounds).",
+              fetch_cdf_figure(report)),
+        _plot("plot-stall-timeline", "Guest stalls",
+              "Each marker is one stall of one vCPU by the guest's clock (src/dst "
+              "console.jsonl), placed on the host clock; crosses are gaps between heartbeat "
+              "arrivals (host clock), which also count the time the VM was stopped. Bands are "
+              "the phases of report.phases; the strip along the top marks pre-copy passes.",
+              stall_timeline_figure(report, guest, clock, threshold_ms)),
+        _plot("plot-transfer", "Transfer",
+              "query-migrate sampled on both sides (samples.jsonl), at reply time; throughput "
+              "is the mean between two consecutive samples. QEMU's own ram.mbps is in the "
+              "legend, hidden by default.",
+              transfer_figure(report, samples, clock)),
+        _plot("plot-blocktime", "Blocktime",
+              "Time each vCPU spent blocked on post-copy faults: QEMU's postcopy-vcpu-blocktime "
+              "(destination query-migrate) next to the trace's (report.blocktime). The guest "
+              "probe's stalled time is in the legend, hidden by default.",
+              blocktime_figure(report)),
+    ]
+    sources = Sources()
+    tables_main = headline_tables(report, sources)
+    fetch = fetch_table(report, sources)
+    stalls = stall_tables(report, sources, clock)
+    comparisons = comparison_table(report, sources)
+    template = _environment().get_template("run.html.j2")
+    return template.render(
+        report=report, report_origin=report_origin, plots=plots,
+        plotly_js=Markup(get_plotlyjs()), headline=tables_main, fetch=fetch, stalls=stalls,
+        comparisons=comparisons, phases=phase_table(report, clock),
+        facts=facts_table(meta), scenario_text=scenario_text,
+        sources=sorted(((n, s) for s, n in sources.numbers.items())),
+        t0=f"{_iso(clock.t0_ns)} ({clock.what})", env_line=environment_line(report),
+        migrator_version=str(report.environment.get("migrator_version") or ""),
+    )
+
+
+def write_run_html(run_path: Path) -> Path:
+    """Write ``RUN/report.html`` atomically; returns its path."""
+    target = run_path / "report.html"
+    atomic_write(target, render_run_html(run_path))
+    return target

@@ -1,0 +1,203 @@
+"""The HTML run report, rendered from the recorded run directories."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from migrator.metrics.guest import load_guest
+from migrator.metrics.summary import build_report, write_report
+from migrator.report.html import (
+    MAX_POINTS,
+    _keep_largest,
+    blocktime_figure,
+    fetch_cdf_figure,
+    render_run_html,
+    write_run_html,
+)
+
+RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
+PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime")
+_NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z-]+)", (.*?)\);</script>')
+# Anything that would make the page fetch from elsewhere when opened.
+_EXTERNAL = re.compile(
+    r"<(?:script|link|img|iframe|source|embed|object)\b[^>]*\b(?:src|href|data)\s*=\s*"
+    r"[\"']?\s*(?:https?:)?//|url\(\s*[\"']?(?:https?:)?//|@import",
+    re.IGNORECASE,
+)
+
+
+@pytest.fixture(scope="module")
+def pages() -> dict[str, str]:
+    """Each recorded run rendered once (reading only; nothing is written into tests/data)."""
+    return {run: render_run_html(RUNS / run)
+            for run in ("hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k")}
+
+
+def figures(html: str) -> dict[str, dict[str, Any]]:
+    """The figure objects handed to Plotly.newPlot, by div id."""
+    return {m.group(1): json.loads(m.group(2)) for m in _NEW_PLOT.finditer(html)}
+
+
+def values(array: Any) -> list[float]:
+    """A plotly data array as floats (plotly writes numpy arrays as base64 typed arrays)."""
+    if isinstance(array, dict):
+        decoded = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        return [float(v) for v in decoded]
+    return [float(v) for v in array]
+
+
+@pytest.mark.parametrize("run", ["hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k"])
+def test_page_is_one_self_contained_file_with_four_plots(pages: dict[str, str], run: str) -> None:
+    html = pages[run]
+    assert html.startswith("<!DOCTYPE html>")
+    for div in PLOT_IDS:
+        assert f'<div id="{div}" class="plot plotly-graph-div"></div>' in html
+    assert set(figures(html)) == set(PLOT_IDS)
+    # plotly.js inline, exactly once; no script or stylesheet from anywhere else.
+    assert html.count("* plotly.js v") == 1
+    assert _EXTERNAL.search(html) is None, _EXTERNAL.search(html)
+    assert "<script src" not in html
+    size = len(html.encode())
+    assert size < 5 << 20, f"{size} bytes"
+    # Everything but plotly.js is the run's own content: keep it small too.
+    assert size - html.index("</head>") < 4_900_000
+    plotly_end = html.index("</script>", html.index("* plotly.js v"))
+    assert size - plotly_end < 400_000
+
+
+def test_every_plot_number_comes_from_the_run(pages: dict[str, str]) -> None:
+    run = RUNS / "hugetlb-2m"
+    report = build_report(run)
+    figs = figures(pages["hugetlb-2m"])
+
+    cdf = figs["plot-fetch-cdf"]["data"]
+    assert [t["name"] for t in cdf] == ["ram0 · 2 MiB pages · 15 faults"]
+    fractions = values(cdf[0]["y"])
+    assert fractions[0] == 0
+    assert fractions[-1] == 1.0
+    assert fractions == sorted(fractions)
+    latency_ms = values(cdf[0]["x"])
+    ram0 = report.fetch[0]
+    assert latency_ms[0] == pytest.approx(ram0.histogram["min"] / 1e6)
+    assert latency_ms[-1] == pytest.approx(ram0.latency_ms["max"].value)
+    assert figs["plot-fetch-cdf"]["layout"]["xaxis"]["type"] == "log"
+
+    timeline = figs["plot-stall-timeline"]
+    guest = load_guest(run)
+    stalls = next(t for t in timeline["data"] if t["name"].startswith("vCPU 0"))
+    placed = [s for s in guest.stalls if s.host_start_ns is not None]
+    assert len(values(stalls["y"])) == len(placed)
+    assert max(values(stalls["y"])) == pytest.approx(max(s.gap_ns for s in placed) / 1e6)
+    gaps = next(t for t in timeline["data"] if t["name"].startswith("outside view"))
+    assert report.outside_stalls is not None
+    # The same cut as report.json's count of gaps over period + threshold.
+    assert len(values(gaps["y"])) == report.outside_stalls.gaps_over_threshold
+    assert max(values(gaps["y"])) == pytest.approx(report.outside_stalls.max_gap.value)
+    assert timeline["layout"]["yaxis"]["type"] == "log"
+    shapes = [s for s in timeline["layout"]["shapes"] if s["type"] == "rect"]
+    assert len(shapes) == len(report.phases)
+    freeze = next(s for s in shapes if s["name"] == "freeze")
+    assert (freeze["x1"] - freeze["x0"]) * 1e3 == pytest.approx(15.932, abs=1e-3)
+
+    transfer = figs["plot-transfer"]
+    names = [t["name"] for t in transfer["data"]]
+    assert names[:2] == ["source: ram.remaining", "source: Δ ram.transferred / Δt"]
+    assert not any(n.startswith("destination") for n in names)
+    notes = " ".join(a["text"] for a in transfer["layout"]["annotations"])
+    assert "dst: 10 query-migrate replies, none with ram statistics" in notes
+    remaining = []
+    for line in (run / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["side"] == "src" and "ram" in record["reply"]:
+            remaining.append(record["reply"]["ram"]["remaining"] / (1 << 20))
+    assert values(transfer["data"][0]["y"]) == pytest.approx(remaining)
+
+    bars = {t["name"].split(" (")[0]: values(t["y"]) for t in figs["plot-blocktime"]["data"]}
+    assert bars["QEMU postcopy-vcpu-blocktime"] == [325.0]
+    assert bars["trace: blocktime begin → placed"] == pytest.approx([460.413])
+
+
+def test_tables_carry_units_sources_scenario_and_host_facts(pages: dict[str, str]) -> None:
+    html = pages["hugetlb-1g"]
+    scenario = (RUNS / "hugetlb-1g" / "scenario.toml").read_text()
+    assert 'backing = &#34;hugetlb-1g&#34;' in html
+    assert scenario.splitlines()[0].replace('"', "&#34;") in html
+    for text in ("freeze (src STOP → dst RESUME)", "1,436.122", "QEMU downtime",
+                 "VM stopped during switchover", "qemu.destination.version", "7.2.22",
+                 "Debian 1:7.2+dfsg-7+deb12u18+b3", "controller.kernel", "accel.reason",
+                 "src STOP -&gt; dst RESUME, QMP event timestamps (QEMU, host wall clock)"):
+        assert text in html, text
+    crashed = pages["crashed-memfd-4k"]
+    assert "no fetch latencies" in crashed
+    assert 'class="badge bad">error' in crashed
+    assert "dirty-sync passes" in crashed  # the report's warning
+
+
+def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-2m", run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["scenario"] = "</script><script>alert(1)</script>"
+    (run / "run.json").write_text(json.dumps(meta))
+    html = render_run_html(run)
+    assert "<script>alert(1)" not in html
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)" in html
+
+
+def test_report_json_is_used_when_current_and_rebuilt_when_not(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-2m", run)
+    assert "no report.json: derived again from the raw artifacts" in render_run_html(run)
+    write_report(run, build_report(run))
+    assert "numbers from report.json</div>" in render_run_html(run)
+    stale = json.loads((run / "report.json").read_text())
+    stale["schema_version"] = 0
+    (run / "report.json").write_text(json.dumps(stale))
+    assert "report.json has schema 0, not 1: derived again" in render_run_html(run)
+
+
+def test_write_run_html_writes_report_html_atomically(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-1g", run)
+    before = set(run.iterdir())
+    target = write_run_html(run)
+    assert target == run / "report.html"
+    assert set(run.iterdir()) - before == {target}  # no temporary file left behind
+    assert target.read_text() == render_run_html(run)
+
+
+def test_long_series_keep_their_largest_points() -> None:
+    data = np.arange(MAX_POINTS + 500, dtype=np.float64)[::-1].copy()
+    keep = _keep_largest(data)
+    assert keep.size == MAX_POINTS
+    assert list(keep) == sorted(keep)
+    assert data[keep].min() == 500
+    assert _keep_largest(data[:10]).tolist() == list(range(10))
+
+
+def test_qemu_latency_dist_and_several_vcpus_are_plotted() -> None:
+    report = build_report(RUNS / "hugetlb-2m")
+    counts = [0] * 10 + [3, 5, 0, 2]  # QEMU 11.1: bucket k = [2^k, 2^(k+1)) us
+    blocktime = dict(report.blocktime)
+    blocktime["postcopy-vcpu-blocktime[1]"] = blocktime["postcopy-vcpu-blocktime[0]"]
+    report = report.model_copy(update={
+        "qemu_latency_dist": {"unit": "us", "source": "QEMU", "counts": counts},
+        "blocktime": blocktime,
+    })
+    cdf = fetch_cdf_figure(report)
+    qemu = cdf.data[-1]
+    assert qemu.name.startswith("QEMU postcopy-latency-dist")
+    assert list(qemu.y)[-1] == 1.0
+    assert list(qemu.x)[10] == pytest.approx(2**11 / 1e3)
+    bars = blocktime_figure(report)
+    assert list(bars.data[0].x) == ["vCPU 0", "vCPU 1"]
+    assert list(bars.data[0].y) == [325.0, 325.0]
+    assert list(bars.data[1].y) == pytest.approx([460.413, None])
