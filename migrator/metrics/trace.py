@@ -225,7 +225,11 @@ def _pattern_words(text: bytes) -> list[tuple[np.uint64, np.uint64]]:
 
 
 # Rare lines, decoded with re (after the header).
-_RE_PLACE = re.compile(rb"(postcopy_place_page(?:_zero)?) host=0x([0-9a-f]{1,16})(?:[ ,\r].*)?\Z")
+# host= comes first in stock QEMU; the hugetlb-doublemap RFC prints
+# "postcopy_place_page id=%s offset=0x%zx host=%p", so it may follow other arguments.
+_RE_PLACE = re.compile(
+    rb"(postcopy_place_page(?:_zero)?) (?:\S+ )*?host=0x([0-9a-f]{1,16})(?:[ ,\r].*)?\Z"
+)
 _RE_REQUEST = re.compile(
     rb"postcopy_ram_fault_thread_request Request for HVA=0x([0-9a-f]{1,16}) "
     rb"rb=(\S+) offset=0x([0-9a-f]{1,16}) pid=(\d+)\r?\Z"
