@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from migrator.config.models import Accel, Scenario
 from migrator.errors import HugepageShortfall, MigratorError, PreflightError
+from migrator.hgm import detect_hgm
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import read_pool, reserve_hugepages
 from migrator.migration.plan import plan_migration
@@ -81,6 +82,7 @@ class HostReport(_Model):
     mem_available_mib: int | None
     clock_offset_ms: float | None
     clock_rtt_ms: float | None
+    hgm: dict[str, Any]
     needs: list[Need]
 
     @property
@@ -220,6 +222,7 @@ async def check_host(
     if scenario.vm.accel is Accel.KVM and kvm is not None:
         needs.append(Need(what="a usable KVM", met=bool(kvm_usable), detail=kvm_detail,
                           fix="" if kvm_usable else "set vm.accel = \"tcg\" or \"auto\""))
+    hgm = await detect_hgm(host, qemu)
     offset, rtt = await _clock_offset(host)
     return HostReport(
         roles=roles, host=host.name, kernel=uname.stdout.strip(), kvm_device=kvm_device,
@@ -228,7 +231,8 @@ async def check_host(
         qemu_capabilities=list(qemu.capabilities) if qemu else [],
         hugepage_pools=pools, hugetlbfs_mounts=_mounts(await _text(host, "/proc/mounts") or ""),
         userfaultfd=userfaultfd, mem_available_mib=mem_mib, clock_offset_ms=offset,
-        clock_rtt_ms=rtt, needs=needs,
+        clock_rtt_ms=rtt, hgm={**hgm.to_dict(), "supported": hgm.supported,
+                               "reason": hgm.reason}, needs=needs,
     )
 
 

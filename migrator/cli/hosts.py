@@ -38,11 +38,11 @@ async def _kvm_verdict(host: Host, scenario: Scenario) -> tuple[bool | None, str
 
 async def run_checks(scenario: Scenario) -> PreflightReport:
     """The preflight of both hosts, KVM usability included."""
-    source, destination = scenario_hosts(scenario)
-    kvm = {source.name: await _kvm_verdict(source, scenario)}
-    if destination is not source:
-        kvm[destination.name] = await _kvm_verdict(destination, scenario)
-    return await check_hosts(scenario, source, destination, kvm)
+    async with scenario_hosts(scenario) as (source, destination):
+        kvm = {source.name: await _kvm_verdict(source, scenario)}
+        if destination is not source:
+            kvm[destination.name] = await _kvm_verdict(destination, scenario)
+        return await check_hosts(scenario, source, destination, kvm)
 
 
 def _host_table(host: HostReport) -> Table:
@@ -62,6 +62,8 @@ def _host_table(host: HostReport) -> Table:
     table.add_row("hugetlbfs", ", ".join(f"{m.path} ({m.options})"
                                          for m in host.hugetlbfs_mounts) or "none mounted")
     table.add_row("userfaultfd", "yes" if host.userfaultfd else "no")
+    table.add_row("HGM", "supported" if host.hgm.get("supported") else
+                  f"not supported: {host.hgm.get('reason')}")
     table.add_row("memory available", f"{host.mem_available_mib} MiB")
     table.add_row("clock offset", f"{host.clock_offset_ms} ms (round trip {host.clock_rtt_ms} ms)"
                   if host.clock_offset_ms is not None else "unknown")
