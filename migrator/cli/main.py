@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from migrator.cli.hosts import hosts_app
+from migrator.cli.results import compare, results_app
 from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import MigratorError
 from migrator.rundir import RunDir
@@ -25,6 +26,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 config_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
 app.add_typer(config_app, name="config")
 app.add_typer(hosts_app, name="hosts")
+app.add_typer(results_app, name="results")
+app.command("compare")(compare)
 
 err = Console(stderr=True, log_path=False)
 out = Console()
