@@ -1,60 +1,102 @@
 """One scenario, run end to end: preflight, boot, migrate, verify, tear down, report.
 
 The runner owns the order of things and the guarantee that whatever happens
-(an error, Ctrl-C, a QEMU crash) every QEMU is stopped, every socket and
-hugetlbfs file removed, every hugepage given back, and every raw artifact
-already collected kept.  It does this with one ``AsyncExitStack``: each
-resource is entered right after it exists, so it is released in reverse order
-on any exit.
+(an error, Ctrl-C, a QEMU crash, a lost SSH connection) every QEMU is stopped,
+every socket and hugetlbfs file removed, every hugepage given back, and every
+raw artifact already collected kept.  It does this with one ``AsyncExitStack``:
+each resource is entered right after it exists, so it is released in reverse
+order on any exit.
+
+Where files live.  What the controller records (run.json, timeline, samples,
+QMP events, consoles, argv) is written to the local run directory as it
+happens.  What a QEMU writes itself (stdout/stderr, serial.log, trace.log), its
+sockets and the guest kernel it boots live on the QEMU's host: in the run
+directory for a local host; under ``WORK_DIR/RUN_ID/`` (``src/``, ``dst/``,
+``guest/``) on an SSH host, fetched back into the run directory when the run
+ends and then removed (see :func:`remote_run_dir`, which also covers a
+controller that dies).  QMP and the serial consoles are reached through
+:meth:`Host.forward_unix_socket`; the migration stream goes from host to host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
-import shutil
-import tempfile
+import signal
 import time
-from collections.abc import Callable, Coroutine
-from contextlib import AsyncExitStack
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from migrator import __version__
-from migrator.aio import background, guarded
+from migrator.aio import background, first_error, guarded
 from migrator.config.loader import dump_scenario
-from migrator.config.models import Scenario
-from migrator.errors import GuestError, MigratorError, QemuError
+from migrator.config.models import HostSpec, Scenario, SSHHostSpec
+from migrator.errors import ConfigError, GuestError, HostError, MigratorError, QemuError
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, Side, serial_chardev_args
 from migrator.guest.crash import kernel_crash
 from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
-from migrator.hosts.base import Host
+from migrator.hosts.base import Host, HostProcess
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
+from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import plan_migration
 from migrator.preflight import check_hosts, raise_unmet
-from migrator.qemu.accel import AccelDecision, decide_accel
+from migrator.qemu.accel import AccelDecision, decide_accel, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts, probe_qemu
 from migrator.qemu.process import QemuProcess
-from migrator.rundir import RunDir
+from migrator.rundir import SIDES, RunDir
 
-__all__ = ["CACHE_DIR", "Observer", "run_scenario", "scenario_hosts"]
+__all__ = [
+    "CACHE_DIR",
+    "Observer",
+    "free_tcp_port",
+    "remote_run_dir",
+    "run_scenario",
+    "scenario_hosts",
+    "ssh_target",
+]
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migrator"))
-# sun_path holds 108 bytes; longer socket paths move to a private temp dir.
+# sun_path holds 108 bytes.  Longer socket paths move to a private temp dir on a
+# local host; on an SSH host they are a ConfigError (see _check_layout).
 MAX_SOCKET_PATH = 100
 VERIFY_TIMEOUT_S = 600.0
 # A running guest heartbeats every few ms; this much silence means it is dead or hung.
 HEARTBEAT_SILENCE_S = 30.0
+# What a QEMU writes itself on its host; fetched back from remote hosts after the run.
+QEMU_OUTPUT_FILES = ("stdout.log", "stderr.log", "serial.log", "trace.log")
+
+# The remote run directory's janitor (``sh -c JANITOR migrator-janitor DIR``): idles
+# until SIGTERM, then removes DIR and exits with rm's status.  SSHHost's supervisor
+# sends that SIGTERM when the janitor's channel closes, which is also what happens
+# when the controller dies or its connection drops.  `sleep & wait` rather than a
+# plain `sleep`: a trap runs only after a foreground command ends, but interrupts wait.
+# `exit $?`, not `exit`: in a trap, a bare exit returns the interrupted wait's 143.
+JANITOR = r"""
+trap 'rm -rf -- "$1"; exit $?' TERM
+while :; do sleep 3600 & wait $!; done
+"""
+
+# Binding to the address (port 0) both picks a free port and proves the address is
+# one of the host's own: QEMU would fail later, and less clearly, if it were not.
+_FREE_PORT = (
+    "import socket, sys\n"
+    "family = socket.getaddrinfo(sys.argv[1], 0, type=socket.SOCK_STREAM)[0][0]\n"
+    "with socket.create_server((sys.argv[1], 0), family=family) as server:\n"
+    "    print(server.getsockname()[1])\n"
+)
 
 
 class Observer:
@@ -83,16 +125,112 @@ class _ObservedWriter:
         self._out.close()
 
 
-def scenario_hosts(scenario: Scenario) -> tuple[Host, Host]:
-    """The source and destination hosts of a scenario (one object when both are local)."""
-    # Both sides are "local" until remote hosts exist; one LocalHost serves both.
-    local = LocalHost()
-    return local, local
+def ssh_target(spec: SSHHostSpec) -> SSHTarget:
+    """How to reach a scenario's SSH host entry."""
+    return SSHTarget(
+        address=spec.address, port=spec.port, user=spec.user,
+        identity_file=spec.identity_file.expanduser() if spec.identity_file else None,
+        known_hosts=spec.known_hosts.expanduser() if spec.known_hosts else None,
+        check_host_key=spec.check_host_key, connect_timeout=spec.connect_timeout_s,
+    )
 
 
-def _serial_socket(sockets: Path, side: str) -> Path:
-    """The unix socket of one QEMU's serial line (next to its QMP socket)."""
-    return sockets / f"{side}-serial.sock"
+def _open_host(spec: HostSpec) -> AbstractAsyncContextManager[Host]:
+    if isinstance(spec, SSHHostSpec):
+        return SSHHost(ssh_target(spec))
+    return contextlib.nullcontext(LocalHost())
+
+
+@contextlib.asynccontextmanager
+async def scenario_hosts(scenario: Scenario) -> AsyncIterator[tuple[Host, Host]]:
+    """The source and destination hosts of a scenario, connected for the block.
+
+    Equal entries give one object (one LocalHost, or one SSH connection running
+    both QEMUs).  Leaving the block ends every process started on the hosts and
+    closes their connections.
+    """
+    specs = scenario.hosts
+    async with AsyncExitStack() as stack:
+        opened: dict[HostSpec, Host] = {}
+        for spec in (specs.source, specs.destination):
+            if spec not in opened:
+                opened[spec] = await stack.enter_async_context(_open_host(spec))
+        yield opened[specs.source], opened[specs.destination]
+
+
+def _uri_host(address: str) -> str:
+    """An address as a QEMU URI holds it (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address else address
+
+
+async def free_tcp_port(host: Host, address: str) -> int:
+    """A TCP port on ``address`` that was free on ``host`` a moment ago (for -incoming)."""
+    try:
+        result = await host.run(["python3", "-c", _FREE_PORT, address], timeout=30)
+    except HostError as error:
+        raise HostError(f"{error}; set migration_port in the destination's host entry to "
+                        "choose the port instead") from None
+    result.check(f"finding a free TCP port on {address} on {host.name} (is it an address "
+                 "of that host?)")
+    return int(result.stdout.strip())
+
+
+@contextlib.asynccontextmanager
+async def remote_run_dir(host: Host, root: Path, run: RunDir) -> AsyncIterator[Path]:
+    """``root`` on ``host`` (0700) for one run; on exit fetched back into ``run``, then removed.
+
+    A janitor process (:data:`JANITOR`) started before ``root`` exists removes it:
+    asked to on exit, or by itself when the controller dies or its SSH connection
+    drops, so the directory never outlives the run.  The QEMUs' output files in
+    ``root/src`` and ``root/dst`` are copied into the run directory first.  When
+    the block raises, a failing clean-up is logged rather than raised, so the
+    error that ended the run is the one reported.
+    """
+    janitor = await host.start(["sh", "-c", JANITOR, "migrator-janitor", str(root)],
+                               stdout=Path("/dev/null"), stderr=Path("/dev/null"))
+    completed = False
+    try:
+        await host.make_private_dir(root)
+        yield root
+        completed = True
+    finally:
+        try:
+            try:
+                for side in SIDES:
+                    for name in QEMU_OUTPUT_FILES:
+                        with contextlib.suppress(FileNotFoundError):
+                            await host.get(root / side / name, run.side(side) / name)
+            finally:
+                await _end_janitor(host, root, janitor)
+        except MigratorError as error:
+            if completed:
+                raise
+            log.warning("%s: cleaning up %s after a failed run: %s", host.name, root, error)
+
+
+async def _end_janitor(host: Host, root: Path, janitor: HostProcess) -> None:
+    """Have the janitor remove ``root`` now; :class:`HostError` if that failed."""
+    await janitor.send_signal(signal.SIGTERM)
+    status = await janitor.wait()
+    if status != 0:
+        raise HostError(f"removing {root} on {host.name} failed", status=status)
+
+
+def _check_layout(scenario: Scenario, run: RunDir) -> None:
+    """Topology problems found before connecting to anything (:class:`ConfigError`)."""
+    for role, spec in (("source", scenario.hosts.source),
+                       ("destination", scenario.hosts.destination)):
+        if isinstance(spec, SSHHostSpec):
+            longest = spec.work_dir / run.run_id / "src" / "serial.sock"
+            if len(str(longest)) > MAX_SOCKET_PATH:
+                raise ConfigError(
+                    f"socket paths such as {longest} exceed {MAX_SOCKET_PATH} bytes (the unix "
+                    "socket limit); use a shorter work_dir or scenario name",
+                    field=f"hosts.{role}.work_dir")
+    if (scenario.migration.transport == "unix"
+            and scenario.hosts.source != scenario.hosts.destination):
+        raise ConfigError("the unix transport needs source and destination on one host; use "
+                          "tcp", field="migration.transport")
 
 
 def _pages_needed(scenario: Scenario) -> tuple[int, int]:
@@ -100,6 +238,26 @@ def _pages_needed(scenario: Scenario) -> tuple[int, int]:
     backing = scenario.vm.backing
     page = backing.page_size
     return page // 1024, scenario.vm.memory_mib * (1 << 20) // page
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where one side's QEMU runs: its host, its files' directory there, the guest it boots."""
+
+    host: Host
+    host_dir: Path
+    sockets: Path
+    guest: GuestArtifacts
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QMP's unix socket on the host."""
+        return self.sockets / "qmp.sock"
+
+    @property
+    def serial_socket(self) -> Path:
+        """The serial line's unix socket on the host."""
+        return self.sockets / "serial.sock"
 
 
 class _Run:
@@ -128,8 +286,9 @@ class _Run:
         self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
         self.observer.phase(what, ", ".join(f"{k}={v}" for k, v in details.items()))
 
-    async def preflight(self, source: Host, destination: Host) -> tuple[QemuFacts, QemuFacts]:
+    async def preflight(self, hosts: dict[Side, Host]) -> dict[Side, QemuFacts]:
         """The hosts preflight (as ``migrator hosts check``), then the QEMU facts to launch."""
+        source, destination = hosts["src"], hosts["dst"]
         report = await check_hosts(self.scenario, source, destination)
         self.run.write_json("preflight.json", report.model_dump(mode="json"))
         raise_unmet(report)
@@ -139,23 +298,68 @@ class _Run:
         self.meta["qemu"] = {"source": asdict(src_facts), "destination": asdict(dst_facts)}
         self.meta["plan"] = asdict(plan_migration(self.scenario))
         self.save_meta()
-        return src_facts, dst_facts
+        return {"src": src_facts, "dst": dst_facts}
 
-    def socket_dir(self, stack: AsyncExitStack) -> Path:
-        if len(str(self.run.side("src") / "serial.sock")) <= MAX_SOCKET_PATH:
-            return self.run.path
-        private = Path(tempfile.mkdtemp(prefix="migrator-"))
-        stack.callback(shutil.rmtree, private, True)
-        self.meta["socket_dir"] = str(private)
-        return private
+    async def choose_accel(
+        self, hosts: dict[Side, Host], facts: dict[Side, QemuFacts], guest: GuestArtifacts
+    ) -> AccelDecision:
+        """One accelerator for both QEMUs: KVM only if it really runs a guest on every host."""
+        # Probed concurrently: a KVM that does not work costs each probe its whole timeout.
+        distinct = {hosts[side]: facts[side] for side in ("src", "dst")}
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(decide_accel(host, self.scenario.vm.accel, qemu,
+                                                        guest, CACHE_DIR / "accel.json"))
+                         for host, qemu in distinct.items()]
+        except BaseExceptionGroup as error:
+            raise first_error(error) from None
+        decisions = [task.result() for task in tasks]
+        chosen = next((d for d in decisions if d.accel != "kvm"), decisions[0])
+        self.meta["accel"] = asdict(chosen)
+        if len(decisions) > 1:
+            self.meta["accel_by_host"] = {host.name: asdict(decision)
+                                          for host, decision in zip(distinct, decisions,
+                                                                    strict=True)}
+        self.save_meta()
+        self.mark("accel", accel=chosen.accel, method=chosen.method)
+        return chosen
+
+    async def place(
+        self, stack: AsyncExitStack, hosts: dict[Side, Host], guest: GuestArtifacts
+    ) -> dict[Side, _Place]:
+        """Each side's directory on its host; an SSH host also gets the run's guest."""
+        places: dict[Side, _Place] = {}
+        staged: dict[Host, GuestArtifacts] = {}
+        sides: tuple[tuple[Side, HostSpec], ...] = (
+            ("src", self.scenario.hosts.source), ("dst", self.scenario.hosts.destination))
+        for side, spec in sides:
+            host = hosts[side]
+            if isinstance(spec, SSHHostSpec):
+                root = spec.work_dir / self.run.run_id
+                if host not in staged:
+                    await stack.enter_async_context(remote_run_dir(host, root, self.run))
+                    staged[host] = await stage_guest(host, guest, root / "guest")
+                directory = root / side
+                await host.make_private_dir(directory)
+                places[side] = _Place(host, directory, directory, staged[host])
+            else:
+                directory = self.run.side(side)
+                sockets = directory
+                if len(str(directory / "serial.sock")) > MAX_SOCKET_PATH:
+                    sockets = await stack.enter_async_context(host.temp_dir())
+                places[side] = _Place(host, directory, sockets, guest)
+        self.meta["host_dirs"] = {side: {"host": place.host.name, "dir": str(place.host_dir),
+                                         "sockets": str(place.sockets)}
+                                  for side, place in places.items()}
+        self.save_meta()
+        return places
 
     def launch_spec(
-        self, side: str, facts: QemuFacts, accel: AccelDecision, guest: GuestArtifacts,
-        mem_path: Path | None, sockets: Path,
+        self, side: Side, place: _Place, facts: QemuFacts, accel: AccelDecision,
+        mem_path: Path | None,
     ) -> LaunchSpec:
         scenario = self.scenario
         workload = scenario.workload
-        side_dir = self.run.side(side)
         append = kernel_cmdline(
             working_set_mib=workload.working_set_mib, write_pct=workload.write_pct,
             pattern=workload.pattern.value, stall_threshold_us=workload.stall_threshold_us,
@@ -164,60 +368,63 @@ class _Run:
         return LaunchSpec(
             binary=facts.binary, name=side, memory_mib=scenario.vm.memory_mib,
             vcpus=scenario.vm.vcpus, backing=scenario.vm.backing, accel=accel.accel,
-            machine=scenario.vm.machine, kernel=guest.kernel, initrd=guest.initrd,
-            append=append, qmp_socket=sockets / f"{side}-qmp.sock",
-            serial_args=tuple(serial_chardev_args(_serial_socket(sockets, side),
-                                                  side_dir / "serial.log")),
+            machine=scenario.vm.machine, kernel=place.guest.kernel, initrd=place.guest.initrd,
+            append=append, qmp_socket=place.qmp_socket,
+            serial_args=tuple(serial_chardev_args(place.serial_socket,
+                                                  place.host_dir / "serial.log")),
             mem_path=mem_path, incoming=side == "dst",
-            trace_file=side_dir / "trace.log" if side == "dst" and scenario.collect.trace
+            trace_file=place.host_dir / "trace.log" if side == "dst" and scenario.collect.trace
             else None,
         )
 
     async def execute(self) -> None:
         """All stages in order; every resource joins the exit stack the moment it exists."""
         scenario = self.scenario
-        source, destination = scenario_hosts(scenario)
+        _check_layout(scenario, self.run)
         self.mark("preflight")
-        src_facts, dst_facts = await self.preflight(source, destination)
-        async with AsyncExitStack() as stack:
-            # Memory first: a hugepage shortfall must stop the run before anything boots.
-            mem_paths = await self.reserve_memory(stack, source, destination)
-            self.mark("guest-build")
-            guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
-            self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
-            accel = await decide_accel(source, scenario.vm.accel, src_facts, guest,
-                                       CACHE_DIR / "accel.json")
-            self.meta["accel"] = asdict(accel)
-            self.save_meta()
-            self.mark("accel", accel=accel.accel, method=accel.method)
+        async with scenario_hosts(scenario) as (source, destination):
+            hosts: dict[Side, Host] = {"src": source, "dst": destination}
+            facts = await self.preflight(hosts)
+            async with AsyncExitStack() as stack:
+                # Memory first: a hugepage shortfall must stop the run before anything boots.
+                mem_paths = await self.reserve_memory(stack, source, destination)
+                self.mark("guest-build")
+                guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
+                self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
+                accel = await self.choose_accel(hosts, facts, guest)
+                places = await self.place(stack, hosts, guest)
 
-            sockets = self.socket_dir(stack)
-            src, src_console = await self.start_vm(
-                stack, "src", source,
-                self.launch_spec("src", src_facts, accel, guest, mem_paths["src"], sockets))
-            self.mark("source-started", pid=src.pid)
-            dst, dst_console = await self.start_vm(
-                stack, "dst", destination,
-                self.launch_spec("dst", dst_facts, accel, guest, mem_paths["dst"], sockets))
-            self.mark("destination-started", pid=dst.pid)
-            (self.run.side("dst") / "ramblocks.txt").write_text(
-                await dst.monitor.hmp("info ramblock"))
+                src, src_console = await self.start_vm(
+                    stack, "src", places["src"],
+                    self.launch_spec("src", places["src"], facts["src"], accel,
+                                     mem_paths["src"]))
+                self.mark("source-started", pid=src.pid)
+                dst, dst_console = await self.start_vm(
+                    stack, "dst", places["dst"],
+                    self.launch_spec("dst", places["dst"], facts["dst"], accel,
+                                     mem_paths["dst"]))
+                self.mark("destination-started", pid=dst.pid)
+                (self.run.side("dst") / "ramblocks.txt").write_text(
+                    await dst.monitor.hmp("info ramblock"))
 
-            await self.boot_and_warm_up(src, dst, src_console)
-            await self.migrate(stack, src, dst, destination, sockets)
-            await self.settle_and_verify(dst, dst_console)
-            self.mark("shutdown")
-        self.mark("cleaned-up")
+                await self.boot_and_warm_up(src, dst, src_console)
+                await self.migrate(stack, src, dst, places["dst"])
+                await self.settle_and_verify(dst, dst_console)
+                self.mark("shutdown")
+            self.mark("cleaned-up")
 
     async def start_vm(
-        self, stack: AsyncExitStack, side: Side, host: Host, spec: LaunchSpec
+        self, stack: AsyncExitStack, side: Side, place: _Place, spec: LaunchSpec
     ) -> tuple[QemuProcess, GuestConsole]:
         """One QEMU and the console on its serial line, both owned by ``stack``."""
+        host = place.host
+        # QEMU removes its listening sockets when it exits, but not when it is killed.
+        stack.push_async_callback(host.remove_tree, place.serial_socket)
         qemu = await stack.enter_async_context(
-            QemuProcess.from_spec(host, spec, self.run.side(side)))
-        console = await stack.enter_async_context(GuestConsole(
-            _serial_socket(spec.qmp_socket.parent, side),
-            self.run.side(side) / "console.jsonl", side=side))
+            QemuProcess.from_spec(host, spec, self.run.side(side), host_dir=place.host_dir))
+        serial = await stack.enter_async_context(host.forward_unix_socket(place.serial_socket))
+        console = await stack.enter_async_context(
+            GuestConsole(serial, self.run.side(side) / "console.jsonl", side=side))
         return qemu, console
 
     async def reserve_memory(
@@ -267,14 +474,13 @@ class _Run:
                       [src.fail_if_exits(), dst.fail_if_exits()])
 
     async def migrate(
-        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: Host,
-        sockets: Path,
+        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: _Place
     ) -> None:
         """Drive the migration with both samplers running beside it."""
         scenario = self.scenario
         driver = MigrationDriver(src.monitor, dst.monitor, plan_migration(scenario),
                                  scenario.migration, self.timeline)
-        uri = self._incoming_uri(destination, sockets)
+        uri = await self._incoming_uri(stack, destination)
         await driver.prepare(uri)
         samples = _ObservedWriter(self.run, self.observer)
         stack.callback(samples.close)
@@ -313,13 +519,19 @@ class _Run:
                 f"during the run); first bad pages {list(verify.first_bad)}"
             )
 
-    def _incoming_uri(self, destination: Host, sockets: Path) -> str:
+    async def _incoming_uri(self, stack: AsyncExitStack, destination: _Place) -> str:
         """Where the destination listens (and so where the source connects)."""
         if self.scenario.migration.transport == "unix":
-            return f"unix:{sockets / 'migration.sock'}"
-        assert isinstance(destination, LocalHost)
-        return f"tcp:127.0.0.1:{destination.free_tcp_port()}"
-
+            socket = destination.sockets / "migration.sock"
+            stack.push_async_callback(destination.host.remove_tree, socket)
+            return f"unix:{socket}"
+        spec = self.scenario.hosts.destination
+        if isinstance(spec, SSHHostSpec):
+            address, port = spec.stream_address, spec.migration_port
+        else:
+            address, port = "127.0.0.1", None
+        port = port or await free_tcp_port(destination.host, address)
+        return f"tcp:{_uri_host(address)}:{port}"
 
 
 async def _heartbeats_continue(console: GuestConsole) -> None:

@@ -22,10 +22,12 @@ __all__ = [
     "CollectSpec",
     "GuestSpec",
     "HostSpec",
+    "HostsSpec",
     "Immediately",
     "LocalHostSpec",
     "MigrationSpec",
     "Pattern",
+    "SSHHostSpec",
     "Scenario",
     "SwitchoverPolicy",
     "VmSpec",
@@ -82,14 +84,82 @@ class LocalHostSpec(_Model):
     kind: Literal["local"] = "local"
 
 
-HostSpec = Annotated[LocalHostSpec, Field(discriminator="kind")]
+# A host or IP address as QEMU's URI and SSH both take it: no spaces, brackets or
+# commas (QEMU option syntax), not empty.
+_ADDRESS = r"^[A-Za-z0-9_.:%-]+$"
+
+
+class SSHHostSpec(_Model):
+    """A machine reached over SSH; its QEMU-side files live under ``work_dir`` there."""
+
+    kind: Literal["ssh"]
+    address: str = Field(pattern=_ADDRESS, description="host name or IP address to SSH to")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("root", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    identity_file: Path | None = Field(
+        None, description="private key; unset: the SSH agent and ~/.ssh/id_*"
+    )
+    known_hosts: Path | None = Field(
+        None, description="trusted host keys; unset: ~/.ssh/known_hosts"
+    )
+    check_host_key: bool = Field(
+        True, description="false trusts ANY host key: anyone on the path can impersonate "
+                          "the host (a warning is logged on every connection)"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, le=300)
+    migration_address: str | None = Field(
+        None, pattern=_ADDRESS,
+        description="address the destination QEMU listens on for the migration stream (the "
+                    "source connects to it); unset: address",
+    )
+    migration_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="TCP port of the migration stream on a destination; unset: a port free "
+                    "at the time, picked on the host (with python3 there)",
+    )
+    work_dir: Path = Field(
+        Path("/var/tmp/migrator"),
+        description="directory on the host for a run's QEMU-side files (WORK_DIR/RUN_ID, "
+                    "removed after the run)",
+    )
+
+    @model_validator(mode="after")
+    def _absolute_work_dir(self) -> SSHHostSpec:
+        # The run's directory under it is removed with rm -rf: never relative to a
+        # login directory, never the root.
+        if not self.work_dir.is_absolute() or self.work_dir == Path("/"):
+            raise ValueError(f"work_dir={str(self.work_dir)!r} must be an absolute path "
+                             "other than /")
+        return self
+
+    @property
+    def stream_address(self) -> str:
+        """Where the destination QEMU listens for the migration stream."""
+        return self.migration_address or self.address
+
+
+HostSpec = Annotated[LocalHostSpec | SSHHostSpec, Field(discriminator="kind")]
 
 
 class HostsSpec(_Model):
-    """Where the source and destination QEMU run."""
+    """Where the source and destination QEMU run.
+
+    Two equal entries are one host running both QEMUs (one SSH connection).
+    """
 
     source: HostSpec = Field(default_factory=LocalHostSpec)
     destination: HostSpec = Field(default_factory=LocalHostSpec)
+
+    @model_validator(mode="after")
+    def _destination_reachable(self) -> HostsSpec:
+        # A local destination listens on loopback; a QEMU on another machine cannot reach it.
+        if isinstance(self.source, SSHHostSpec) and isinstance(self.destination, LocalHostSpec):
+            raise ValueError(
+                "a local destination with an ssh source is not supported: the destination "
+                "listens on 127.0.0.1, which the source host cannot reach; make the "
+                "destination an ssh host too"
+            )
+        return self
 
 
 class VmSpec(_Model):

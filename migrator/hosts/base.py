@@ -10,8 +10,9 @@ where a QEMU lives.
 from __future__ import annotations
 
 import abc
+import contextlib
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,11 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, remote: Path, local: Path) -> None:
-        """Copy a file from the host to the controller."""
+        """Copy a file from the host to the controller (FileNotFoundError if it is absent)."""
+
+    @abc.abstractmethod
+    async def put(self, local: Path, remote: Path) -> None:
+        """Copy a file from the controller to the host, replacing ``remote``."""
 
     @abc.abstractmethod
     def forward_unix_socket(self, path: Path) -> AbstractAsyncContextManager[Path]:
@@ -121,3 +126,15 @@ class Host(abc.ABC):
     async def read_text(self, path: Path) -> str:
         """Read a whole file as UTF-8 text."""
         return (await self.read_file(path)).decode("utf-8", errors="replace")
+
+    @contextlib.asynccontextmanager
+    async def temp_dir(self, prefix: str = "migrator-") -> AsyncIterator[Path]:
+        """A new private (0700) directory on the host, removed with its content on exit."""
+        # mktemp(1) picks an unused name and creates it 0700 in one step, on any host.
+        made = (await self.run(["mktemp", "-d", "-t", f"{prefix}XXXXXXXX"])).check(
+            f"creating a temporary directory on {self.name}")
+        path = Path(made.stdout.strip())
+        try:
+            yield path
+        finally:
+            await self.remove_tree(path)

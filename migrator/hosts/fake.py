@@ -82,6 +82,10 @@ class FakeHost(Host):
         data = await self.read_file(remote)
         await asyncio.to_thread(local.write_bytes, data)
 
+    async def put(self, local: Path, remote: Path) -> None:
+        self.calls.append(("put", str(local), str(remote)))
+        self.files[remote] = await asyncio.to_thread(local.read_bytes)
+
     @contextlib.asynccontextmanager
     async def forward_unix_socket(self, path: Path) -> AsyncIterator[Path]:
         yield path

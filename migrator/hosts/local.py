@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -131,19 +130,18 @@ class LocalHost(Host):
         await asyncio.to_thread(remove)
 
     async def get(self, remote: Path, local: Path) -> None:
-        def copy() -> None:
-            if remote.resolve() != local.resolve():
-                shutil.copyfile(remote, local)
+        await asyncio.to_thread(_copy, remote, local)
 
-        await asyncio.to_thread(copy)
+    async def put(self, local: Path, remote: Path) -> None:
+        await asyncio.to_thread(_copy, local, remote)
 
     @contextlib.asynccontextmanager
     async def forward_unix_socket(self, path: Path) -> AsyncIterator[Path]:
         yield path
 
-    def free_tcp_port(self) -> int:
-        """A loopback TCP port that was free a moment ago (for -incoming)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-            return port
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy a file's content; copying a file onto itself is a no-op, not an error."""
+    if target.exists() and os.path.samefile(source, target):
+        return
+    shutil.copyfile(source, target)

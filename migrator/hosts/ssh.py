@@ -580,6 +580,11 @@ class SSHHost(Host):
         with self._translate(f"copying {remote}"):
             await sftp.get(str(remote), str(local))
 
+    async def put(self, local: Path, remote: Path) -> None:
+        sftp = await self._sftp_client()
+        with self._translate(f"copying {local} to {remote}"):
+            await sftp.put(str(local), str(remote))
+
     @contextlib.asynccontextmanager
     async def forward_unix_socket(self, path: Path) -> AsyncIterator[Path]:
         """Forward a local socket in a fresh 0700 directory to ``path`` on the host."""

@@ -6,16 +6,22 @@ therefore boots the microguest in its ``boot`` mode under KVM and takes KVM only
 if the guest's boot line arrives in time; otherwise TCG.  The verdict is cached
 per (host, QEMU binary and version, kernel release), because the probe of a
 KVM that hangs costs its whole timeout.
+
+The probe guest runs on the host being decided for, from a private temporary
+directory there that holds its kernel, initramfs, sockets and logs, and is
+removed afterwards; what the controller records (argv, console) stays in a
+local temporary directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ from migrator.hosts.base import Host
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 
-__all__ = ["AccelDecision", "decide_accel"]
+__all__ = ["AccelDecision", "decide_accel", "stage_guest"]
 
 log = logging.getLogger(__name__)
 
@@ -45,38 +51,58 @@ class AccelDecision:
     probe_seconds: float | None = None
 
 
+async def stage_guest(host: Host, guest: GuestArtifacts, directory: Path) -> GuestArtifacts:
+    """Copy the guest's kernel and initramfs into ``directory`` (made 0700) on ``host``.
+
+    Returns the same guest with its paths on ``host``, for QEMU's ``-kernel``/``-initrd``.
+    """
+    await host.make_private_dir(directory)
+    staged = replace(guest, kernel=directory / guest.kernel.name,
+                     initrd=directory / guest.initrd.name)
+    await host.put(guest.kernel, staged.kernel)
+    await host.put(guest.initrd, staged.initrd)
+    return staged
+
+
+def _probe_argv(binary: str, guest: GuestArtifacts, host_dir: Path) -> list[str]:
+    """The probe QEMU: the microguest in ``boot`` mode under KVM, files in ``host_dir``."""
+    return [
+        binary, "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", kernel_cmdline(working_set_mib=16, write_pct=0, pattern="sequential",
+                                  stall_threshold_us=1000, heartbeat_ms=100, mode="boot"),
+        *serial_chardev_args(host_dir / "serial.sock", host_dir / "serial.log"),
+        "-qmp", f"unix:{host_dir / 'qmp.sock'},server=on,wait=off",
+    ]
+
+
 async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tuple[bool, str]:
     if not await host.exists(Path("/dev/kvm")):
         return False, "/dev/kvm does not exist"
     with tempfile.TemporaryDirectory(prefix="migrator-accel-") as scratch:
         workdir = Path(scratch)
-        qmp = workdir / "qmp.sock"
-        serial = workdir / "serial.sock"
-        argv = [
-            facts.binary, "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-            "-append", kernel_cmdline(working_set_mib=16, write_pct=0, pattern="sequential",
-                                      stall_threshold_us=1000, heartbeat_ms=100, mode="boot"),
-            *serial_chardev_args(serial, workdir / "serial.log"),
-            "-qmp", f"unix:{qmp},server=on,wait=off",
-        ]
-        try:
-            async with (
-                QemuProcess(host, "kvm-probe", argv, qmp, workdir, start_timeout=10) as qemu,
-                GuestConsole(serial, workdir / "console.jsonl", side="src") as console,
-            ):
-                try:
-                    await console.wait_for("boot", timeout=KVM_BOOT_TIMEOUT_S)
-                except GuestError:
-                    return False, (
-                        f"a guest under KVM printed nothing in {KVM_BOOT_TIMEOUT_S:g} s "
-                        "(KVM present but not usable)"
-                    )
-                del qemu
-                return True, "a guest booted under KVM"
-        except MigratorError as error:
-            return False, f"KVM guest did not start: {error}"
+        async with host.temp_dir("migrator-accel-") as host_dir:
+            staged = await stage_guest(host, guest, host_dir)
+            argv = _probe_argv(facts.binary, staged, host_dir)
+            try:
+                async with (
+                    QemuProcess(host, "kvm-probe", argv, host_dir / "qmp.sock", workdir,
+                                host_dir=host_dir, start_timeout=10) as qemu,
+                    host.forward_unix_socket(host_dir / "serial.sock") as serial,
+                    GuestConsole(serial, workdir / "console.jsonl", side="src") as console,
+                ):
+                    try:
+                        await console.wait_for("boot", timeout=KVM_BOOT_TIMEOUT_S)
+                    except GuestError:
+                        return False, (
+                            f"a guest under KVM printed nothing in {KVM_BOOT_TIMEOUT_S:g} s "
+                            "(KVM present but not usable)"
+                        )
+                    del qemu
+                    return True, "a guest booted under KVM"
+            except MigratorError as error:
+                return False, f"KVM guest did not start: {error}"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -87,9 +113,18 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return cache
 
 
-def _write_cache(path: Path, cache: dict[str, Any]) -> None:
+def _store(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one verdict to the cache file.
+
+    Read, merged and written under a lock: two hosts probed at once finish their
+    probes at the same moment (both time out), and neither verdict may be lost.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cache, indent=1) + "\n")
+    with path.with_name(path.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = _read_cache(path)
+        cache[key] = entry
+        path.write_text(json.dumps(cache, indent=1) + "\n")
 
 
 def _cache_key(host: Host, facts: QemuFacts, kernel_release: str) -> str:
@@ -114,6 +149,6 @@ async def decide_accel(
     decision = AccelDecision("auto", "kvm" if usable else "tcg", "probe", reason,
                              round(time.monotonic() - began, 2))
     log.info("accelerator: %s (%s)", decision.accel, reason)
-    cache[key] = {**asdict(decision), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    await asyncio.to_thread(_write_cache, cache_file, cache)
+    entry = {**asdict(decision), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    await asyncio.to_thread(_store, cache_file, key, entry)
     return decision

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +50,20 @@ async def resolve_binary(host: Host, binary: str) -> str:
 async def probe_qemu(host: Host, binary: str) -> QemuFacts:
     """Start ``binary -machine none`` and ask it for its version and capabilities."""
     path = await resolve_binary(host, binary)
-    workdir = Path(tempfile.mkdtemp(prefix="migrator-probe-"))
-    try:
-        socket = workdir / "qmp.sock"
-        argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
-                "-qmp", f"unix:{socket},server=on,wait=off"]
-        async with QemuProcess(host, "probe", argv, socket, workdir, start_timeout=15) as qemu:
-            reply = await qemu.monitor.execute("query-version")
-            capabilities = await qemu.monitor.migrate_capabilities()
-        q = reply["qemu"]
-        return QemuFacts(
-            binary=path,
-            version=f"{q['major']}.{q['minor']}.{q['micro']}",
-            package=str(reply.get("package", "")).strip(),
-            capabilities=tuple(sorted(capabilities)),
-        )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    # QEMU's socket and logs on its own host; the monitor's event log here.
+    with tempfile.TemporaryDirectory(prefix="migrator-probe-") as local:
+        async with host.temp_dir("migrator-probe-") as host_dir:
+            socket = host_dir / "qmp.sock"
+            argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display",
+                    "none", "-qmp", f"unix:{socket},server=on,wait=off"]
+            async with QemuProcess(host, "probe", argv, socket, Path(local), host_dir=host_dir,
+                                   start_timeout=15) as qemu:
+                reply = await qemu.monitor.execute("query-version")
+                capabilities = await qemu.monitor.migrate_capabilities()
+    q = reply["qemu"]
+    return QemuFacts(
+        binary=path,
+        version=f"{q['major']}.{q['minor']}.{q['micro']}",
+        package=str(reply.get("package", "")).strip(),
+        capabilities=tuple(sorted(capabilities)),
+    )

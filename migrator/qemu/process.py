@@ -3,6 +3,12 @@
 The contract follows qemu.machine: start-up failures carry the command line
 and QEMU's stderr; shutdown escalates ``quit`` -> SIGTERM -> SIGKILL with a
 deadline at each step and runs from ``__aexit__`` whatever happened inside.
+
+A QEMU's files live in two places: what the controller records (argv, the
+copy-pasteable command line, QMP events) in a local ``workdir``, and what QEMU
+itself writes (stdout, stderr) in ``host_dir`` on the QEMU's host.  QMP is
+reached through :meth:`Host.forward_unix_socket`, so a QEMU on a remote host is
+driven through its unix socket over SSH, never over TCP.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import signal
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
@@ -28,36 +35,44 @@ log = logging.getLogger(__name__)
 
 
 class QemuProcess:
-    """A QEMU on ``host`` whose files (argv, logs, events) live in ``workdir``."""
+    """A QEMU on ``host``: controller-side files in ``workdir``, QEMU's own in ``host_dir``.
+
+    ``qmp_socket`` is a path on ``host``; ``host_dir`` defaults to ``workdir``
+    (right for a host that shares the controller's filesystem).
+    """
 
     def __init__(
         self, host: Host, name: str, argv: list[str], qmp_socket: Path, workdir: Path, *,
-        start_timeout: float = 30.0,
+        host_dir: Path | None = None, start_timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.name = name
         self.argv = argv
         self.qmp_socket = qmp_socket
         self.workdir = workdir
+        self.host_dir = host_dir or workdir
         self.start_timeout = start_timeout
         self.monitor = Monitor(name, workdir / "events.jsonl")
         self.log = logging.getLogger(f"{__name__}.{name}")
         self._process: HostProcess | None = None
+        # The QMP socket's forwarding, held open for as long as the monitor talks through it.
+        self._forwarding = AsyncExitStack()
         self.started_ns = 0
         self.exited_ns: int | None = None
 
     @classmethod
     def from_spec(
-        cls, host: Host, spec: LaunchSpec, workdir: Path, *, start_timeout: float = 30.0
+        cls, host: Host, spec: LaunchSpec, workdir: Path, *, host_dir: Path | None = None,
+        start_timeout: float = 30.0,
     ) -> QemuProcess:
         """A QEMU launched from a VM :class:`LaunchSpec`."""
         return cls(host, spec.name, qemu_argv(spec), spec.qmp_socket, workdir,
-                   start_timeout=start_timeout)
+                   host_dir=host_dir, start_timeout=start_timeout)
 
     @property
     def stderr_path(self) -> Path:
-        """QEMU's stderr, a raw artifact."""
-        return self.workdir / "stderr.log"
+        """QEMU's stderr on its host, a raw artifact."""
+        return self.host_dir / "stderr.log"
 
     @property
     def pid(self) -> int | None:
@@ -83,7 +98,7 @@ class QemuProcess:
         self.log.info("starting: %s", shell_line(self.argv))
         self.started_ns = time.time_ns()
         self._process = await self.host.start(
-            self.argv, stdout=self.workdir / "stdout.log", stderr=self.stderr_path
+            self.argv, stdout=self.host_dir / "stdout.log", stderr=self.stderr_path
         )
         try:
             async with asyncio.timeout(self.start_timeout):
@@ -96,20 +111,25 @@ class QemuProcess:
 
     async def _connect_when_listening(self) -> None:
         assert self._process is not None
-        socket_path = self.qmp_socket
+        local_socket: Path | None = None
         while True:
             if self._process.returncode is not None:
                 raise QemuLaunchError(
                     "exited during start-up", name=self.name, argv=self.argv,
                     status=self._process.returncode, stderr=await self.stderr_text(),
                 )
-            if await self.host.exists(socket_path):
+            if await self.host.exists(self.qmp_socket):
+                if local_socket is None:
+                    local_socket = await self._forwarding.enter_async_context(
+                        self.host.forward_unix_socket(self.qmp_socket))
                 try:
-                    await self.monitor.connect(socket_path)
+                    await self.monitor.connect(local_socket)
                     return
                 except ConnectError:
-                    # The socket exists a moment before QEMU listens on it.
-                    pass
+                    # The socket exists a moment before QEMU listens on it.  The failed
+                    # attempt left the monitor half set up (its event listener stays
+                    # registered); reset it so the next attempt starts clean.
+                    await self.monitor.close()
             await asyncio.sleep(0.02)
 
     async def wait_exit(self) -> int:
@@ -147,6 +167,7 @@ class QemuProcess:
                 await process.wait()
         finally:
             await self.monitor.close()
+            await self._forwarding.aclose()
             await self.host.remove_tree(self.qmp_socket)
         self.exited_ns = self.exited_ns or time.time_ns()
         self.log.info("exited with status %s", process.returncode)

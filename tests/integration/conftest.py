@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from migrator.config import Scenario, parse_scenario
+from tests.integration.sshhosts import SSHTestbed, make_testbed
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,3 +51,10 @@ def scenario(name: str, **sections: dict[str, object]) -> Scenario:
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run directories of the whole session (kept by pytest for inspection)."""
     return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def ssh_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHTestbed]:
+    """Two namespace hosts with a real sshd each, shared by every SSH test of the session."""
+    with make_testbed(tmp_path_factory.mktemp("ssh-testbed")) as bed:
+        yield bed

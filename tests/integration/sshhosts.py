@@ -35,11 +35,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pytest
-
 from migrator.hosts.ssh import SSHTarget
 
-__all__ = ["NamespaceHost", "SSHTestbed", "make_testbed", "ssh_testbed"]
+__all__ = ["NamespaceHost", "SSHTestbed", "make_testbed"]
 
 SSHD = Path("/usr/sbin/sshd")
 _PREFIX = "migssh"
@@ -267,10 +265,3 @@ def make_testbed(workdir: Path) -> Iterator[SSHTestbed]:
         # the root ends go with their peers, this only catches a half-built set-up.
         for label in "ab":
             sh("ip", "link", "delete", f"mgc{label}{pid}", check=False)
-
-
-@pytest.fixture(scope="session")
-def ssh_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHTestbed]:
-    """Two namespace hosts with a real sshd each, for the whole session."""
-    with make_testbed(tmp_path_factory.mktemp("ssh-testbed")) as bed:
-        yield bed

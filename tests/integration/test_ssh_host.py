@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from migrator.errors import HostError
 from migrator.hosts.ssh import SSHHost
-from tests.integration.sshhosts import SSHTestbed, ssh_testbed  # noqa: F401  (fixture)
+from tests.integration.sshhosts import SSHTestbed
 from tests.unit.test_ssh_quoting import ARG, NASTY, alive
 
 T = TypeVar("T")
@@ -36,7 +36,7 @@ DEATH_LIMIT_S = 10.0
 
 
 @pytest.fixture
-async def host_a(ssh_testbed: SSHTestbed) -> AsyncIterator[SSHHost]:  # noqa: F811
+async def host_a(ssh_testbed: SSHTestbed) -> AsyncIterator[SSHHost]:
     async with SSHHost(ssh_testbed.target(ssh_testbed.a), kill_grace=1.0) as host:
         yield host
 
@@ -152,7 +152,7 @@ class Portal:
 
 
 @pytest.fixture(scope="module")
-def portal_host(ssh_testbed: SSHTestbed) -> Iterator[tuple[Portal, SSHHost]]:  # noqa: F811
+def portal_host(ssh_testbed: SSHTestbed) -> Iterator[tuple[Portal, SSHHost]]:
     portal = Portal()
     host = SSHHost(ssh_testbed.target(ssh_testbed.a))
     portal.call(host.connect())
@@ -212,7 +212,7 @@ async def test_send_signal_by_name_then_terminate(host_a: SSHHost, remote_dir: P
 
 
 async def test_closing_the_host_ends_its_processes(
-    ssh_testbed: SSHTestbed, remote_dir: Path  # noqa: F811
+    ssh_testbed: SSHTestbed, remote_dir: Path
 ) -> None:
     async with SSHHost(ssh_testbed.target(ssh_testbed.b), kill_grace=1.0) as host:
         process = await host.start(["sleep", "1000.5"], stdout=remote_dir / "o",
@@ -224,7 +224,7 @@ async def test_closing_the_host_ends_its_processes(
 
 
 async def test_dropped_connection_kills_the_remote_process(
-    ssh_testbed: SSHTestbed, remote_dir: Path, record_property: Any  # noqa: F811
+    ssh_testbed: SSHTestbed, remote_dir: Path, record_property: Any
 ) -> None:
     host = SSHHost(ssh_testbed.target(ssh_testbed.a), kill_grace=1.0)
     await host.connect()
@@ -273,7 +273,7 @@ CONTROLLER = textwrap.dedent("""
 
 
 def test_killed_controller_leaves_no_remote_process(
-    ssh_testbed: SSHTestbed, remote_dir: Path, record_property: Any  # noqa: F811
+    ssh_testbed: SSHTestbed, remote_dir: Path, record_property: Any
 ) -> None:
     spec = {"address": ssh_testbed.b.address, "key": str(ssh_testbed.client_key),
             "known_hosts": str(ssh_testbed.known_hosts), "out": str(remote_dir / "out")}
@@ -367,7 +367,7 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-async def test_changed_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Path) -> None:  # noqa: F811
+async def test_changed_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Path) -> None:
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"{ssh_testbed.a.address} {ssh_testbed.b.host_key_line}\n")
     with pytest.raises(HostError) as caught:
@@ -380,7 +380,7 @@ async def test_changed_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Pa
     assert f"ssh-keygen -R '{ssh_testbed.a.address}' -f {wrong}" in text
 
 
-async def test_unknown_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Path) -> None:  # noqa: F811
+async def test_unknown_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Path) -> None:
     other = tmp_path / "known_hosts"
     other.write_text(f"{ssh_testbed.b.address} {ssh_testbed.b.host_key_line}\n")
     with pytest.raises(HostError) as caught:
@@ -397,7 +397,7 @@ async def test_unknown_host_key_is_refused(ssh_testbed: SSHTestbed, tmp_path: Pa
 
 
 async def test_disabled_host_key_check_connects_and_warns(
-    ssh_testbed: SSHTestbed, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+    ssh_testbed: SSHTestbed, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"{ssh_testbed.a.address} {ssh_testbed.b.host_key_line}\n")
@@ -409,7 +409,7 @@ async def test_disabled_host_key_check_connects_and_warns(
     assert any("host key checking is OFF" in r.getMessage() for r in warnings)
 
 
-async def test_wrong_user_is_refused(ssh_testbed: SSHTestbed) -> None:  # noqa: F811
+async def test_wrong_user_is_refused(ssh_testbed: SSHTestbed) -> None:
     with pytest.raises(HostError) as caught:
         async with SSHHost(ssh_testbed.target(ssh_testbed.a, user="nobody")):
             pass
@@ -418,7 +418,7 @@ async def test_wrong_user_is_refused(ssh_testbed: SSHTestbed) -> None:  # noqa: 
     assert "refused authentication for user 'nobody'" in text
 
 
-async def test_unreachable_host_fails_within_the_timeout(ssh_testbed: SSHTestbed) -> None:  # noqa: F811
+async def test_unreachable_host_fails_within_the_timeout(ssh_testbed: SSHTestbed) -> None:
     target = ssh_testbed.target(ssh_testbed.a, address=ssh_testbed.unused_address,
                                 connect_timeout=2.0, name="ghost")
     started = time.monotonic()
@@ -431,7 +431,7 @@ async def test_unreachable_host_fails_within_the_timeout(ssh_testbed: SSHTestbed
     assert ssh_testbed.unused_address in text
 
 
-async def test_nothing_listening_is_refused_at_once(ssh_testbed: SSHTestbed) -> None:  # noqa: F811
+async def test_nothing_listening_is_refused_at_once(ssh_testbed: SSHTestbed) -> None:
     target = ssh_testbed.target(ssh_testbed.a, port=2222)
     started = time.monotonic()
     with pytest.raises(HostError, match=r"cannot connect to .*:2222: .*[Rr]efused"):
@@ -441,7 +441,7 @@ async def test_nothing_listening_is_refused_at_once(ssh_testbed: SSHTestbed) -> 
 
 
 async def test_unconnected_or_closed_host_is_a_host_error(
-    ssh_testbed: SSHTestbed,  # noqa: F811
+    ssh_testbed: SSHTestbed,
 ) -> None:
     host = SSHHost(ssh_testbed.target(ssh_testbed.a))
     with pytest.raises(HostError, match="not connected"):
