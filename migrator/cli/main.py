@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from migrator.cli.bench import bench
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
 from migrator.config.loader import load_scenario, scenario_schema
@@ -28,6 +29,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(results_app, name="results")
 app.command("compare")(compare)
+app.command("bench")(bench)
 
 err = Console(stderr=True, log_path=False)
 out = Console()
