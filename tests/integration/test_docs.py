@@ -57,3 +57,18 @@ def test_guides_only_use_real_subcommands(guide: Path) -> None:
             argv = shlex.split(line.strip()[2:])
             assert argv[0].endswith("migrator"), line
             assert argv[1] in known, line
+
+
+def test_benchmark_guide_commands_work(tmp_path: Path) -> None:
+    commands = [c for guide, c in documented_commands() if guide == "benchmarks.md"]
+    assert commands
+    for command in commands:
+        # The guide writes under bench/ in the checkout; the test writes under tmp.
+        argv = [str(tmp_path / a) if a.startswith("bench/") else a for a in shlex.split(command)]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
+    table = (tmp_path / "bench" / "page-size" / "page-size.md").read_text()
+    assert "not supported on these hosts" in table
+    suite = json.loads((tmp_path / "bench" / "page-size" / "suite.json").read_text())
+    assert suite
