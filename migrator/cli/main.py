@@ -11,12 +11,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from migrator.cli.bench import bench
+from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
 from migrator.config.loader import load_scenario, scenario_schema
-from migrator.errors import MigratorError
+from migrator.errors import ArtifactError, ConfigError, MigratorError
 from migrator.rundir import RunDir
 
 __all__ = ["app"]
@@ -30,18 +32,22 @@ app.add_typer(hosts_app, name="hosts")
 app.add_typer(results_app, name="results")
 app.command("compare")(compare)
 app.command("bench")(bench)
+app.command("dashboard")(dashboard)
 
 err = Console(stderr=True, log_path=False)
 out = Console()
 
 
-def _fail(error: MigratorError) -> typer.Exit:
-    """Print a migrator error as one line and give its exit code."""
-    err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+def _fail(error: MigratorError, exit_code: int | None = None) -> typer.Exit:
+    """Print a migrator error as one line and give its exit code (or ``exit_code``)."""
+    # Escaped: messages quote user input (names, paths), which may look like rich markup.
+    err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
+              soft_wrap=True)
     run_dir = getattr(error, "run_dir", None)
     if run_dir is not None:
-        err.print(f"raw artifacts kept in {run_dir}", highlight=False, soft_wrap=True)
-    return typer.Exit(error.exit_code)
+        err.print(f"raw artifacts kept in {escape(str(run_dir))}", highlight=False,
+                  soft_wrap=True)
+    return typer.Exit(error.exit_code if exit_code is None else exit_code)
 
 
 def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
@@ -80,6 +86,7 @@ def run(
 
     try:
         loaded = load_scenario(scenario)
+        _make_runs_dir(runs_dir)
     except MigratorError as error:
         raise _fail(error) from None
     _setup_logging(verbose)
@@ -111,7 +118,16 @@ def run(
         out.print_json(report.model_dump_json())
     else:
         render_report(report, out)
-    out.print(f"run directory: {run_dir.path}", highlight=False, soft_wrap=True)
+    out.print(f"run directory: {escape(str(run_dir.path))}", highlight=False, soft_wrap=True)
+
+
+def _make_runs_dir(runs_dir: Path) -> None:
+    """Create ``--runs-dir`` up front: :class:`ConfigError` rather than a traceback later."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "it exists and is not a directory" if runs_dir.exists() else error.strerror
+        raise ConfigError(f"cannot create {runs_dir}: {reason}", field="--runs-dir") from None
 
 
 def _report_if_possible(run_path: Path | None) -> None:
@@ -122,9 +138,10 @@ def _report_if_possible(run_path: Path | None) -> None:
 
     try:
         write_report(run_path, build_report(run_path))
-        err.print(f"partial report: {run_path / 'report.json'}", highlight=False, soft_wrap=True)
+        err.print(f"partial report: {escape(str(run_path / 'report.json'))}", highlight=False,
+                  soft_wrap=True)
     except Exception as error:
-        err.print(f"no report could be derived: {error}", highlight=False)
+        err.print(f"no report could be derived: {escape(str(error))}", highlight=False)
 
 
 HtmlOption = Annotated[bool, typer.Option(
@@ -138,7 +155,7 @@ def _write_html(run_dir: Path) -> None:
         page = write_run_html(run_dir)  # reads the report.json just written
     except MigratorError as error:
         raise _fail(error) from None
-    err.print(f"HTML report: {page}", highlight=False, soft_wrap=True)
+    err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -152,7 +169,13 @@ def report(
     from migrator.report.terminal import render_report
 
     try:
+        if not run_dir.is_dir():
+            raise ConfigError("not a directory" if run_dir.exists() else "no such directory",
+                              field=str(run_dir))
         rebuilt = build_report(run_dir)
+    except ArtifactError as error:
+        # The run directory is this command's input: one it cannot read is bad input.
+        raise _fail(error, exit_code=ConfigError.exit_code) from None
     except MigratorError as error:
         raise _fail(error) from None
     write_report(run_dir, rebuilt)

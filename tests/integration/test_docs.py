@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -47,6 +49,37 @@ def test_operator_guide_commands_work(tmp_path: Path) -> None:
             assert json.loads((run_dir / "run.json").read_text())["outcome"] == "completed"
     assert run_dir is not None
     assert (run_dir / "report.html").exists()
+
+
+def test_nightly_guide_commands_work(tmp_path: Path) -> None:
+    """The nightly guide, run where runs/ holds the recorded run directories (tests/data/runs)."""
+    runs = tmp_path / "runs"
+    for run in sorted((ROOT / "tests" / "data" / "runs").iterdir()):
+        if run.is_dir():
+            shutil.copytree(run, runs / run.name)
+    commands = [command for guide, command in documented_commands() if guide == "nightly.md"]
+    assert [shlex.split(c)[1] for c in commands] == ["results", "compare", "dashboard"]
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command)
+        argv[0] = str(ROOT / argv[0])
+        # What the shell does with runs/* (subprocess runs no shell).
+        argv = [arg for word in argv
+                for arg in (sorted(glob.glob(word, root_dir=tmp_path)) if "*" in word else [word])]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              check=False)
+        assert done.returncode == 0, f"{command}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+        outputs.append(done.stdout)
+    assert outputs[0].count("added") == 3
+    assert "insufficient data" in outputs[1]
+    site = tmp_path / "site"
+    assert (site / "index.html").is_file()
+    assert len(list((site / "scenarios").glob("*.html"))) == 2
+    # The recorded runs have no report.html: their pages come from the stored reports.
+    assert len(list((site / "runs").glob("*.html"))) == 2
+    prom = (site / "metrics.prom").read_text()
+    assert 'migrator_freeze_seconds{scenario="rec-hugetlb-2m"' in prom
+    assert (tmp_path / "node-exporter" / "migrator.prom").read_text() == prom
 
 
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
