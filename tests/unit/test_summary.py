@@ -128,6 +128,6 @@ def test_cli_report_rebuilds_offline(run_copy: Path) -> None:
 
 def test_cli_report_on_a_non_run_dir_fails_cleanly(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a directory that is not a run is bad input
     assert "run.json: missing" in result.output
     assert "Traceback" not in result.output
