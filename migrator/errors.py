@@ -114,16 +114,19 @@ class MissingCapability(PreflightError):
 class HugepageShortfall(PreflightError):
     """A hugepage pool cannot be grown to what the scenario needs."""
 
-    def __init__(self, page_size_kib: int, needed: int, free: int) -> None:
+    def __init__(self, page_size_kib: int, needed: int, free: int, claimed: int = 0) -> None:
         size = f"{page_size_kib // 1024} MiB" if page_size_kib < 1048576 else "1 GiB"
+        others = (f" ({claimed} more are claimed by this controller's other reservations on "
+                  "the same kernel)") if claimed else ""
         super().__init__(
             f"hugepages-{page_size_kib}kB: need {needed} free {size} pages, only {free} "
-            f"could be had; free memory or raise "
+            f"could be had{others}; free memory or raise "
             f"/sys/kernel/mm/hugepages/hugepages-{page_size_kib}kB/nr_hugepages (as root)"
         )
         self.page_size_kib = page_size_kib
         self.needed = needed
         self.free = free
+        self.claimed = claimed
 
 
 class HostError(MigratorError):

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from migrator.config.models import Accel, Scenario
-from migrator.errors import HugepageShortfall, MigratorError, PreflightError
+from migrator.errors import HostError, HugepageShortfall, MigratorError, PreflightError
 from migrator.hgm import detect_hgm
 from migrator.hosts.base import Host
-from migrator.hosts.hugepages import read_pool, reserve_hugepages
+from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
 from migrator.migration.plan import plan_migration
 from migrator.qemu.probe import QemuFacts, probe_qemu
 
@@ -33,6 +35,22 @@ __all__ = [
 
 HUGEPAGE_SIZES_KIB = (2048, 1048576)
 Role = Literal["source", "destination"]
+
+CLOCK_ROUNDS: Final = 8
+"""Round trips per clock-offset measurement; the fastest one is kept."""
+
+# The host's side of the clock measurement (``python3 -I -c CLOCK_SERVER``): answers
+# each line with its wall clock in ns, flushed at once.  The clock is read the
+# moment the question arrives and the answer goes straight back, so the time the
+# host spends is tiny and nearly symmetric around the reading.  Written for any
+# python3 >= 3.7 (time.time_ns), standard library only: a remote host's python,
+# which the HGM probe and the free-port finder need too.
+CLOCK_SERVER: Final = (
+    "import sys, time\n"
+    "for _ in iter(sys.stdin.readline, ''):\n"
+    "    sys.stdout.write('%d\\n' % time.time_ns())\n"
+    "    sys.stdout.flush()\n"
+)
 
 
 class _Model(BaseModel):
@@ -113,19 +131,29 @@ async def _text(host: Host, path: str) -> str | None:
 async def _clock_offset(host: Host) -> tuple[float | None, float | None]:
     """Host wall clock minus ours, in ms, with the round trip it was measured over.
 
-    The best of three round trips bounds the error by half the smallest RTT.
+    All round trips go over one running :data:`CLOCK_SERVER` (one SSH channel
+    on a remote host): a command per reading would put the session set-up,
+    which happens before the host reads its clock, into the round trip and
+    skew the estimate by up to half of it.  The host's reading is compared to
+    the midpoint of ours, so the error is at most half the round trip; the
+    fastest of :data:`CLOCK_ROUNDS` (the first also waits for python to start)
+    bounds it best.  ``(None, None)`` when the host cannot run the server.
     """
     best: tuple[float, float] | None = None
-    for _ in range(3):
-        sent = time.time_ns()
-        result = await host.run(["date", "+%s%N"], timeout=10)
-        back = time.time_ns()
-        if result.status != 0 or not result.stdout.strip().isdigit():
-            return None, None
-        rtt = (back - sent) / 1e6
-        offset = (int(result.stdout.strip()) - (sent + back) / 2) / 1e6
-        if best is None or rtt < best[1]:
-            best = (offset, rtt)
+    try:
+        async with host.exchange_lines(["python3", "-I", "-c", CLOCK_SERVER]) as clock:
+            for _ in range(CLOCK_ROUNDS):
+                # The round trip by a monotonic clock; the wall clock only for the reading.
+                sent_wall, sent = time.time_ns(), time.perf_counter_ns()
+                answer = await clock.ask("t", timeout=10)
+                rtt_ns = time.perf_counter_ns() - sent
+                if not answer.isdigit():
+                    return None, None
+                offset = (int(answer) - (sent_wall + rtt_ns / 2)) / 1e6
+                if best is None or rtt_ns / 1e6 < best[1]:
+                    best = (offset, rtt_ns / 1e6)
+    except HostError:
+        return None, None
     assert best is not None
     return round(best[0], 3), round(best[1], 3)
 
@@ -146,42 +174,68 @@ def _mem_available_mib(meminfo: str | None) -> int | None:
     return None
 
 
-async def _hugepage_need(host: Host, scenario: Scenario, vms: int) -> Need:
-    """Really try to reserve the pages (then give them back): free counts are not enough."""
+async def _hugepage_needs(
+    scenario: Scenario, hosts: Sequence[tuple[Host, int]]
+) -> list[Need]:
+    """Really reserve every host's pages at once (then give them back): free counts are not
+    enough, and hosts that share one kernel must find room for all their VMs together.
+
+    ``hosts`` pairs each host with the number of VMs it runs; one Need per host.
+    """
     page = scenario.vm.backing.page_size
     size_kib = page // 1024
-    needed = vms * (scenario.vm.memory_mib << 20) // page
-    what = f"{needed} free hugepages of {size_kib} kB"
-    try:
-        async with reserve_hugepages(host, size_kib, needed) as added:
-            pass
-    except HugepageShortfall as error:
-        size = "1G" if size_kib == 1048576 else f"{size_kib // 1024}M"
-        return Need(what=what, met=False,
-                    detail=f"only {error.free} could be had (pool grown and given back)",
+    size = "1G" if size_kib == 1048576 else f"{size_kib // 1024}M"
+    needs = []
+    async with AsyncExitStack() as held:
+        for host, vms in hosts:
+            needed = vms * (scenario.vm.memory_mib << 20) // page
+            what = f"{needed} free hugepages of {size_kib} kB"
+            others = await claimed_hugepages(host, size_kib)
+            alongside = (f" alongside {others} claimed for other VMs on the same kernel"
+                         if others else "")
+            try:
+                added = await held.enter_async_context(
+                    reserve_hugepages(host, size_kib, needed))
+            except HugepageShortfall as error:
+                needs.append(Need(
+                    what=what, met=False,
+                    detail=f"only {error.free} could be had{alongside} (pool grown and given "
+                           "back)",
                     fix=f"free memory on {host.name}, or reserve them at boot with "
-                        f"hugepagesz={size} hugepages={needed} on its kernel command line")
-    except MigratorError as error:
-        return Need(what=what, met=False, detail=str(error), fix="run as root")
-    grown = f" (pool grown by {added} and given back)" if added else ""
-    return Need(what=what, met=True, detail=f"could be reserved{grown}")
+                        f"hugepagesz={size} hugepages={needed + others} on its kernel command "
+                        "line"))
+                continue
+            except MigratorError as error:
+                needs.append(Need(what=what, met=False, detail=str(error), fix="run as root"))
+                continue
+            grown = f" (pool grown by {added} and given back)" if added else ""
+            needs.append(Need(what=what, met=True, detail=f"could be reserved{alongside}{grown}"))
+    return needs
 
 
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
-    kvm: tuple[bool | None, str] | None = None,
+    kvm: tuple[bool | None, str] | None = None, hugepages: Need | None = None,
 ) -> HostReport:
-    """Facts and needs of one host in its roles (``kvm``: the accelerator verdict, if known)."""
+    """Facts and needs of one host in its roles.
+
+    ``kvm``: the accelerator verdict, if known.  ``hugepages``: the hugepage need
+    as :func:`check_hosts` found it for all hosts together; None checks this host
+    alone.
+    """
     vms_on_host = len(roles)
     uname = await host.run(["uname", "-r"])
     kvm_device = await host.exists(Path("/dev/kvm"))
     qemu: QemuFacts | None = None
     needs: list[Need] = []
     try:
-        qemu = await probe_qemu(host, scenario.vm.qemu)
+        qemu = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)
     except MigratorError as error:
         # The error already says what to do.
-        needs.append(Need(what=f"QEMU {scenario.vm.qemu}", met=False, detail=str(error)))
+        root = scenario.vm.qemu_root
+        where = f" in vm.qemu_root {root}" if root else ""
+        needs.append(Need(what=f"QEMU {scenario.vm.qemu}{where}", met=False,
+                          detail=str(error)))
     if qemu is not None:
         plan = plan_migration(scenario)
         wanted = {**(plan.source_capabilities if "source" in roles else {}),
@@ -205,7 +259,7 @@ async def check_host(
         pools.append(Pool(page_size_kib=size, total=pool.total, free=pool.free,
                           reserved=pool.reserved))
     if scenario.vm.backing.is_hugetlb:
-        needs.append(await _hugepage_need(host, scenario, vms_on_host))
+        needs.append(hugepages or (await _hugepage_needs(scenario, [(host, vms_on_host)]))[0])
     userfaultfd = await host.exists(Path("/dev/userfaultfd")) or await host.exists(
         Path("/proc/sys/vm/unprivileged_userfaultfd"))
     if "destination" in roles and scenario.migration.postcopy:
@@ -240,15 +294,23 @@ async def check_hosts(
     scenario: Scenario, source: Host, destination: Host,
     kvm: dict[str, tuple[bool | None, str]] | None = None,
 ) -> PreflightReport:
-    """Check both hosts (one machine playing both roles is checked once, for two VMs)."""
+    """Check both hosts (one machine playing both roles is checked once, for two VMs).
+
+    The hugepage needs are checked first and together, so two hosts on one
+    kernel (two namespaces of a machine) must find pages for both VMs.
+    """
     kvm = kvm or {}
     if source is destination:
         hosts = [await check_host(source, ["source", "destination"], scenario,
                                   kvm.get(source.name))]
     else:
+        pages: list[Need | None] = [None, None]
+        if scenario.vm.backing.is_hugetlb:
+            pages = list(await _hugepage_needs(scenario, [(source, 1), (destination, 1)]))
         hosts = list(await asyncio.gather(
-            check_host(source, ["source"], scenario, kvm.get(source.name)),
-            check_host(destination, ["destination"], scenario, kvm.get(destination.name)),
+            check_host(source, ["source"], scenario, kvm.get(source.name), pages[0]),
+            check_host(destination, ["destination"], scenario, kvm.get(destination.name),
+                       pages[1]),
         ))
     return PreflightReport(scenario=scenario.name, hosts=hosts)
 

@@ -10,7 +10,8 @@ killed at any moment leaves only whole, parseable artifacts)::
       samples.jsonl           query-migrate sampled on both sides
       src/ dst/               per QEMU: argv.json, cmdline.sh, stderr.log,
                               events.jsonl, serial.log, console.jsonl,
-                              (dst) trace.log, ramblocks.txt
+                              (dst) trace.log, ramblocks.txt,
+                              (dst, hugetlb backings) smaps.jsonl
       report.json             derived; rebuilt by ``migrator report RUN``
 """
 

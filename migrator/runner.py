@@ -37,24 +37,39 @@ from migrator import __version__
 from migrator.aio import background, first_error, guarded
 from migrator.config.loader import dump_scenario
 from migrator.config.models import HostSpec, Scenario, SSHHostSpec
-from migrator.errors import ConfigError, GuestError, HostError, MigratorError, QemuError
+from migrator.errors import (
+    ConfigError,
+    GuestError,
+    HostError,
+    MigratorError,
+    PreflightError,
+    QemuError,
+)
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, Side, serial_chardev_args
 from migrator.guest.crash import kernel_crash
 from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
+from migrator.hgm import (
+    GuestRamFilter,
+    HgmDecision,
+    HgmSupport,
+    decide_hgm_between,
+    detect_hgm,
+    sample_smaps,
+)
 from migrator.hosts.base import Host, HostProcess
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
-from migrator.migration.plan import plan_migration
+from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.preflight import check_hosts, raise_unmet
 from migrator.qemu.accel import AccelDecision, decide_accel, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts, probe_qemu
 from migrator.qemu.process import QemuProcess
-from migrator.rundir import SIDES, RunDir
+from migrator.rundir import SIDES, JsonlWriter, RunDir
 
 __all__ = [
     "CACHE_DIR",
@@ -278,6 +293,7 @@ class _Run:
             "outcome": "running",
         }
         self.timeline = run.jsonl("timeline.jsonl")
+        self.hgm: HgmDecision | None = None
 
     def save_meta(self) -> None:
         self.run.write_json("run.json", self.meta)
@@ -292,13 +308,66 @@ class _Run:
         report = await check_hosts(self.scenario, source, destination)
         self.run.write_json("preflight.json", report.model_dump(mode="json"))
         raise_unmet(report)
-        src_facts = await probe_qemu(source, self.scenario.vm.qemu)
+        vm = self.scenario.vm
+        src_facts = await probe_qemu(source, vm.qemu, vm.qemu_root)
         dst_facts = src_facts if destination is source else await probe_qemu(
-            destination, self.scenario.vm.qemu)
+            destination, vm.qemu, vm.qemu_root)
         self.meta["qemu"] = {"source": asdict(src_facts), "destination": asdict(dst_facts)}
-        self.meta["plan"] = asdict(plan_migration(self.scenario))
+        self.save_meta()
+        await self.decide_hgm(hosts, {"src": src_facts, "dst": dst_facts})
+        self.meta["plan"] = asdict(self.plan())
         self.save_meta()
         return {"src": src_facts, "dst": dst_facts}
+
+    def plan(self) -> MigrationPlan:
+        """Both sides' capabilities and parameters, with the HGM decision applied."""
+        return plan_migration(self.scenario, hgm=self.hgm is not None and self.hgm.enabled)
+
+    async def decide_hgm(
+        self, hosts: dict[Side, Host], facts: dict[Side, QemuFacts]
+    ) -> HgmDecision:
+        """Apply ``vm.hgm`` to what the hosts offer: kept for :meth:`plan`, and in run.json.
+
+        Hosts are probed (:func:`detect_hgm`) only when HGM could matter: a
+        hugetlb backing, post-copy on, and ``hgm`` not ``off``.  ``require`` on a
+        host without HGM raises :class:`PreflightError` before anything boots.
+        """
+        vm = self.scenario.vm
+        record: dict[str, Any] = {"mode": vm.hgm, "enabled": False, "reason": "",
+                                  "hosts": {}}
+        self.meta["hgm"] = record
+        if not vm.backing.is_hugetlb:
+            decision = HgmDecision(vm.hgm, enabled=False, reason=(
+                f"not applicable: vm.backing = {vm.backing.value} has 4 KiB pages (HGM maps "
+                "pieces of hugetlb pages)"))
+        elif not self.scenario.migration.postcopy:
+            decision = HgmDecision(vm.hgm, enabled=False, reason=(
+                "not applicable: migration.postcopy = false (HGM changes how post-copy "
+                "resolves faults)"))
+        elif vm.hgm == "off":
+            decision = HgmDecision(vm.hgm, enabled=False, reason="hgm = off: not used")
+        else:
+            # One after the other: two "hosts" can share one hugepage pool (network
+            # namespaces on one machine), and each probe grows and shrinks it.
+            supports: dict[Side, HgmSupport] = {"src": await detect_hgm(hosts["src"],
+                                                                        facts["src"])}
+            supports["dst"] = (supports["src"] if hosts["dst"] is hosts["src"]
+                               else await detect_hgm(hosts["dst"], facts["dst"]))
+            record["hosts"] = {"source": supports["src"].to_dict(),
+                               "destination": supports["dst"].to_dict()}
+            distinct = [supports["src"]] if hosts["dst"] is hosts["src"] else [
+                supports["src"], supports["dst"]]
+            try:
+                decision = decide_hgm_between(vm.hgm, distinct)
+            except PreflightError as error:
+                record["reason"] = str(error)
+                self.save_meta()
+                raise
+        record.update(enabled=decision.enabled, reason=decision.reason)
+        self.hgm = decision
+        self.save_meta()
+        self.mark("hgm-decided", mode=decision.mode, enabled=decision.enabled)
+        return decision
 
     async def choose_accel(
         self, hosts: dict[Side, Host], facts: dict[Side, QemuFacts], guest: GuestArtifacts
@@ -366,7 +435,7 @@ class _Run:
             heartbeat_ms=workload.heartbeat_ms, threads=workload.threads,
         )
         return LaunchSpec(
-            binary=facts.binary, name=side, memory_mib=scenario.vm.memory_mib,
+            launcher=facts.launcher, name=side, memory_mib=scenario.vm.memory_mib,
             vcpus=scenario.vm.vcpus, backing=scenario.vm.backing, accel=accel.accel,
             machine=scenario.vm.machine, kernel=place.guest.kernel, initrd=place.guest.initrd,
             append=append, qmp_socket=place.qmp_socket,
@@ -408,7 +477,7 @@ class _Run:
                     await dst.monitor.hmp("info ramblock"))
 
                 await self.boot_and_warm_up(src, dst, src_console)
-                await self.migrate(stack, src, dst, places["dst"])
+                await self.migrate(stack, src, dst, places["dst"], mem_paths["dst"])
                 await self.settle_and_verify(dst, dst_console)
                 self.mark("shutdown")
             self.mark("cleaned-up")
@@ -474,14 +543,22 @@ class _Run:
                       [src.fail_if_exits(), dst.fail_if_exits()])
 
     async def migrate(
-        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: _Place
+        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: _Place,
+        mem_path: Path | None,
     ) -> None:
-        """Drive the migration with both samplers running beside it."""
+        """Drive the migration with both query-migrate samplers running beside it.
+
+        On hugetlb backings the destination's smaps sampler starts here too, but
+        belongs to ``stack``: it keeps sampling after completion (QEMU collapses
+        split mappings at load cleanup) until the destination QEMU stops.
+        """
         scenario = self.scenario
-        driver = MigrationDriver(src.monitor, dst.monitor, plan_migration(scenario),
+        driver = MigrationDriver(src.monitor, dst.monitor, self.plan(),
                                  scenario.migration, self.timeline)
         uri = await self._incoming_uri(stack, destination)
         await driver.prepare(uri)
+        if scenario.vm.backing.is_hugetlb:
+            await self._sample_destination_smaps(stack, dst, mem_path)
         samples = _ObservedWriter(self.run, self.observer)
         stack.callback(samples.close)
         hz = scenario.collect.query_migrate_hz
@@ -496,6 +573,28 @@ class _Run:
             "src": await src.monitor.query_migrate(timeout=30),
             "dst": await dst.monitor.query_migrate(timeout=30),
         })
+
+    async def _sample_destination_smaps(
+        self, stack: AsyncExitStack, dst: QemuProcess, mem_path: Path | None
+    ) -> None:
+        """Sample the destination QEMU's guest RAM mapping into ``dst/smaps.jsonl``.
+
+        Cheap, and informative with or without HGM: a stock kernel shows pages
+        mapped whole (PMD or PUD), a HGM kernel the PTE-mapped pieces and their
+        collapse.  ``dst.pid`` is the pid on the destination's host (an SSH
+        host reports the remote one), so ``/proc/PID/smaps`` is read there.
+        """
+        if dst.pid is None:
+            return
+        out = JsonlWriter(self.run.side("dst") / "smaps.jsonl")
+        # Entered before the sampler: closed only after the sampler has stopped.
+        stack.callback(out.close)
+        # The guest RAM is the shared hugetlb mapping of the backend's size whose file
+        # QEMU created under mem-path (the directory as /proc/mounts names it).
+        ram = GuestRamFilter(size_bytes=self.scenario.vm.memory_mib << 20,
+                             path_prefix=str(mem_path) if mem_path is not None else None)
+        await stack.enter_async_context(background(
+            sample_smaps(dst.host, dst.pid, out, self.scenario.collect.smaps_hz, ram)))
 
     async def settle_and_verify(self, dst: QemuProcess, console: GuestConsole) -> None:
         """Let the guest run on the destination, then check every page it wrote."""

@@ -157,12 +157,15 @@ class PageSizeRow:
     note: str
     values: dict[str, float | None]
     guest: str
+    qemu: str = ""
 
     @property
     def label(self) -> str:
-        """``4 KiB``, ``1 GiB+HGM``, ``2 MiB preempt=true``..."""
+        """``4 KiB``, ``1 GiB+HGM``, ``2 MiB preempt=true``, ``2 MiB qemu=sid QEMU 11.1.3``..."""
         others = " ".join(f"{axis}={label}" for axis, label in self.other_labels)
-        return f"{page_label(self.page_size, self.hgm)} {others}".strip()
+        qemu = f"QEMU {self.qemu}" if self.qemu else ""
+        return " ".join(part for part in (page_label(self.page_size, self.hgm), others, qemu)
+                        if part)
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,9 @@ def _median(samples: Sequence[float | None]) -> float | None:
 
 def _row(
     page_size: int, hgm: bool, others: tuple[tuple[str, str], ...],
-    entries: Sequence[tuple[PlannedRun, RunRecord, Report | None]],
+    entries: Sequence[tuple[PlannedRun, RunRecord, Report | None]], name_qemu: bool,
 ) -> PageSizeRow:
+    """One row; ``name_qemu``: say which QEMU its runs used (the table mixes QEMU builds)."""
     done = [report for _, _, report in entries if report is not None]
     # A run marked done whose report cannot be read counts as failed here.
     failed = [record for _, record, report in entries if report is None
@@ -259,19 +263,23 @@ def _row(
         status = "not run"
         why = {record.status.value for _, record, _ in entries}
         note = f"not run ({', '.join(sorted(why))})"
+    qemu = _distinct(done, "qemu_version") if name_qemu and done else ""
     return PageSizeRow(page_size=page_size, hgm=hgm, other_labels=others,
                        planned=len(entries), runs=len(done), status=status, note=note,
-                       values=values, guest=guest)
+                       values=values, guest=guest, qemu=qemu)
+
+
+def _distinct(reports: Sequence[Report], key: str) -> str:
+    """The distinct values of one environment entry over ``reports``, comma-separated."""
+    return ", ".join(sorted({str(r.environment.get(key)) for r in reports}))
 
 
 def _environment(reports: Sequence[Report]) -> str:
     if not reports:
         return "no finished runs"
-    def distinct(key: str) -> str:
-        seen = sorted({str(r.environment.get(key)) for r in reports})
-        return ", ".join(seen)
-    return (f"QEMU {distinct('qemu_version')}, accel {distinct('accel')}, host kernel "
-            f"{distinct('host_kernel')}, guest kernel {distinct('guest_kernel')}")
+    return (f"QEMU {_distinct(reports, 'qemu_version')}, accel {_distinct(reports, 'accel')}, "
+            f"host kernel {_distinct(reports, 'host_kernel')}, guest kernel "
+            f"{_distinct(reports, 'guest_kernel')}")
 
 
 def build_page_size_table(suite: Suite, state: SuiteState, out_dir: Path) -> PageSizeTable:
@@ -299,7 +307,9 @@ def build_page_size_table(suite: Suite, state: SuiteState, out_dir: Path) -> Pag
             reports.append(report)
         key = (run.scenario.vm.backing.page_size, run.hgm, others)
         groups.setdefault(key, []).append((run, record, report))
-    rows = [_row(page, hgm, others, entries)
+    # Rows name their QEMU when the runs used more than one (a suite comparing builds).
+    mixed = len({report.environment.get("qemu_version") for report in reports}) > 1
+    rows = [_row(page, hgm, others, entries, mixed)
             for (page, hgm, others), entries in sorted(
                 groups.items(), key=lambda item: (item[0][0], item[0][1], order[item[0][2]]))]
     return PageSizeTable(

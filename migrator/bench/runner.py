@@ -259,7 +259,7 @@ async def hgm_blocker(scenario: Scenario) -> str | None:
             qemu: QemuFacts | None = None
             qemu_error = ""
             try:
-                qemu = await probe_qemu(host, scenario.vm.qemu)
+                qemu = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)
             except MigratorError as error:
                 qemu_error = f"QEMU not probed: {error}"
             support = await detect_hgm(host, qemu)
@@ -282,7 +282,7 @@ class _HgmCache:
         self._verdicts: dict[str, str | None] = {}
 
     async def blocker(self, scenario: Scenario) -> str | None:
-        key = scenario.hosts.model_dump_json() + scenario.vm.qemu
+        key = scenario.hosts.model_dump_json() + scenario.vm.qemu + str(scenario.vm.qemu_root)
         if key not in self._verdicts:
             self._verdicts[key] = await self._check(scenario)
         return self._verdicts[key]

@@ -28,7 +28,7 @@ hosts_app = typer.Typer(no_args_is_help=True, help="The hosts a scenario runs on
 async def _kvm_verdict(host: Host, scenario: Scenario) -> tuple[bool | None, str]:
     """Whether KVM can really run a guest on ``host`` (booted, not guessed)."""
     try:
-        facts = await probe_qemu(host, scenario.vm.qemu)
+        facts = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)
         guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
         decision = await decide_accel(host, Accel.AUTO, facts, guest, CACHE_DIR / "accel.json")
     except MigratorError as error:

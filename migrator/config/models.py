@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "Accel",
@@ -172,7 +172,36 @@ class VmSpec(_Model):
     qemu: str = Field(
         "qemu-system-x86_64", description="QEMU binary: a name looked up in PATH or a path"
     )
+    qemu_root: str | None = Field(
+        None, pattern=r"^/",
+        description="absolute path of a root filesystem holding the QEMU to run (made by "
+                    "scripts/make-qemu-root, on every host that runs a QEMU); vm.qemu is then "
+                    "looked up inside it (a name in its usr/bin, a path relative to it) and run "
+                    "with the root's own loader, libraries, modules and firmware; unset: the "
+                    "host's QEMU",
+    )
     machine: str = Field("pc", pattern=r"^[a-z0-9._-]+$")
+    hgm: Literal["auto", "require", "off"] = Field(
+        "auto",
+        description="HugeTLB high-granularity mapping (post-copy faults resolved in 4 KiB "
+                    "pieces of hugetlb pages, QEMU capability hugetlb-doublemap), hugetlb "
+                    "backings only: auto = use it where every host's kernel and QEMU support "
+                    "it; require = fail the preflight where they do not; off = never",
+    )
+
+    @field_validator("hgm")
+    @classmethod
+    def _hgm_needs_huge_pages(cls, hgm: str, info: ValidationInfo) -> str:
+        # "auto" (the default) is accepted on any backing and simply does nothing on small
+        # pages; asking for HGM explicitly on 4 KiB pages is a contradiction.
+        backing = info.data.get("backing")
+        if hgm == "require" and isinstance(backing, Backing) and not backing.is_hugetlb:
+            raise ValueError(
+                f'"require" needs a hugetlb backing (vm.backing = "{backing.value}" has '
+                '4 KiB pages; HGM maps pieces of huge pages): use hugetlb-2m or hugetlb-1g, or '
+                'set hgm = "auto" or "off"'
+            )
+        return hgm
 
     @model_validator(mode="after")
     def _memory_fits_pages(self) -> VmSpec:
@@ -263,6 +292,11 @@ class CollectSpec(_Model):
     query_migrate_hz: float = Field(10.0, gt=0, le=1000)
     trace: bool = Field(True, description="destination QEMU trace of page requests/placements")
     blocktime: bool = Field(True, description="postcopy-blocktime capability on the destination")
+    smaps_hz: float = Field(
+        10.0, gt=0, le=100,
+        description="samples per second of the destination QEMU's /proc/PID/smaps (guest RAM "
+                    "mapping granularity; hugetlb backings only)",
+    )
 
 
 class Scenario(_Model):
@@ -286,6 +320,9 @@ class Scenario(_Model):
                 f"workload.working_set_mib={self.workload.working_set_mib} leaves less than "
                 f"{headroom} MiB of vm.memory_mib={self.vm.memory_mib} for the guest kernel"
             )
+        if self.vm.hgm == "require" and not self.migration.postcopy:
+            # HGM changes how post-copy resolves faults; pre-copy alone never uses it.
+            raise ValueError('vm.hgm = "require" needs migration.postcopy = true')
         if self.workload.threads > self.vm.vcpus:
             raise ValueError(
                 f"workload.threads={self.workload.threads} exceeds vm.vcpus={self.vm.vcpus}"

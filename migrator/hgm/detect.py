@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -45,6 +46,7 @@ __all__ = [
     "HgmMode",
     "HgmSupport",
     "decide_hgm",
+    "decide_hgm_between",
     "detect_hgm",
     "kernel_config_enables_hgm",
     "probe_madv_split",
@@ -375,3 +377,24 @@ def decide_hgm(mode: HgmMode, support: HgmSupport) -> HgmDecision:
     return HgmDecision(
         mode, enabled=False, reason=f"hgm = auto: disabled on {support.host}: {support.reason}"
     )
+
+
+def decide_hgm_between(mode: HgmMode, supports: Sequence[HgmSupport]) -> HgmDecision:
+    """:func:`decide_hgm` for a migration between hosts: HGM needs every one of them.
+
+    ``supports`` holds each distinct host once (one machine playing both roles
+    is one entry).  ``require`` raises for the first host without HGM; ``auto``
+    enables only when every host supports it, and its reason names each host
+    that does not (or, when enabled, what each one offers).
+    """
+    if not supports:
+        raise ValueError("decide_hgm_between needs at least one host")
+    decisions = [decide_hgm(mode, support) for support in supports]
+    if len(decisions) == 1 or mode == "off":
+        return decisions[0]
+    prefix = f"hgm = {mode}: "
+    if all(decision.enabled for decision in decisions):
+        return HgmDecision(mode, enabled=True, reason=prefix + "; ".join(
+            f"{support.host}: {support.reason}" for support in supports))
+    return HgmDecision(mode, enabled=False, reason=prefix + "; ".join(
+        decision.reason.removeprefix(prefix) for decision in decisions if not decision.enabled))

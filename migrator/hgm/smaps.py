@@ -462,12 +462,17 @@ async def sample_smaps(
 
 
 def load_samples(path: Path) -> list[SmapsSample]:
-    """The samples of a smaps JSONL artifact (error records are skipped)."""
+    """The samples of a smaps JSONL artifact (error records are skipped).
+
+    A last line without its newline that does not parse was cut short by a run
+    killed mid-write and is skipped; any other bad line is an :class:`ArtifactError`.
+    """
     samples = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ArtifactError(f"{path}: cannot read smaps samples: {error}") from error
+    lines = text.splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -477,6 +482,9 @@ def load_samples(path: Path) -> list[SmapsSample]:
                 continue
             samples.append(SmapsSample.from_record(record))
         except (json.JSONDecodeError, TypeError, AttributeError) as error:
+            if number == len(lines) and not text.endswith("\n"):
+                log.debug("%s:%d: torn last line skipped", path, number)
+                continue
             raise ArtifactError(f"{path}:{number}: not a smaps sample: {error}") from error
     return samples
 

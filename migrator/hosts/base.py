@@ -1,25 +1,27 @@
 """The one interface through which migrator touches a machine.
 
 A :class:`Host` runs commands (argv lists, never shell strings), supervises
-long-running processes, reads and writes files, and makes a unix socket on the
-host reachable from the controller.  ``LocalHost`` is the machine migrator runs
-on; remote hosts implement the same interface so nothing above this layer cares
-where a QEMU lives.
+long-running processes, holds a line-by-line dialogue with a command, reads and
+writes files, and makes a unix socket on the host reachable from the controller.
+``LocalHost`` is the machine migrator runs on; remote hosts implement the same
+interface so nothing above this layer cares where a QEMU lives.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from migrator.errors import HostError
 
-__all__ = ["CommandResult", "Host", "HostProcess"]
+__all__ = ["CommandResult", "Host", "HostProcess", "LineExchange"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,61 @@ class HostProcess(abc.ABC):
         """Send ``sig``; a process that already exited is not an error."""
 
 
+class LineWriter(Protocol):
+    """Where an exchange writes its questions (a command's stdin)."""
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the command."""
+
+
+class LineReader(Protocol):
+    """Where an exchange reads its answers (a command's stdout)."""
+
+    async def readline(self) -> bytes:
+        """The next line with its newline; what is left (maybe b"") at end of file."""
+
+
+class LineExchange:
+    """A running command that answers each line on its stdin with one line on its stdout.
+
+    Made by :meth:`Host.exchange_lines`.  One question at a time: the command
+    is never more than one line ahead, so a slow reader cannot stall it.
+    """
+
+    def __init__(
+        self, host: str, argv: Sequence[str], writer: LineWriter, reader: LineReader,
+        ended: Callable[[], Awaitable[HostError]],
+    ) -> None:
+        """``ended`` says why the command stopped answering (its status, its stderr)."""
+        self.host = host
+        self.argv = tuple(argv)
+        self._writer = writer
+        self._reader = reader
+        self._ended = ended
+
+    async def ask(self, line: str, *, timeout: float = 10.0) -> str:
+        """Send ``line`` and return the command's answer, without its newline.
+
+        :class:`HostError` when the command has ended or gives no whole line
+        within ``timeout`` seconds.
+        """
+        if "\n" in line:
+            raise ValueError(f"one line at a time: {line!r}")
+        try:
+            self._writer.write(line.encode() + b"\n")
+        except OSError:
+            raise await self._ended() from None
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await self._reader.readline()
+        except TimeoutError:
+            raise HostError(f"{self.argv[0]} on {self.host} did not answer within "
+                            f"{timeout:g} s", argv=self.argv) from None
+        if not answer.endswith(b"\n"):
+            raise await self._ended()
+        return answer[:-1].decode("utf-8", errors="replace")
+
+
 class Host(abc.ABC):
     """A machine that runs commands and holds files (see module docstring)."""
 
@@ -89,6 +146,17 @@ class Host(abc.ABC):
         """Start ``argv`` in the background, output into files on the host.
 
         The process must die with the controller: it may never outlive migrator.
+        """
+
+    @abc.abstractmethod
+    def exchange_lines(self, argv: Sequence[str]) -> AbstractAsyncContextManager[LineExchange]:
+        """Run ``argv`` for the block as a dialogue (see :class:`LineExchange`).
+
+        The command must answer every line with one line, flushed at once; its
+        stderr is only read for the error once it stops answering, so it should
+        stay within a pipe's worth (64 KiB).  On exit its stdin is closed, and
+        whatever of it still runs a moment later (its children too) is killed.
+        A command not found raises :class:`HostError`.
         """
 
     @abc.abstractmethod

@@ -7,18 +7,39 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from migrator.hosts.base import CommandResult, Host, HostProcess
+from migrator.errors import HostError
+from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 
 __all__ = ["FakeHost"]
 
 CommandHandler = Callable[[tuple[str, ...]], CommandResult]
+DialogueHandler = Callable[[tuple[str, ...], str], str]
+"""(argv, question line) -> answer line."""
+
+
+class _Dialogue:
+    """Both ends of a scripted exchange: each line written is answered at once."""
+
+    def __init__(self, argv: tuple[str, ...], answer: DialogueHandler) -> None:
+        self._argv = argv
+        self._answer = answer
+        self._answers: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        for line in data.decode().splitlines():
+            self._answers.append(self._answer(self._argv, line).encode() + b"\n")
+
+    async def readline(self) -> bytes:
+        return self._answers.pop(0) if self._answers else b""
 
 
 class FakeHost(Host):
     """Files live in a dict; commands are answered by handlers matched on argv[0].
 
     ``on_write`` hooks let a test emulate kernel knobs (writing ``nr_hugepages``
-    changes ``free_hugepages``).  Every command and write is logged in ``calls``.
+    changes ``free_hugepages``).  ``dialogues`` answer :meth:`exchange_lines`
+    by argv[0]; a command without one is "not found".  Every command, write and
+    exchange is logged in ``calls``.
     """
 
     def __init__(self, name: str = "fake") -> None:
@@ -27,6 +48,7 @@ class FakeHost(Host):
         self.dirs: set[Path] = set()
         self.commands: dict[str, CommandHandler] = {}
         self.on_write: dict[Path, Callable[[bytes], None]] = {}
+        self.dialogues: dict[str, DialogueHandler] = {}
         self.calls: list[tuple[str, ...]] = []
 
     def set_text(self, path: str | Path, text: str) -> None:
@@ -51,6 +73,20 @@ class FakeHost(Host):
         self, argv: Sequence[str], *, stdout: Path, stderr: Path, cwd: Path | None = None
     ) -> HostProcess:
         raise NotImplementedError("FakeHost does not run processes")
+
+    @contextlib.asynccontextmanager
+    async def exchange_lines(self, argv: Sequence[str]) -> AsyncIterator[LineExchange]:
+        args = tuple(argv)
+        self.calls.append(("exchange", *args))
+        answer = self.dialogues.get(args[0])
+        if answer is None:
+            raise HostError(f"{args[0]}: command not found on {self.name}", argv=args)
+        dialogue = _Dialogue(args, answer)
+
+        async def ended() -> HostError:
+            return HostError(f"{args[0]} on {self.name} stopped answering", argv=args)
+
+        yield LineExchange(self.name, args, dialogue, dialogue, ended)
 
     async def read_file(self, path: Path) -> bytes:
         try:

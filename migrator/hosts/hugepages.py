@@ -5,11 +5,28 @@ The kernel keeps one pool per page size under
 exactly the shortfall (never writes an absolute value it did not compute from
 what it read) and shrinks it by exactly what it added, so concurrent users of
 the pool and the machine's own configuration are left alone.
+
+**Claims.**  Two "hosts" can share one kernel, hence one pool: two network
+namespaces on one machine (the test hosts), or two runs driven by one
+controller.  The pool's free count does not show pages that a reservation has
+been promised but that no QEMU has mapped yet, so each reservation also
+*claims* its pages in a process-wide table keyed by the kernel's identity
+(``/proc/sys/kernel/random/boot_id``, read through the :class:`Host`, so the
+same kernel reached as two hosts is recognised) and the page size.  A new
+reservation counts only ``available - claimed`` as free.  This is
+conservative: pages a claimant's QEMU has already mapped are out of
+``available`` *and* still claimed, so the pool may be grown by more than was
+strictly needed (and shrunk back by the same amount on exit), never by less.
+Reading the pool, growing it and recording the claim happen under one lock
+per kernel and page size, so two reservations in one event loop never both
+count the same free pages or lose each other's write to ``nr_hugepages``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,9 +36,12 @@ from migrator.errors import HugepageShortfall, MissingResource
 from migrator.hosts.base import Host
 
 __all__ = [
+    "BOOT_ID",
     "HugepagePool",
+    "claimed_hugepages",
     "find_hugetlbfs_mount",
     "hugetlbfs_dir",
+    "kernel_identity",
     "read_pool",
     "reserve_hugepages",
 ]
@@ -29,6 +49,28 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYSFS = Path("/sys/kernel/mm/hugepages")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+"""A random UUID the kernel draws at boot: equal on two hosts means one running kernel."""
+
+# (kernel identity, page size in kB): one hugepage pool.
+_PoolKey = tuple[str, int]
+
+# Pages promised to the reservations now open in this process, per pool.  Only
+# changed between two awaits (never across one), so one event loop needs no lock
+# for the table itself.
+_claimed: dict[_PoolKey, int] = {}
+
+# asyncio locks belong to the event loop that first waited on them; a process can
+# run several loops one after another (asyncio.run per command, per test), so the
+# locks are kept per loop and vanish with it.
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_PoolKey, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _pool_lock(key: _PoolKey) -> asyncio.Lock:
+    """The lock that serialises reading, resizing and claiming one pool in this event loop."""
+    per_loop = _locks.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(key, asyncio.Lock())
 
 
 @dataclass(frozen=True)
@@ -75,36 +117,84 @@ async def _set_total(host: Host, page_size_kib: int, total: int) -> None:
     await host.write_file(_pool_dir(page_size_kib) / "nr_hugepages", f"{total}\n".encode())
 
 
+async def kernel_identity(host: Host) -> str:
+    """What identifies ``host``'s running kernel: its boot_id (see :data:`BOOT_ID`).
+
+    A host without one (not Linux, or a test double) is taken to be a kernel of
+    its own: its claims are then shared only by reservations on the same
+    :class:`Host` object.
+    """
+    try:
+        boot_id = (await host.read_text(BOOT_ID)).strip()
+    except FileNotFoundError:
+        boot_id = ""
+    return boot_id or f"unidentified:{host.name}:{id(host)}"
+
+
+async def claimed_hugepages(host: Host, page_size_kib: int) -> int:
+    """Pages of this size that open reservations of this process hold on ``host``'s kernel."""
+    return _claimed.get((await kernel_identity(host), page_size_kib), 0)
+
+
+def _release(key: _PoolKey, pages: int) -> None:
+    left = _claimed.get(key, 0) - pages
+    if left > 0:
+        _claimed[key] = left
+    else:
+        _claimed.pop(key, None)
+
+
 @asynccontextmanager
 async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> AsyncIterator[int]:
     """Make ``needed`` pages of this size available; yields how many pages were added.
 
-    On exit the pool shrinks by what was added.  Raises :class:`HugepageShortfall`
-    (after giving back any partial growth) when the kernel cannot supply them.
+    Pages claimed by this process's other open reservations on the same kernel
+    (see the module docstring) do not count as available.  The claim holds
+    until exit; on exit the pool also shrinks by what was added.  Raises
+    :class:`HugepageShortfall` (after giving back any partial growth) when the
+    kernel cannot supply them.
     """
-    pool = await read_pool(host, page_size_kib)
-    shortfall = max(0, needed - pool.available)
+    key = (await kernel_identity(host), page_size_kib)
     added = 0
+    claimed = False
     try:
-        if shortfall:
-            try:
-                await _set_total(host, page_size_kib, pool.total + shortfall)
-            except PermissionError:
-                raise HugepageShortfall(page_size_kib, needed, pool.available) from None
-            grown = await read_pool(host, page_size_kib)
-            added = grown.total - pool.total
-            log.info(
-                "%s: hugepages-%dkB grown %d -> %d (asked +%d)",
-                host.name, page_size_kib, pool.total, grown.total, shortfall,
-            )
-            if grown.available < needed:
-                raise HugepageShortfall(page_size_kib, needed, grown.available)
+        async with _pool_lock(key):
+            pool = await read_pool(host, page_size_kib)
+            others = _claimed.get(key, 0)
+            shortfall = max(0, needed - (pool.available - others))
+            if shortfall:
+                try:
+                    await _set_total(host, page_size_kib, pool.total + shortfall)
+                except PermissionError:
+                    raise HugepageShortfall(page_size_kib, needed,
+                                            max(0, pool.available - others),
+                                            claimed=others) from None
+                grown = await read_pool(host, page_size_kib)
+                added = grown.total - pool.total
+                log.info(
+                    "%s: hugepages-%dkB grown %d -> %d (asked +%d; %d claimed by this process)",
+                    host.name, page_size_kib, pool.total, grown.total, shortfall, others,
+                )
+                if grown.available - others < needed:
+                    raise HugepageShortfall(page_size_kib, needed,
+                                            max(0, grown.available - others), claimed=others)
+            _claimed[key] = _claimed.get(key, 0) + needed
+            claimed = True
         yield added
     finally:
-        if added:
-            now = await read_pool(host, page_size_kib)
-            await _set_total(host, page_size_kib, max(0, now.total - added))
-            log.info("%s: hugepages-%dkB given back: %d pages", host.name, page_size_kib, added)
+        try:
+            if added:
+                async with _pool_lock(key):
+                    now = await read_pool(host, page_size_kib)
+                    await _set_total(host, page_size_kib, max(0, now.total - added))
+                log.info("%s: hugepages-%dkB given back: %d pages",
+                         host.name, page_size_kib, added)
+        finally:
+            # Dropped only after the shrink (a reservation that reads the pool in
+            # between over-counts, never under-counts), and without awaiting, so a
+            # second cancellation cannot leave the claim behind.
+            if claimed:
+                _release(key, needed)
 
 
 def _pagesize_kib_of_mount(options: str) -> int | None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from migrator.errors import HostError
-from migrator.hosts.base import CommandResult, Host, HostProcess
+from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 
 __all__ = ["LocalHost", "LocalProcess"]
 
@@ -102,6 +102,47 @@ class LocalHost(Host):
             except FileNotFoundError:
                 raise HostError(f"{argv[0]}: command not found on {self.name}", argv=argv) from None
         return LocalProcess(process, argv)
+
+    @contextlib.asynccontextmanager
+    async def exchange_lines(self, argv: Sequence[str]) -> AsyncIterator[LineExchange]:
+        # Looked up first: under setpriv a missing command would only show as
+        # setpriv's exit status once the first question went unanswered.
+        if shutil.which(argv[0]) is None:
+            raise HostError(f"{argv[0]}: command not found on {self.name}", argv=argv)
+        full = [*_DIE_WITH_PARENT, *argv] if shutil.which("setpriv") else list(argv)
+        process = await asyncio.create_subprocess_exec(
+            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stderr = process.stderr
+
+        async def ended() -> HostError:
+            status: int | None = None
+            output = b""
+            # Bounded: a command can close its stdout and still run.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    status = await process.wait()
+                    output = await stderr.read()
+            return HostError(f"{argv[0]} on {self.name} stopped answering", argv=argv,
+                             status=status, output=output.decode(errors="replace"))
+
+        try:
+            yield LineExchange(self.name, argv, process.stdin, process.stdout, ended)
+        finally:
+            process.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await process.wait()
+            # The whole process group (its own session): neither a command that ignores
+            # the end of its input nor a child it left behind may outlive the block, and
+            # a child holding the output pipes would also keep wait() from returning.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
 
     async def read_file(self, path: Path) -> bytes:
         return await asyncio.to_thread(path.read_bytes)

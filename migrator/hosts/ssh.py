@@ -39,6 +39,11 @@ waits for them.
 watching it: the supervisor copies exactly that many bytes (``head -c``) into
 an unlinked temporary file that becomes the command's stdin.
 
+``exchange_lines`` runs the supervisor in ``talk`` mode: the lines arriving on
+the channel are the command's input, passed on one by one through an unlinked
+FIFO, and end-of-file still ends the command (it sees EOF on its stdin, then
+SIGTERM and SIGKILL as above), so a dialogue keeps the same guarantee.
+
 Files go over one SFTP session per connection; ``read_file`` reads until EOF
 rather than trusting the size SFTP reports (0 for /proc, 4096 for sysfs).
 Host keys are checked against ``known_hosts`` unless the target turns checking
@@ -65,13 +70,13 @@ from typing import Literal, cast
 import asyncssh
 
 from migrator.errors import HostError
-from migrator.hosts.base import CommandResult, Host, HostProcess
+from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 
 __all__ = ["SUPERVISOR", "SSHHost", "SSHProcess", "SSHTarget", "remote_command"]
 
 log = logging.getLogger(__name__)
 
-# Positional parameters: MODE (run|start) NBYTES GRACE_TICKS CWD OUT ERR ARGV...
+# Positional parameters: MODE (run|start|talk) NBYTES GRACE_TICKS CWD OUT ERR ARGV...
 # GRACE_TICKS counts tenths of a second (sh has no fractions).  Exit 127 with the
 # marker line below means "command not found".  Notes on the less obvious lines:
 # - `exec 6<&0` before `watch <&6 &`: dash points a background job's stdin at
@@ -80,6 +85,12 @@ log = logging.getLogger(__name__)
 #   does not exist yet; signalling the pid covers that window.
 # - `exec 2>/dev/null` once the command runs: dash reports a killed child
 #   ("Terminated") on stderr, which in run mode is the command's own stderr.
+# - talk mode's FIFO is opened read-write first (fd 7), which never blocks on
+#   Linux, so that opening its read end (fd 3, the command's stdin) and its write
+#   end (fd 8, the watcher's) does not block either; then fd 7 goes, and the FIFO's
+#   name with it.  Only the watcher keeps fd 8: when it closes it, the command
+#   reads EOF.  The watcher ignores SIGPIPE so that a command which stopped reading
+#   cannot kill it, and with it the end-of-channel watch.
 SUPERVISOR = r"""
 mode=$1 nbytes=$2 ticks=$3 cwd=$4 out=$5 err=$6
 shift 6
@@ -90,7 +101,12 @@ for tool in "$1" setsid setpriv; do
     }
 done
 if [ -n "$cwd" ]; then cd "$cwd" || exit 126; fi
-if [ "$nbytes" -gt 0 ]; then
+if [ "$mode" = talk ]; then
+    tmp=$(mktemp -d) || exit 125
+    mkfifo "$tmp/in" || exit 125
+    exec 7<>"$tmp/in" 3<"$tmp/in" 8>"$tmp/in" 7>&-
+    rm -rf "$tmp"
+elif [ "$nbytes" -gt 0 ]; then
     tmp=$(mktemp) || exit 125
     head -c "$nbytes" >"$tmp" || exit 125
     exec 3<"$tmp"
@@ -99,18 +115,24 @@ else
     exec 3</dev/null
 fi
 if [ "$mode" = start ]; then exec 4>>"$out" 5>>"$err"; else exec 4>&1 5>&2; fi
-setsid setpriv --pdeathsig KILL -- "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&- &
+setsid setpriv --pdeathsig KILL -- "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&- 8>&- &
 pid=$!
 exec 3<&- 4>&- 5>&-
-if [ "$mode" = start ]; then printf 'migrator-supervisor-pid %s\n' "$pid"; fi
+if [ "$mode" != run ]; then printf 'migrator-supervisor-pid %s\n' "$pid"; fi
 exec 2>/dev/null
 watch() {
-    while IFS= read -r sig; do
-        case $sig in
+    trap '' PIPE
+    while IFS= read -r line; do
+        if [ "$mode" = talk ]; then
+            printf '%s\n' "$line" >&8
+            continue
+        fi
+        case $line in
             '' | *[!A-Z0-9]*) ;;
-            *) kill -s "$sig" -- "$pid" ;;
+            *) kill -s "$line" -- "$pid" ;;
         esac
     done
+    exec 8>&-
     kill -s TERM -- "-$pid" || kill -s TERM -- "$pid" || exit 0
     t=0
     while [ "$t" -lt "$ticks" ] && kill -s 0 -- "$pid"; do
@@ -122,7 +144,7 @@ watch() {
 exec 6<&0
 watch <&6 6<&- >/dev/null &
 watcher=$!
-exec 6<&-
+exec 6<&- 8>&-
 wait "$pid"
 status=$?
 kill -s KILL -- "-$pid"
@@ -138,7 +160,7 @@ _START_TIMEOUT_S = 30.0
 
 
 def remote_command(
-    argv: Sequence[str], *, mode: Literal["run", "start"] = "run", stdin_bytes: int = 0,
+    argv: Sequence[str], *, mode: Literal["run", "start", "talk"] = "run", stdin_bytes: int = 0,
     kill_grace: float = 2.0, cwd: Path | None = None, stdout: Path | None = None,
     stderr: Path | None = None,
 ) -> str:
@@ -489,14 +511,13 @@ class SSHHost(Host):
             async with asyncio.timeout(self.kill_grace + 3.0):
                 await process.wait_closed()
 
-    async def start(
-        self, argv: Sequence[str], *, stdout: Path, stderr: Path, cwd: Path | None = None
-    ) -> HostProcess:
-        """Start ``argv`` with output appended to remote files; it dies with the channel."""
-        command = remote_command(
-            argv, mode="start", kill_grace=self.kill_grace, cwd=cwd, stdout=stdout, stderr=stderr
-        )
-        process = await self._open(command)
+    async def _started_pid(
+        self, process: asyncssh.SSHClientProcess[bytes], argv: Sequence[str]
+    ) -> int:
+        """The pid the supervisor reports once ``argv`` runs; :class:`HostError` if it never does.
+
+        Closes the channel on any failure.
+        """
         err = b""
         try:
             with self._translate(f"starting {argv[0]}"):
@@ -526,10 +547,42 @@ class SSHHost(Host):
                 f"could not start {argv[0]} on {self.name}", argv=argv, status=status,
                 output=err.decode("utf-8", errors="replace"),
             )
-        started = SSHProcess(self.name, process, argv, int(line[len(_PID_LINE):]))
+        return int(line[len(_PID_LINE):])
+
+    async def start(
+        self, argv: Sequence[str], *, stdout: Path, stderr: Path, cwd: Path | None = None
+    ) -> HostProcess:
+        """Start ``argv`` with output appended to remote files; it dies with the channel."""
+        command = remote_command(
+            argv, mode="start", kill_grace=self.kill_grace, cwd=cwd, stdout=stdout, stderr=stderr
+        )
+        process = await self._open(command)
+        pid = await self._started_pid(process, argv)
+        started = SSHProcess(self.name, process, argv, pid)
         self._started = [p for p in self._started if p.returncode is None] + [started]
         log.debug("%s: started %s as pid %d", self.name, shlex.join(argv), started.pid)
         return started
+
+    @contextlib.asynccontextmanager
+    async def exchange_lines(self, argv: Sequence[str]) -> AsyncIterator[LineExchange]:
+        """A dialogue with ``argv`` over one channel; closing it ends the command there."""
+        process = await self._open(remote_command(argv, mode="talk", kill_grace=self.kill_grace))
+        await self._started_pid(process, argv)
+
+        async def ended() -> HostError:
+            output = b""
+            with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
+                async with asyncio.timeout(self.kill_grace + 3.0):
+                    output = await process.stderr.read()
+                    await process.wait_closed()
+            status = _returncode(process)
+            return HostError(f"{argv[0]} on {self.name} stopped answering", argv=argv,
+                             status=status, output=output.decode("utf-8", errors="replace"))
+
+        try:
+            yield LineExchange(self.name, argv, process.stdin, process.stdout, ended)
+        finally:
+            await self._end(process)
 
     # Files.
 

@@ -17,6 +17,8 @@ import numpy as np
 from migrator.errors import ArtifactError
 from migrator.metrics.events import MigrationEvents, PhaseTimeline, load_events
 from migrator.metrics.guest import GuestObservations, load_guest
+from migrator.metrics.hgm import hgm_section
+from migrator.metrics.latency_dist import compare_latency_dist
 from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.trace import TraceAnalysis, analyze_trace
@@ -186,14 +188,18 @@ def build_report(run_path: Path) -> Report:
 
     vm = scenario.get("vm", {})
     migration = scenario.get("migration", {})
+    hgm, hgm_warnings = hgm_section(run_path, meta, vm.get("backing"), analysis, phases)
+    warnings += hgm_warnings
     qemu = meta.get("qemu", {}).get("destination", {})
     environment = {
         "qemu_version": qemu.get("version"), "qemu_binary": qemu.get("binary"),
+        "qemu_root": qemu.get("root"),
         "accel": meta.get("accel", {}).get("accel"),
         "accel_decided_by": meta.get("accel", {}).get("method"),
         "backing": vm.get("backing"), "memory_mib": vm.get("memory_mib"),
         "vcpus": vm.get("vcpus"), "postcopy": migration.get("postcopy"),
         "preempt": migration.get("preempt"), "switchover": migration.get("switchover"),
+        "hgm": hgm.enabled,
         "guest_kernel": meta.get("guest", {}).get("kernel_release"),
         "host_kernel": meta.get("controller", {}).get("kernel"),
         "migrator_version": meta.get("migrator_version"),
@@ -251,6 +257,11 @@ def build_report(run_path: Path) -> Report:
             "source": f"{counters.origin} (dst: postcopy-latency-dist)",
             "counts": counters.destination["postcopy-latency-dist"],
         }
+    dist_comparison = None
+    if latency_dist is not None and analysis is not None:
+        dist_comparison = compare_latency_dist(
+            latency_dist["counts"], analysis.latency, analysis.faults,
+            qemu_source=latency_dist["source"], trace_source=TRACE_SOURCE)
 
     freeze = _freeze(ev, counters)
     workload = scenario.get("workload", {})
@@ -283,8 +294,8 @@ def build_report(run_path: Path) -> Report:
         run_id=meta.get("run_id", run_path.name), scenario=meta.get("scenario", "?"),
         outcome=meta.get("outcome", "unknown"), error=meta.get("error", {}).get("message"),
         environment=environment, phases=phases.phases, timings=timings, transfer=transfer,
-        freeze=freeze, fetch=fetch, blocktime=blocktime, qemu_latency=qemu_latency,
-        qemu_latency_dist=latency_dist,
+        freeze=freeze, fetch=fetch, hgm=hgm, blocktime=blocktime, qemu_latency=qemu_latency,
+        qemu_latency_dist=latency_dist, latency_dist_comparison=dist_comparison,
         guest_stalls=guest_stalls,
         worst_guest_stalls=[
             Stall(host_ns=s.host_start_ns or 0, duration_ms=round(s.gap_ns / MS, 3),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from migrator.config.models import MigrationSpec, Scenario
 from migrator.errors import MissingCapability
+from migrator.hgm.detect import DOUBLEMAP_CAPABILITY
 from migrator.qemu.probe import QemuFacts
 
 __all__ = ["UNLIMITED_BANDWIDTH", "MigrationPlan", "check_capabilities", "plan_migration"]
@@ -49,15 +50,25 @@ def _parameters(spec: MigrationSpec) -> dict[str, int]:
     return parameters
 
 
-def plan_migration(scenario: Scenario) -> MigrationPlan:
-    """Capabilities and parameters for both sides of ``scenario``."""
+def plan_migration(scenario: Scenario, *, hgm: bool = False) -> MigrationPlan:
+    """Capabilities and parameters for both sides of ``scenario``.
+
+    ``hgm`` is the run's HGM decision (:func:`migrator.hgm.decide_hgm` on the
+    hosts, not the scenario's wish): True adds ``hugetlb-doublemap`` on both
+    sides.  It is a post-copy capability: asking for it without post-copy is a
+    :class:`ValueError`.
+    """
     spec = scenario.migration
+    if hgm and not spec.postcopy:
+        raise ValueError(f"{DOUBLEMAP_CAPABILITY} needs post-copy (migration.postcopy = true)")
     # 'events' makes QEMU emit MIGRATION and MIGRATION_PASS, which the driver waits on.
     common = {"events": True}
     if spec.postcopy:
         common["postcopy-ram"] = True
     if spec.preempt:
         common["postcopy-preempt"] = True
+    if hgm:
+        common[DOUBLEMAP_CAPABILITY] = True
     destination = dict(common)
     if spec.postcopy and scenario.collect.blocktime:
         destination["postcopy-blocktime"] = True

@@ -30,6 +30,7 @@ from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
 from migrator.hosts.base import Host
+from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 
@@ -64,17 +65,17 @@ async def stage_guest(host: Host, guest: GuestArtifacts, directory: Path) -> Gue
     return staged
 
 
-def _probe_argv(binary: str, guest: GuestArtifacts, host_dir: Path) -> list[str]:
+def _probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -> list[str]:
     """The probe QEMU: the microguest in ``boot`` mode under KVM, files in ``host_dir``."""
-    return [
-        binary, "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
+    return launcher.argv([
+        "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
         "-append", kernel_cmdline(working_set_mib=16, write_pct=0, pattern="sequential",
                                   stall_threshold_us=1000, heartbeat_ms=100, mode="boot"),
         *serial_chardev_args(host_dir / "serial.sock", host_dir / "serial.log"),
         "-qmp", f"unix:{host_dir / 'qmp.sock'},server=on,wait=off",
-    ]
+    ])
 
 
 async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tuple[bool, str]:
@@ -84,7 +85,7 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
         workdir = Path(scratch)
         async with host.temp_dir("migrator-accel-") as host_dir:
             staged = await stage_guest(host, guest, host_dir)
-            argv = _probe_argv(facts.binary, staged, host_dir)
+            argv = _probe_argv(facts.launcher, staged, host_dir)
             try:
                 async with (
                     QemuProcess(host, "kvm-probe", argv, host_dir / "qmp.sock", workdir,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migrator.config.models import Backing
+from migrator.qemu.launcher import QemuLauncher
 
 __all__ = ["RAM_BACKEND_ID", "TRACE_EVENTS", "LaunchSpec", "qemu_argv", "shell_line"]
 
@@ -35,7 +36,7 @@ TRACE_EVENTS = (
 class LaunchSpec:
     """Everything that decides one QEMU's command line."""
 
-    binary: str
+    launcher: QemuLauncher
     name: str
     memory_mib: int
     vcpus: int
@@ -73,7 +74,6 @@ def _memory_backend(spec: LaunchSpec) -> str:
 def qemu_argv(spec: LaunchSpec) -> list[str]:
     """The full argv for one QEMU (source or destination)."""
     argv = [
-        spec.binary,
         "-name", f"{spec.name},debug-threads=on",
         "-machine", f"{spec.machine},memory-backend={RAM_BACKEND_ID}",
         "-accel", spec.accel,
@@ -95,7 +95,7 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra)
-    return argv
+    return spec.launcher.argv(argv)
 
 
 def shell_line(argv: Sequence[str]) -> str:

@@ -8,28 +8,62 @@ from pathlib import Path
 
 from migrator.errors import MissingResource
 from migrator.hosts.base import Host
+from migrator.qemu.launcher import ROOT_LOADER, QemuLauncher, binary_in_root, qemu_launcher
 from migrator.qemu.process import QemuProcess
 
 __all__ = ["QemuFacts", "probe_qemu", "resolve_binary"]
 
+MAKE_ROOT = "scripts/make-qemu-root"
+
 
 @dataclass(frozen=True)
 class QemuFacts:
-    """A QEMU binary's identity and migration capabilities."""
+    """A QEMU binary's identity and migration capabilities.
+
+    ``binary`` is the executable's path on its host; ``root`` the root
+    filesystem it lives in (``vm.qemu_root``), None for the host's own QEMU.
+    """
 
     binary: str
     version: str
     package: str
     capabilities: tuple[str, ...]
+    root: str | None = None
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
         """Version as integers, for comparisons."""
         return tuple(int(part) for part in self.version.split("."))
 
+    @property
+    def launcher(self) -> QemuLauncher:
+        """How every QEMU of this binary is started (see :mod:`migrator.qemu.launcher`)."""
+        return qemu_launcher(self.binary, self.root)
 
-async def resolve_binary(host: Host, binary: str) -> str:
-    """Absolute path of a QEMU binary given by name or path; :class:`MissingResource` if absent."""
+
+async def _resolve_in_root(host: Host, binary: str, root: str) -> str:
+    """Host path of ``binary`` inside ``root``, after checking the root can run it."""
+    fix = f"make it with {MAKE_ROOT} {root} (as root, on {host.name})"
+    if not await host.exists(Path(root)):
+        raise MissingResource(f"vm.qemu_root: {root} does not exist on {host.name}; {fix}")
+    path = binary_in_root(root, binary)
+    for needed in (path, str(Path(root) / ROOT_LOADER)):
+        if not await host.exists(Path(needed)):
+            raise MissingResource(
+                f"vm.qemu_root: {root} on {host.name} has no {needed} (vm.qemu = {binary!r} "
+                f"is looked up inside the root); {fix}, or fix vm.qemu"
+            )
+    return path
+
+
+async def resolve_binary(host: Host, binary: str, root: str | None = None) -> str:
+    """Absolute path of a QEMU binary given by name or path; :class:`MissingResource` if absent.
+
+    With ``root`` the binary is looked up inside that root filesystem (a name in
+    its ``usr/bin``, a path relative to the root).
+    """
+    if root is not None:
+        return await _resolve_in_root(host, binary, root)
     if "/" in binary:
         if not await host.exists(Path(binary)):
             raise MissingResource(
@@ -47,15 +81,17 @@ async def resolve_binary(host: Host, binary: str) -> str:
     return path
 
 
-async def probe_qemu(host: Host, binary: str) -> QemuFacts:
-    """Start ``binary -machine none`` and ask it for its version and capabilities."""
-    path = await resolve_binary(host, binary)
+async def probe_qemu(host: Host, binary: str, root: str | None = None) -> QemuFacts:
+    """Start ``binary -machine none`` (from ``root`` if given): its version and capabilities."""
+    path = await resolve_binary(host, binary, root)
+    launcher = qemu_launcher(path, root)
     # QEMU's socket and logs on its own host; the monitor's event log here.
     with tempfile.TemporaryDirectory(prefix="migrator-probe-") as local:
         async with host.temp_dir("migrator-probe-") as host_dir:
             socket = host_dir / "qmp.sock"
-            argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display",
-                    "none", "-qmp", f"unix:{socket},server=on,wait=off"]
+            argv = launcher.argv(["-machine", "none", "-nodefaults", "-no-user-config",
+                                  "-display", "none", "-qmp",
+                                  f"unix:{socket},server=on,wait=off"])
             async with QemuProcess(host, "probe", argv, socket, Path(local), host_dir=host_dir,
                                    start_timeout=15) as qemu:
                 reply = await qemu.monitor.execute("query-version")
@@ -66,4 +102,5 @@ async def probe_qemu(host: Host, binary: str) -> QemuFacts:
         version=f"{q['major']}.{q['minor']}.{q['micro']}",
         package=str(reply.get("package", "")).strip(),
         capabilities=tuple(sorted(capabilities)),
+        root=root,
     )

@@ -18,6 +18,8 @@ __all__ = [
     "Comparison",
     "Freeze",
     "GuestVcpuStalls",
+    "LatencyBucket",
+    "LatencyDistComparison",
     "Metric",
     "OutsideStalls",
     "Phase",
@@ -121,6 +123,122 @@ class OutsideStalls(_Model):
     worst: list[Stall]
 
 
+class LatencyBucket(_Model):
+    """One bucket of QEMU's ``postcopy-latency-dist`` and how many faults each source put in it."""
+
+    bucket_us_low: int
+    bucket_us_high: int | None = Field(description="exclusive; None for the open last bucket")
+    qemu_count: int
+    trace_count: int
+
+
+class LatencyDistComparison(_Model):
+    """QEMU's own fault-latency distribution next to the trace's, bucket by bucket."""
+
+    qemu_source: str
+    trace_source: str
+    rows: list[LatencyBucket]
+    qemu_total: int
+    trace_total: int = Field(description="resolved fault requests (latencies) in the trace")
+    trace_requests: int = Field(description="every fault request line, resolved or not")
+    largest_disagreement: LatencyBucket | None = Field(
+        description="the bucket whose counts differ most; None when every bucket agrees")
+    faults_in_other_buckets: int = Field(
+        description="at least this many faults are counted in different buckets by the two")
+    note: str = ""
+
+
+class HgmBlock(_Model):
+    """The fault granularity one huge-page RAMBlock really got (destination trace).
+
+    ``fetched``: ``whole pages``, ``4 KiB pieces`` (or another piece size) or
+    ``nothing placed``; ``matches_decision`` is None when nothing was placed.
+    """
+
+    ramblock: str
+    page_size: int
+    pages_placed: int
+    placement_granularity: Metric
+    subpage_resolution: bool = Field(description="faults were resolved per 4 KiB piece")
+    fetched: str
+    matches_decision: bool | None
+
+
+class HgmMappingSpan(_Model):
+    """Consecutive smaps samples with the guest RAM mapped at one level.
+
+    ``level``: ``pud``, ``pmd``, ``pte``, ``mixed``, ``unmapped`` or
+    ``not-found`` (no guest RAM VMA in that sample).  ``mapped`` is at the
+    span's last sample; ``split_peak`` is the most memory mapped below
+    huge-page level (unknown without the kernel's HGM counters).
+    """
+
+    level: str
+    start_ns: int
+    end_ns: int
+    phase: str
+    samples: int
+    mapped: Metric
+    split_peak: Metric
+
+
+class HgmCollapse(_Model):
+    """When guest RAM split into pieces went back to huge mappings (see CollapseSummary).
+
+    The collapse happened between ``last_split_ns`` and ``collapsed_ns``
+    (``uncertainty`` wide); ``collapsed_after_completion`` counts from the
+    destination's completion to ``collapsed_ns``.
+    """
+
+    status: str
+    peak_split: Metric
+    peak_split_ns: int | None
+    completed_ns: int | None
+    split_at_completion: Metric
+    last_split_ns: int | None
+    collapsed_ns: int | None
+    collapsed_after_completion: Metric
+    uncertainty: Metric
+    final_level: str | None
+    final: dict[str, Any] | None
+
+
+class HgmMapping(_Model):
+    """The destination's guest RAM mapping over time, from ``dst/smaps.jsonl``.
+
+    ``samples`` counts every sample, ``found`` those that found the guest RAM
+    VMA; ``hgm_counters`` says whether the kernel printed the HGM series'
+    ``HugetlbP*Mapped`` counters (without them a page is mapped whole).
+    """
+
+    samples: int
+    found: int
+    vma: str | None
+    page_size_kib: int | None
+    hgm_counters: bool
+    timeline: list[HgmMappingSpan]
+    collapse: HgmCollapse
+    source: str
+
+
+class HgmSection(_Model):
+    """HGM: the run's decision next to the granularity that really happened.
+
+    ``mode`` is the scenario's ``vm.hgm`` (None for runs recorded before it
+    existed); ``decided_by`` says where ``enabled`` was read; ``hosts`` holds
+    each role's probed support (empty when nothing was probed).
+    """
+
+    mode: str | None
+    enabled: bool
+    reason: str
+    decided_by: str
+    hosts: dict[str, dict[str, Any]]
+    blocks: list[HgmBlock]
+    mapping: HgmMapping | None
+    notes: list[str]
+
+
 class Report(_Model):
     """Everything derived from one run directory."""
 
@@ -135,9 +253,12 @@ class Report(_Model):
     transfer: dict[str, Metric]
     freeze: Freeze | None
     fetch: list[BlockFetch]
+    # Optional so that report.json files written before it existed still load.
+    hgm: HgmSection | None = None
     blocktime: dict[str, Metric]
     qemu_latency: dict[str, Metric]
     qemu_latency_dist: dict[str, Any] | None = None
+    latency_dist_comparison: LatencyDistComparison | None = None
     guest_stalls: list[GuestVcpuStalls]
     worst_guest_stalls: list[Stall]
     outside_stalls: OutsideStalls | None

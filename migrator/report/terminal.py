@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from migrator.report.schema import Metric, Report
+from migrator.report.schema import HgmSection, LatencyDistComparison, Metric, Report
 
 __all__ = ["render_report"]
 
@@ -87,6 +88,9 @@ def render_report(report: Report, console: Console) -> None:
             console.print(f"  {len(quiet)} other RAMBlocks took no faults ({pages:,} pages "
                           "arrived in the background)", highlight=False)
 
+    if report.hgm is not None:
+        _render_hgm(report.hgm, console, sources)
+
     if report.freeze is not None:
         console.print(_metrics_table("Freeze", {
             "source STOP -> destination RESUME": report.freeze.freeze,
@@ -125,6 +129,8 @@ def render_report(report: Report, console: Console) -> None:
     if report.qemu_latency:
         console.print(_metrics_table("QEMU's own post-copy latency", report.qemu_latency,
                                      sources))
+    if report.latency_dist_comparison is not None:
+        _latency_dist(report.latency_dist_comparison, console)
 
     if report.comparisons:
         table = Table(title="Where two sources measure the same thing", title_justify="left",
@@ -149,6 +155,84 @@ def render_report(report: Report, console: Console) -> None:
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"[dim]Sources:\n{sources.legend()}[/dim]", highlight=False)
+
+
+def _latency_dist(dist: LatencyDistComparison, console: Console) -> None:
+    """QEMU's latency buckets next to the trace's, from the first to the last non-empty one."""
+    # A short title: rich wraps it to the table's width.
+    table = Table(title="Fault latency buckets: QEMU vs trace", title_justify="left",
+                  show_edge=False)
+    for column in ("latency", "QEMU", "trace", "trace - QEMU"):
+        table.add_column(column, justify="left" if column == "latency" else "right")
+    used = [i for i, row in enumerate(dist.rows) if row.qemu_count or row.trace_count]
+    for row in dist.rows[used[0]:used[-1] + 1] if used else []:
+        span = (f">= {_us(row.bucket_us_low)}" if row.bucket_us_high is None
+                else f"{_us(row.bucket_us_low)} - {_us(row.bucket_us_high)}")
+        table.add_row(span, f"{row.qemu_count:,}", f"{row.trace_count:,}",
+                      f"{row.trace_count - row.qemu_count:+,}")
+    console.print(table)
+    worst = dist.largest_disagreement
+    largest = "none" if worst is None else (
+        f"{worst.trace_count - worst.qemu_count:+,} at {_us(worst.bucket_us_low)}")
+    console.print(
+        f"  totals: QEMU {dist.qemu_total:,}, trace {dist.trace_total:,} resolved of "
+        f"{dist.trace_requests:,} requests; largest disagreement {largest}; at least "
+        f"{dist.faults_in_other_buckets:,} faults in other buckets", highlight=False)
+    console.print(f"  [dim]QEMU: {dist.qemu_source}; trace: {dist.trace_source}. "
+                  f"{dist.note}[/dim]", highlight=False)
+
+
+def _us(micros: int) -> str:
+    """A bucket bound in us, ms or s (bounds are powers of two: three digits suffice)."""
+    if micros < 1000:
+        return f"{micros} us"
+    if micros < 1_000_000:
+        return f"{micros / 1e3:.3g} ms"
+    return f"{micros / 1e6:.3g} s"
+
+
+def _render_hgm(hgm: HgmSection, console: Console, sources: Sources) -> None:
+    """The short HGM block: decision, fetch granularity per huge-page block, mapping."""
+    state = "[green]enabled[/green]" if hgm.enabled else "disabled"
+    mode = f"hgm = {hgm.mode}" if hgm.mode else "no hgm setting"
+    console.print(f"[bold]HGM[/bold] {state} ({mode}): {escape(hgm.reason)}", highlight=False)
+    for block in hgm.blocks:
+        verdict = {True: "as decided", False: "[red]NOT as decided[/red]", None: ""}[
+            block.matches_decision]
+        console.print(
+            f"  {block.ramblock} ({_size(block.page_size)} pages): {block.fetched}, placed at "
+            f"{_size(_int(block.placement_granularity))} over {block.pages_placed:,} "
+            f"placement{'' if block.pages_placed == 1 else 's'} "
+            f"{sources.cite(block.placement_granularity)} {verdict}".rstrip(),
+            highlight=False)
+    mapping = hgm.mapping
+    if mapping is not None:
+        spans = " -> ".join(f"{span.level.upper()} ({span.phase})" for span in mapping.timeline)
+        last = mapping.timeline[-1].mapped if mapping.timeline else None
+        mapped = f", {fmt(last)} mapped at the end" if last and last.value is not None else ""
+        console.print(f"  guest RAM mapping, {mapping.found:,} of {mapping.samples:,} samples "
+                      f"{sources.cite(mapping.collapse.peak_split)}: {spans or '-'}{mapped}",
+                      highlight=False)
+        collapse = mapping.collapse
+        if not mapping.hgm_counters:
+            detail = "the kernel prints no HGM counters: huge pages are mapped whole"
+        elif collapse.status == "collapsed":
+            detail = (f"collapsed {fmt(collapse.collapsed_after_completion)} after completion "
+                      f"(+/- {fmt(collapse.uncertainty)}) "
+                      f"{sources.cite(collapse.collapsed_after_completion)}; peak split "
+                      f"{fmt(collapse.peak_split)}")
+        elif collapse.status == "not-collapsed":
+            detail = (f"[yellow]still split at the last sample[/yellow]; peak split "
+                      f"{fmt(collapse.peak_split)}")
+        else:
+            detail = collapse.status
+        console.print(f"  split/collapse: {detail}", highlight=False)
+    for note in hgm.notes:
+        console.print(f"  [dim]{escape(note)}[/dim]", highlight=False)
+
+
+def _int(metric: Metric) -> int | None:
+    return metric.value if isinstance(metric.value, int) else None
 
 
 def _num(metric: Metric | None) -> str:

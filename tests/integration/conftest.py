@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 
 from migrator.config import Scenario, parse_scenario
 from tests.integration.sshhosts import SSHTestbed, make_testbed
+
+REPO = Path(__file__).resolve().parents[2]
+# Where tests (and docs/qemu-notes.md) keep the Debian sid root with QEMU 11.1.
+SID_ROOT = Path("/var/cache/migrator/roots/sid")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,6 +50,20 @@ def scenario(name: str, **sections: dict[str, object]) -> Scenario:
         merged.update(value)
         data[key] = merged
     return parse_scenario(data)
+
+
+@pytest.fixture(scope="session")
+def qemu_11_root() -> Path:
+    """The sid root holding QEMU 11.1, made on first use by ``scripts/make-qemu-root``.
+
+    scripts/setup does not make it (347 MB); the script is idempotent: an existing root
+    is only checked (``--version``, no network), a missing one is debootstrapped (~30 s).
+    Not a skip either: the 11.1 tests must run wherever the integration tests run.
+    """
+    made = subprocess.run([str(REPO / "scripts" / "make-qemu-root"), str(SID_ROOT)],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    assert made.returncode == 0, f"scripts/make-qemu-root {SID_ROOT}: {made.stderr[-2000:]}"
+    return SID_ROOT
 
 
 @pytest.fixture(scope="session")

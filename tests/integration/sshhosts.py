@@ -10,9 +10,10 @@ sessions on one machine do not collide)::
 
 The control links carry SSH from the controller; the migration link joins the
 two hosts directly (the migration stream goes host to host, and shaping it with
-``tc`` never slows the control connection).  Every address is on a link this
-module created, so no packet for it can leave the machine (the root namespace's
-default route is never used: :func:`_assert_on_link` checks before sshd starts).
+``tc`` never slows the control connection: see :func:`shaped_migration_link`).
+Every address is on a link this module created, so no packet for it can leave
+the machine (the root namespace's default route is never used:
+:func:`_assert_on_link` checks before sshd starts).
 
 The namespaces share the root filesystem.  sshd gets its own config, host key
 and authorized_keys in a temporary directory; nothing under /etc or ~/.ssh is
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import signal
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from migrator.hosts.ssh import SSHTarget
 
-__all__ = ["NamespaceHost", "SSHTestbed", "make_testbed"]
+__all__ = ["NamespaceHost", "SSHTestbed", "make_testbed", "shaped_migration_link"]
 
 SSHD = Path("/usr/sbin/sshd")
 _PREFIX = "migssh"
@@ -107,6 +109,50 @@ class SSHTestbed:
             known_hosts=self.known_hosts, name=f"host-{host.label}", connect_timeout=5.0,
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+# tbf's bucket: big enough that its timer does not limit the rate (a few GSO-sized
+# packets), small against a 2 MiB page, so a page fetch really waits for the rate.
+TBF_BURST = "64kb"
+# tbf's queue, as time at the rate: TCP keeps it full, so it adds this much delay at most.
+TBF_LATENCY = "50ms"
+
+
+@dataclass(frozen=True)
+class ShapedLink:
+    """The tbf on each end of ``mig0`` while :func:`shaped_migration_link` holds it."""
+
+    bed: SSHTestbed
+    rate: str
+
+    def sent_bytes(self) -> dict[str, int]:
+        """Bytes each host's tbf let out so far (its egress on the migration link)."""
+        sent = {}
+        for host in self.bed.hosts:
+            shown = json.loads(host.exec("tc", "-s", "-j", "qdisc", "show", "dev", "mig0",
+                                         check=True).stdout)
+            [tbf] = [q for q in shown if q["kind"] == "tbf"]
+            sent[host.label] = int(tbf["bytes"])
+        return sent
+
+
+@contextlib.contextmanager
+def shaped_migration_link(bed: SSHTestbed, rate: str) -> Iterator[ShapedLink]:
+    """Rate-limit ``mig0`` to ``rate`` (tc syntax, e.g. ``400mbit``) in both directions.
+
+    A tbf as the root qdisc on each end shapes that host's egress, so the stream
+    from a to b and the page requests from b to a both see the rate.  The
+    control links (SSH) are untouched.  On exit the qdiscs are deleted and
+    ``mig0`` is back to the kernel's default, whatever happened.
+    """
+    try:
+        for host in bed.hosts:
+            host.exec("tc", "qdisc", "replace", "dev", "mig0", "root", "tbf", "rate", rate,
+                      "burst", TBF_BURST, "latency", TBF_LATENCY, check=True)
+        yield ShapedLink(bed, rate)
+    finally:
+        for host in bed.hosts:
+            host.exec("tc", "qdisc", "del", "dev", "mig0", "root")
 
 
 def _stale_namespaces() -> list[str]:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from migrator.errors import HostError
 from migrator.hosts.ssh import SSHHost
+from migrator.preflight import _clock_offset
 from tests.integration.sshhosts import SSHTestbed
 from tests.unit.test_ssh_quoting import ARG, NASTY, alive
 
@@ -239,6 +240,51 @@ async def test_dropped_connection_kills_the_remote_process(
     with pytest.raises(HostError, match="SSH connection lost"):
         await process.wait()
     await host.close()
+
+
+async def test_line_dialogue_over_one_channel(host_a: SSHHost) -> None:
+    script = 'read -r q; echo $$; while IFS= read -r q; do echo "re: $q"; done'
+    async with host_a.exchange_lines(["sh", "-c", script]) as dialogue:
+        pid = int(await dialogue.ask("pid?"))
+        assert alive(pid)
+        for question in [q for q in NASTY if "\n" not in q and "\r" not in q]:
+            assert await dialogue.ask(question) == f"re: {question}"
+    assert not alive(pid)
+    with pytest.raises(HostError, match="no-such-command-xyz: command not found on host-a"):
+        async with host_a.exchange_lines(["no-such-command-xyz"]):
+            pytest.fail("must not get here")
+
+
+async def test_dropped_connection_ends_a_dialogue(
+    ssh_testbed: SSHTestbed, record_property: Any
+) -> None:
+    host = SSHHost(ssh_testbed.target(ssh_testbed.b), kill_grace=1.0)
+    await host.connect()
+    # Keeps running after its input ends and ignores SIGTERM: only the SIGKILL ends it.
+    script = ("trap '' TERM; read -r q; echo $$; while read -r q; do echo \"$q\"; done; "
+              "sleep 1000.875")
+    dialogue = host.exchange_lines(["sh", "-c", script])
+    pid = int(await (await dialogue.__aenter__()).ask("pid?"))
+    host.connection.abort()
+    seconds = await asyncio.to_thread(wait_dead, pid)
+    record_property("abort_to_dialogue_death_s", round(seconds, 3))
+    await dialogue.__aexit__(None, None, None)
+    await host.close()
+
+
+async def test_clock_offset_over_one_channel_is_within_its_bound(
+    ssh_testbed: SSHTestbed, record_property: Any
+) -> None:
+    # One machine clock on both sides: what remains is the measurement's own error,
+    # at most half the round trip (plus the 1 ms the comparison allows for rounding).
+    for host in ssh_testbed.hosts:
+        async with SSHHost(ssh_testbed.target(host)) as remote:
+            offset, rtt = await _clock_offset(remote)
+        assert offset is not None
+        assert rtt is not None
+        record_property(f"clock_{host.label}_offset_rtt_ms", [offset, rtt])
+        assert 0 < rtt < 50
+        assert abs(offset) <= rtt / 2 + 1
 
 
 async def test_killed_supervisor_takes_its_command_along(

@@ -550,6 +550,27 @@ def test_repetitions_give_medians_and_say_how_many_finished(tmp_path: Path) -> N
     assert "median over the finished repetitions" in markdown
 
 
+def test_rows_name_their_qemu_when_the_table_mixes_qemu_builds(tmp_path: Path) -> None:
+    newer = tmp_path / "newer-1g"
+    shutil.copytree(RUNS / "hugetlb-1g", newer)
+    meta = json.loads((newer / "run.json").read_text())
+    meta["qemu"]["destination"].update(version="11.1.3", root="/var/cache/migrator/roots/sid")
+    (newer / "run.json").write_text(json.dumps(meta))
+    mixed: dict[str, list[tuple[str, Path | None]]] = {
+        "2m": [("done", RUNS / "hugetlb-2m")], "1g": [("done", newer)],
+        "1g-hgm": [("unsupported", None)]}
+    table = build_page_size_table(*recorded_suite(tmp_path, mixed))
+    assert [row.label for row in table.rows] == ["2 MiB QEMU 7.2.22", "1 GiB QEMU 11.1.3",
+                                                 "1 GiB+HGM"]
+    assert "| 1 GiB QEMU 11.1.3 | 1 |" in table_markdown(table)
+    # One QEMU for every run: the environment line names it, the rows do not.
+    same = dict(mixed)
+    same["1g"] = [("done", RUNS / "hugetlb-1g")]
+    (tmp_path / "same").mkdir()
+    table = build_page_size_table(*recorded_suite(tmp_path / "same", same))
+    assert [row.label for row in table.rows] == ["2 MiB", "1 GiB", "1 GiB+HGM"]
+
+
 def test_rows_split_by_the_other_axes(tmp_path: Path) -> None:
     suite = demo_suite({"field": "vm.backing", "values": ["memfd-4k", "hugetlb-2m"]},
                        PREEMPT_AXIS)

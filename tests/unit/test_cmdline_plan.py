@@ -10,12 +10,13 @@ from migrator.config import Backing, parse_scenario
 from migrator.errors import MissingCapability
 from migrator.migration.plan import UNLIMITED_BANDWIDTH, check_capabilities, plan_migration
 from migrator.qemu.cmdline import LaunchSpec, qemu_argv, shell_line
+from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 
 
 def spec(backing: Backing, **kw: object) -> LaunchSpec:
     base: dict[str, object] = dict(
-        binary="/usr/bin/qemu-system-x86_64", name="dst", memory_mib=1024, vcpus=2,
+        launcher=QemuLauncher("/usr/bin/qemu-system-x86_64"), name="dst", memory_mib=1024, vcpus=2,
         backing=backing, accel="tcg", machine="pc", kernel=Path("/k"), initrd=Path("/i"),
         append="console=ttyS0 a=b", qmp_socket=Path("/run/x/dst-qmp.sock"),
         serial_args=("-serial", "null"),

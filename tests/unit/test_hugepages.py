@@ -2,35 +2,69 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from migrator.errors import HugepageShortfall, MissingResource
 from migrator.hosts.fake import FakeHost
-from migrator.hosts.hugepages import find_hugetlbfs_mount, hugetlbfs_dir, reserve_hugepages
+from migrator.hosts.hugepages import (
+    BOOT_ID,
+    claimed_hugepages,
+    find_hugetlbfs_mount,
+    hugetlbfs_dir,
+    reserve_hugepages,
+)
 
 POOL = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB")
 
 
+class FakeKernel:
+    """One kernel's 1 GiB pool (growable to ``limit`` pages), seen by any number of hosts."""
+
+    def __init__(self, total: int, free: int, limit: int, boot_id: str | None = None) -> None:
+        self.total = total
+        self.used = total - free
+        self.limit = limit
+        self.boot_id = boot_id
+        self.hosts: list[FakeHost] = []
+
+    def host(self, name: str = "fake") -> FakeHost:
+        """A host running on this kernel (e.g. one network namespace of it)."""
+        host = FakeHost(name)
+        if self.boot_id is not None:
+            host.set_text(BOOT_ID, self.boot_id + "\n")
+        host.set_text(POOL / "resv_hugepages", "0\n")
+        host.set_text(POOL / "surplus_hugepages", "0\n")
+        host.on_write[POOL / "nr_hugepages"] = self._write
+        self.hosts.append(host)
+        self._publish()
+        return host
+
+    def map_pages(self, pages: int) -> None:
+        """A process maps ``pages`` of the pool (as a QEMU starting on a reservation does)."""
+        self.used += pages
+        self._publish()
+
+    def _write(self, data: bytes) -> None:
+        self.total = max(self.used, min(int(data), self.limit))
+        self._publish()
+
+    def _publish(self) -> None:
+        for host in self.hosts:
+            host.files[POOL / "nr_hugepages"] = f"{self.total}\n".encode()
+            host.files[POOL / "free_hugepages"] = f"{self.total - self.used}\n".encode()
+
+
 def kernel_with_pool(total: int, free: int, limit: int) -> FakeHost:
-    """A fake kernel whose pool can grow to ``limit`` pages at most."""
-    host = FakeHost()
-    state = {"total": total, "used": total - free}
+    """A fake host on a kernel (without a boot_id) whose pool can grow to ``limit`` pages."""
+    return FakeKernel(total, free, limit).host()
 
-    def publish() -> None:
-        host.files[POOL / "nr_hugepages"] = f"{state['total']}\n".encode()
-        host.files[POOL / "free_hugepages"] = f"{state['total'] - state['used']}\n".encode()
 
-    def on_write(data: bytes) -> None:
-        state["total"] = max(state["used"], min(int(data), limit))
-        publish()
-
-    publish()
-    host.set_text(POOL / "resv_hugepages", "0\n")
-    host.set_text(POOL / "surplus_hugepages", "0\n")
-    host.on_write[POOL / "nr_hugepages"] = on_write
-    return host
+def writes(host: FakeHost) -> list[str]:
+    """The values ``host`` wrote to nr_hugepages, in order."""
+    return [c[2] for c in host.calls if c[:2] == ("write", str(POOL / "nr_hugepages"))]
 
 
 async def test_grows_by_shortfall_and_gives_back() -> None:
@@ -55,6 +89,92 @@ async def test_shortfall_names_counts_and_restores() -> None:
             pytest.fail("must not get here")
     assert "need 2 free 1 GiB pages, only 1" in str(caught.value)
     assert host.text(POOL / "nr_hugepages").strip() == "0"
+
+
+async def test_hosts_on_one_kernel_do_not_count_the_same_free_pages_twice() -> None:
+    # Two namespaces of one machine: 3 pages free, each host needs 2.
+    kernel = FakeKernel(total=3, free=3, limit=10, boot_id="0f1e-same")
+    a, b = kernel.host("a"), kernel.host("b")
+    async with reserve_hugepages(a, 1048576, 2) as added_a:
+        assert added_a == 0
+        assert await claimed_hugepages(b, 1048576) == 2
+        async with reserve_hugepages(b, 1048576, 2) as added_b:
+            # b sees 3 available, 2 of them claimed by a: it grows the pool by 1.
+            assert added_b == 1
+            assert kernel.total == 4
+            assert await claimed_hugepages(a, 1048576) == 4
+        assert kernel.total == 3
+        assert await claimed_hugepages(a, 1048576) == 2
+    assert await claimed_hugepages(a, 1048576) == 0
+    assert writes(a) == []
+    assert writes(b) == ["4", "3"]
+
+
+async def test_shortfall_on_a_shared_kernel_names_the_claim() -> None:
+    kernel = FakeKernel(total=2, free=2, limit=3, boot_id="same")
+    a, b = kernel.host("a"), kernel.host("b")
+    async with reserve_hugepages(a, 1048576, 2):
+        with pytest.raises(HugepageShortfall) as caught:
+            async with reserve_hugepages(b, 1048576, 2):
+                pytest.fail("must not get here")
+        assert caught.value.free == 1
+        assert caught.value.claimed == 2
+        assert "2 more are claimed by this controller's other reservations" in str(caught.value)
+        # The partial growth was given back, and b's failed claim left nothing behind.
+        assert kernel.total == 2
+        assert await claimed_hugepages(a, 1048576) == 2
+    assert await claimed_hugepages(a, 1048576) == 0
+
+
+async def test_concurrent_reservations_on_one_kernel_are_serialised() -> None:
+    kernel = FakeKernel(total=0, free=0, limit=10, boot_id="same")
+    a, b = kernel.host("a"), kernel.host("b")
+    both_in = asyncio.Barrier(3)
+
+    async def hold(host: FakeHost) -> int:
+        async with reserve_hugepages(host, 1048576, 2) as added:
+            await both_in.wait()
+            await both_in.wait()
+        return added
+
+    tasks = [asyncio.create_task(hold(a)), asyncio.create_task(hold(b))]
+    await both_in.wait()
+    # Neither lost the other's write: the pool holds both reservations.
+    assert kernel.total == 4
+    await both_in.wait()
+    assert sorted([await task for task in tasks]) == [2, 2]
+    assert kernel.total == 0
+
+
+async def test_pages_already_mapped_by_a_claimant_count_conservatively() -> None:
+    kernel = FakeKernel(total=0, free=0, limit=10, boot_id="same")
+    a, b = kernel.host("a"), kernel.host("b")
+    async with reserve_hugepages(a, 1048576, 2):
+        kernel.map_pages(2)  # a's QEMU maps its pages: they leave "free", the claim stays
+        async with reserve_hugepages(b, 1048576, 2) as added_b:
+            assert added_b == 4  # more than strictly needed, never less
+        assert kernel.total == 2
+        kernel.map_pages(-2)
+    assert kernel.total == 0
+
+
+async def test_hosts_on_different_kernels_claim_independently() -> None:
+    first = FakeKernel(total=2, free=2, limit=2, boot_id="boot-1")
+    second = FakeKernel(total=2, free=2, limit=2, boot_id="boot-2")
+    a, b = first.host("a"), second.host("b")
+    async with reserve_hugepages(a, 1048576, 2), reserve_hugepages(b, 1048576, 2) as added:
+        assert added == 0
+        assert await claimed_hugepages(a, 1048576) == 2
+        assert await claimed_hugepages(b, 1048576) == 2
+    assert writes(a) == writes(b) == []
+
+
+async def test_a_host_without_boot_id_is_a_kernel_of_its_own() -> None:
+    kernel = FakeKernel(total=2, free=2, limit=2)
+    a, b = kernel.host("a"), kernel.host("b")
+    async with reserve_hugepages(a, 1048576, 2):
+        assert await claimed_hugepages(a, 1048576) == 2
+        assert await claimed_hugepages(b, 1048576) == 0
 
 
 async def test_unknown_page_size() -> None:

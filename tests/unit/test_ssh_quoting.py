@@ -163,6 +163,49 @@ def test_a_command_ignoring_sigterm_gets_sigkill_after_the_grace() -> None:
         assert 0.4 < time.monotonic() - started < 3
 
 
+def test_talk_mode_passes_lines_one_by_one_and_eof_ends_the_command(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    # Answers each line at once; "sleep" outlives the input unless the supervisor acts.
+    script = (f"trap '' TERM; echo $$ > {pidfile}; "
+              'while IFS= read -r q; do echo "re: $q"; done; sleep 1000')
+    command = remote_command(["sh", "-c", script], mode="talk", kill_grace=0.5)
+    with subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"migrator-supervisor-pid ")
+        for question in ("one", "two words", "KILL", "$(id) `id` 'q'"):
+            # Signal names are plain lines in talk mode, like anything else.
+            proc.stdin.write(question.encode() + b"\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == f"re: {question}\n".encode()
+        pid = int(pidfile.read_text())
+        assert alive(pid)
+        proc.stdin.close()  # what sshd does when the channel closes
+        assert proc.wait(10) == 128 + signal.SIGKILL
+    assert not alive(pid)
+
+
+def test_talk_mode_survives_a_command_that_stopped_reading() -> None:
+    # Lines written after the command closed its stdin must not end the watcher (SIGPIPE):
+    # it still has to see the end of the channel and end the command.
+    command = remote_command(["sh", "-c", "exec 0<&-; sleep 1000"], mode="talk",
+                             kill_grace=0.5)
+    with subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        time.sleep(0.2)
+        for _ in range(3):
+            proc.stdin.write(b"nobody reads this\n")
+            proc.stdin.flush()
+        time.sleep(0.2)
+        assert proc.poll() is None
+        proc.stdin.close()
+        assert proc.wait(10) == 128 + signal.SIGTERM
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(ARG, min_size=1, max_size=5))
 def test_any_argv_round_trips_through_a_shell(argv: list[str]) -> None:

@@ -1,0 +1,125 @@
+"""QEMU 11.1 from a separate root filesystem: probed, migrated, compared with the host's 7.2.
+
+The root is the Debian sid root of ``scripts/make-qemu-root`` (fixture
+``qemu_11_root``), run from outside with its own loader (docs/qemu-notes.md, 2A).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migrator.errors import PreflightError
+from migrator.hosts.local import LocalHost
+from migrator.metrics.summary import build_report, write_report
+from migrator.qemu.probe import probe_qemu
+from migrator.runner import run_scenario
+from tests.integration.conftest import scenario
+
+
+def test_probe_reports_11_1_from_the_root(qemu_11_root: Path) -> None:
+    facts = asyncio.run(probe_qemu(LocalHost(), "qemu-system-x86_64", str(qemu_11_root)))
+    assert facts.version_tuple[:2] == (11, 1)
+    assert facts.binary == f"{qemu_11_root}/usr/bin/qemu-system-x86_64"
+    assert facts.root == str(qemu_11_root)
+    assert "postcopy-blocktime" in facts.capabilities
+    # The host's own QEMU is another build.
+    host = asyncio.run(probe_qemu(LocalHost(), "qemu-system-x86_64"))
+    assert host.version_tuple[:2] != (11, 1)
+
+
+def test_a_missing_root_stops_the_run_at_preflight(runs_root: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-root"
+    with pytest.raises(PreflightError) as caught:
+        asyncio.run(run_scenario(scenario("it-no-root", vm={"qemu_root": str(missing)}),
+                                 runs_root))
+    message = str(caught.value)
+    assert f"vm.qemu_root: {missing} does not exist" in message
+    assert f"scripts/make-qemu-root {missing}" in message
+
+
+def test_postcopy_on_qemu_11_1_compares_its_latency_buckets_with_the_trace(
+    qemu_11_root: Path, runs_root: Path,
+) -> None:
+    run = asyncio.run(run_scenario(
+        scenario("it-qemu-11", vm={"backing": "hugetlb-2m", "qemu_root": str(qemu_11_root)}),
+        runs_root))
+    report = build_report(run.path)
+    write_report(run.path, report)
+    assert report.outcome == "completed"
+    assert report.integrity["bad_pages"] == 0
+    assert report.integrity["read_mismatches"] == 0
+    assert report.environment["qemu_version"].startswith("11.1.")
+    assert report.environment["qemu_root"] == str(qemu_11_root)
+    # Both VMs ran the root's QEMU with the root's loader and firmware.
+    for side in ("src", "dst"):
+        argv = json.loads((run.path / side / "argv.json").read_text())
+        assert argv[0] == "env"
+        assert argv[2] == f"{qemu_11_root}/lib64/ld-linux-x86-64.so.2"
+        assert argv[-4:] == ["-L", f"{qemu_11_root}/usr/share/qemu",
+                             "-L", f"{qemu_11_root}/usr/share/seabios"]
+    ram = next(block for block in report.fetch if block.ramblock == "ram0")
+    assert ram.page_size == 2 << 20
+    assert ram.faults >= 1
+    latency = report.qemu_latency["postcopy-latency"]
+    assert latency.value is not None
+    assert latency.value > 0
+    dist = report.latency_dist_comparison
+    assert dist is not None
+    assert dist.qemu_total == dist.trace_requests == dist.trace_total == ram.faults
+    # A 2 MiB fetch takes milliseconds; the trace's few tens of us more move few faults.
+    assert dist.faults_in_other_buckets <= max(2, dist.qemu_total // 10), dist
+
+
+SUITE = """
+[suite]
+name = "it-qemu"
+repetitions = 1
+
+[base]
+name = "it-qemu"
+vm = {{ memory_mib = 512, vcpus = 1, backing = "hugetlb-2m", accel = "auto" }}
+workload = {{ working_set_mib = 256, write_pct = 50, warmup_s = 0.5, settle_s = 0.5 }}
+
+[base.migration]
+postcopy = true
+downtime_limit_ms = 1
+timeout_s = 300
+switchover = {{ policy = "after-seconds", seconds = 0.3 }}
+
+# One page size, on an axis so that migrator bench writes its page-size table.
+[[axes]]
+field = "vm.backing"
+values = ["hugetlb-2m"]
+
+[[axes]]
+name = "qemu"
+[axes.values]
+host = {{ "vm.qemu" = "qemu-system-x86_64" }}
+sid = {{ "vm.qemu_root" = "{root}" }}
+"""
+
+
+def test_bench_compares_the_hosts_qemu_with_the_roots(qemu_11_root: Path,
+                                                       tmp_path: Path) -> None:
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE.format(root=qemu_11_root))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "migrator", "bench", str(suite), "--out",
+                           str(out)], capture_output=True, text=True, timeout=900, check=False)
+    state = json.loads((out / "suite.json").read_text())
+    outcomes = {run_id: (record["status"], record["error"])
+                for run_id, record in state["runs"].items()}
+    assert done.returncode == 0, (outcomes, done.stderr[-3000:])
+    rows = {row["qemu"]: row for row in csv.DictReader((out / "page-size.csv").open())}
+    assert sorted(rows) == ["host", "sid"]
+    assert rows["host"]["row"].startswith("2 MiB qemu=host QEMU 7.2.")
+    assert rows["sid"]["row"].startswith("2 MiB qemu=sid QEMU 11.1.")
+    assert all(float(row["fetch_p50_ms"]) > 0 for row in rows.values())
+    assert "QEMU 11.1." in done.stdout
