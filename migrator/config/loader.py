@@ -51,12 +51,17 @@ def load_scenario(path: Path) -> Scenario:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("no such scenario file", field=str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:
+        # A directory, no permission, a path component that is a file, a name too long...
         raise ConfigError(f"cannot read scenario file: {error}", field=str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"not valid TOML: {error}", field=str(path)) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError("not valid TOML: arrays or tables nested too deeply",
+                          field=str(path)) from None
     return parse_scenario(data, source=str(path))
 
 

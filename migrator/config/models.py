@@ -36,7 +36,10 @@ __all__ = [
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has real booleans and numbers, so "no" for a bool or "1024" for an int is
+    # a mistake to report, never to coerce (check_host_key = "no" must not turn checking off).
+    # Paths and enums still come from strings (Field(strict=False) on those fields).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Backing(StrEnum):
@@ -97,10 +100,10 @@ class SSHHostSpec(_Model):
     port: int = Field(22, ge=1, le=65535)
     user: str = Field("root", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     identity_file: Path | None = Field(
-        None, description="private key; unset: the SSH agent and ~/.ssh/id_*"
+        None, strict=False, description="private key; unset: the SSH agent and ~/.ssh/id_*"
     )
     known_hosts: Path | None = Field(
-        None, description="trusted host keys; unset: ~/.ssh/known_hosts"
+        None, strict=False, description="trusted host keys; unset: ~/.ssh/known_hosts"
     )
     check_host_key: bool = Field(
         True, description="false trusts ANY host key: anyone on the path can impersonate "
@@ -119,6 +122,7 @@ class SSHHostSpec(_Model):
     )
     work_dir: Path = Field(
         Path("/var/tmp/migrator"),
+        strict=False,
         description="directory on the host for a run's QEMU-side files (WORK_DIR/RUN_ID, "
                     "removed after the run)",
     )
@@ -167,8 +171,8 @@ class VmSpec(_Model):
 
     memory_mib: int = Field(1024, ge=128, le=1 << 22, description="guest RAM in MiB")
     vcpus: int = Field(1, ge=1, le=256)
-    backing: Backing = Backing.HUGETLB_1G
-    accel: Accel = Accel.AUTO
+    backing: Backing = Field(Backing.HUGETLB_1G, strict=False)
+    accel: Accel = Field(Accel.AUTO, strict=False)
     qemu: str = Field(
         "qemu-system-x86_64", description="QEMU binary: a name looked up in PATH or a path"
     )
@@ -217,7 +221,9 @@ class VmSpec(_Model):
 class GuestSpec(_Model):
     """The microguest: distribution kernel + migrator's initramfs."""
 
-    kernel: Path | None = Field(None, description="guest kernel; default: newest /boot/vmlinuz-*")
+    kernel: Path | None = Field(
+        None, strict=False, description="guest kernel; default: newest /boot/vmlinuz-*"
+    )
     boot_timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
@@ -226,7 +232,7 @@ class WorkloadSpec(_Model):
 
     working_set_mib: int = Field(512, ge=1)
     write_pct: int = Field(50, ge=0, le=100, description="share of accesses that write, percent")
-    pattern: Pattern = Pattern.SEQUENTIAL
+    pattern: Pattern = Field(Pattern.SEQUENTIAL, strict=False)
     threads: int = Field(0, ge=0, le=256, description="worker threads; 0 = one per vCPU")
     stall_threshold_us: int = Field(
         2000, ge=10, description="a gap between two accesses longer than this is a stall"

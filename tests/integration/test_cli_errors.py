@@ -1,4 +1,8 @@
-"""Bad input and missing resources: one clear line, a distinct exit code, nothing started."""
+"""A hugepage shortfall: one clear line, exit 3, the pool given back, nothing started.
+
+Every other bad input (scenario files, command lines, missing files) is a case of the
+corpus in tests/data/bad/, run by test_bad_input.py.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from migrator.config import dump_scenario
 from tests.integration.conftest import scenario
@@ -32,24 +34,6 @@ def run_expecting_failure(tmp_path: Path, spec_file: Path) -> tuple[str, Path | 
     return f"{done.returncode} {error_lines[0]}", (run_dirs[0] if run_dirs else None)
 
 
-@pytest.mark.parametrize(
-    ("toml", "message"),
-    [
-        ('name = "x"\n[vm]\nbacking = "huge"\n', "vm.backing: Input should be"),
-        ('name = "x"\n[vm]\nmemroy_mib = 512\n', "vm.memroy_mib: unknown key"),
-        ('name = "x"\n[migration]\npostcopy = false\npreempt = true\n', "preempt = true needs"),
-        ('name = "x"\n[vm\n', "not valid TOML"),
-    ],
-)
-def test_bad_scenarios_exit_2_before_anything(tmp_path: Path, toml: str, message: str) -> None:
-    spec = tmp_path / "bad.toml"
-    spec.write_text(toml)
-    outcome, run_dir = run_expecting_failure(tmp_path, spec)
-    assert outcome.startswith("2 error:")
-    assert message in outcome
-    assert run_dir is None
-
-
 def write(tmp_path: Path, **sections: dict[str, object]) -> Path:
     spec = tmp_path / "s.toml"
     spec.write_text(dump_scenario(scenario("it-errors", **sections)))
@@ -62,22 +46,6 @@ def assert_nothing_started(run_dir: Path | None) -> None:
     assert not (run_dir / "src" / "argv.json").exists()
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["outcome"] == "error"
-
-
-def test_missing_qemu_binary(tmp_path: Path) -> None:
-    outcome, run_dir = run_expecting_failure(
-        tmp_path, write(tmp_path, vm={"qemu": "/nonexistent/qemu-system-x86_64"}))
-    assert outcome.startswith("3 error:")
-    assert "vm.qemu: /nonexistent/qemu-system-x86_64 does not exist" in outcome
-    assert_nothing_started(run_dir)
-
-
-def test_missing_kernel(tmp_path: Path) -> None:
-    outcome, run_dir = run_expecting_failure(
-        tmp_path, write(tmp_path, guest={"kernel": "/nonexistent/vmlinuz"}))
-    assert outcome.startswith("3 error:")
-    assert "/nonexistent/vmlinuz" in outcome
-    assert_nothing_started(run_dir)
 
 
 def test_hugepage_shortfall_says_how_many(tmp_path: Path) -> None:
