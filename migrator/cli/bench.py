@@ -147,7 +147,8 @@ def bench(
         help="run only matching runs; KEY is an axis name or 'rep'; the same key twice means "
              "either value, different keys must all match; repeatable")] = None,
     html: Annotated[bool, typer.Option(
-        "--html", help="also write report.html in each finished run directory")] = False,
+        "--html", help="also write report.html in each finished run directory and "
+                       "DIR/suite.html for the whole suite")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
 ) -> None:
     """Run a benchmark suite: every combination of its axes, one run at a time.
@@ -205,6 +206,15 @@ def bench(
         markdown, comma = write_page_size_table(table, out_dir)
         render_page_size_table(table, stdout)
         stdout.print(f"table: {markdown} {comma}", highlight=False, soft_wrap=True)
+    if html:
+        from migrator.report.suite_html import write_suite_html
+
+        try:
+            page = write_suite_html(out_dir)
+        except MigratorError as error:
+            err.print(f"[yellow]no suite.html[/yellow]: {error}", highlight=False)
+        else:
+            stdout.print(f"suite page: {page}", highlight=False, soft_wrap=True)
     selected = [run.run_id for run in suite.select(selection)]
     failed = _summary(suite, state, selected, out_dir, stdout)
     if failed:

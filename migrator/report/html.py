@@ -261,6 +261,22 @@ def _size(page_size: int) -> str:
     return f"{page_size} B"
 
 
+def cdf_trace(hist: Histogram, name: str) -> Any:
+    """The step CDF of a non-empty fetch latency histogram (ns) as a trace in ms.
+
+    Each step is a bucket's upper bound (clamped to the exact max).
+    """
+    buckets = hist.buckets()
+    assert hist.min is not None
+    assert hist.max is not None
+    x = np.array([hist.min] + [min(b.upper, hist.max) for b in buckets]) / MS
+    cum = np.concatenate(([0], np.cumsum([b.count for b in buckets]))) / hist.count
+    return go.Scatter(
+        x=x, y=cum, mode="lines+markers", line_shape="hv", marker={"size": 5}, name=name,
+        hovertemplate="≤ %{x:.4g} ms: %{y:.1%} of faults<extra>%{fullData.name}</extra>",
+    )
+
+
 def fetch_cdf_figure(report: Report) -> Any:
     """(a) Fetch latency CDF per RAMBlock, log x, from each block's histogram buckets.
 
@@ -272,18 +288,9 @@ def fetch_cdf_figure(report: Report) -> Any:
     fig = go.Figure()
     for block in report.fetch:
         hist = Histogram.from_dict(block.histogram)
-        if not hist.count:
-            continue
-        buckets = hist.buckets()
-        assert hist.min is not None
-        assert hist.max is not None
-        x = np.array([hist.min] + [min(b.upper, hist.max) for b in buckets]) / MS
-        cum = np.concatenate(([0], np.cumsum([b.count for b in buckets]))) / hist.count
-        fig.add_trace(go.Scatter(
-            x=x, y=cum, mode="lines+markers", line_shape="hv", marker={"size": 5},
-            name=f"{block.ramblock} · {_size(block.page_size)} pages · {hist.count:,} faults",
-            hovertemplate="≤ %{x:.4g} ms: %{y:.1%} of faults<extra>%{fullData.name}</extra>",
-        ))
+        if hist.count:
+            fig.add_trace(cdf_trace(hist, f"{block.ramblock} · {_size(block.page_size)} pages · "
+                                          f"{hist.count:,} faults"))
     dist = report.qemu_latency_dist
     if dist and any(dist.get("counts", [])):
         counts = np.array(dist["counts"], dtype=np.float64)

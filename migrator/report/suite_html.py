@@ -1,0 +1,230 @@
+"""A finished suite directory as one self-contained HTML page.
+
+Reads ``DIR/suite.json`` (:func:`load_state`), ``DIR/suite.toml`` (the suite as
+last run, for the page-size table; the table is left out when it cannot be
+read or the suite does not vary ``vm.backing``) and each finished run's report
+(``report.json``, derived again in memory when missing or outdated).  The page
+holds:
+
+* a table of every run: id, status, error or reason, duration, and a link to
+  ``runs/<dir>/report.html`` when that file exists (relative to the page);
+* the page-size table (:func:`build_page_size_table`);
+* fetch latency p50 on the guest RAM block per run, grouped by the axis labels
+  (one marker per repetition, log y);
+* the fetch latency CDF of every run's guest RAM block, overlaid (the same
+  trace as the run page's, :func:`cdf_trace`).
+
+plotly.js is inlined once, as in the run page, so it opens without network.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go  # type: ignore[import-untyped]
+from markupsafe import Markup
+from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
+
+from migrator.bench.pagesize import (
+    _all_notes,
+    _cells,
+    _headers,
+    build_page_size_table,
+    load_report,
+)
+from migrator.bench.runner import RunRecord, RunStatus, load_state
+from migrator.bench.suite import PlannedRun, Suite, load_suite
+from migrator.errors import MigratorError
+from migrator.metrics.histogram import Histogram
+from migrator.report.html import (
+    Cell,
+    Plot,
+    Table,
+    _environment,
+    _layout,
+    _log_axis,
+    _note,
+    _plot,
+    _size,
+    cdf_trace,
+)
+from migrator.report.schema import BlockFetch, Report
+from migrator.rundir import atomic_write
+
+__all__ = ["SUITE_HTML", "render_suite_html", "write_suite_html"]
+
+SUITE_HTML = "suite.html"
+_STATUS_BADGE = {RunStatus.DONE: "ok", RunStatus.FAILED: "bad"}
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One row of the runs table for the template."""
+
+    run_id: str
+    status: str
+    badge: str
+    message: str
+    duration: str
+    run_dir: str
+    link: str | None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run's report and its guest RAM block (None when it has no trace)."""
+
+    record: RunRecord
+    report: Report
+    block: BlockFetch | None
+
+
+def _ram_block(report: Report, page_size: int | None) -> BlockFetch | None:
+    """The block of the run's page size with the most faults (any block when unknown)."""
+    blocks = [b for b in report.fetch if page_size is None or b.page_size == page_size]
+    return max(blocks, key=lambda b: b.faults, default=None)
+
+
+def _link(page_dir: Path, run_path: Path | None) -> str | None:
+    """``report.html`` of a run relative to the page, when it exists."""
+    if run_path is None or not (run_path / "report.html").is_file():
+        return None
+    return Path(os.path.relpath(run_path / "report.html", page_dir)).as_posix()
+
+
+def _load_suite(suite_dir: Path) -> Suite | None:
+    try:
+        return load_suite(suite_dir / "suite.toml")
+    except (MigratorError, OSError):
+        return None
+
+
+def _results(state_runs: dict[str, RunRecord], suite_dir: Path,
+             planned: dict[str, PlannedRun]) -> dict[str, RunResult]:
+    """Reports of the runs marked done whose report can be read or derived."""
+    out = {}
+    for run_id, record in state_runs.items():
+        path = record.path(suite_dir)
+        if record.status is not RunStatus.DONE or path is None:
+            continue
+        try:
+            report = load_report(path)
+        except MigratorError:
+            continue
+        plan = planned.get(run_id)
+        page_size = plan.scenario.vm.backing.page_size if plan is not None else None
+        out[run_id] = RunResult(record, report, _ram_block(report, page_size))
+    return out
+
+
+def _group(record: RunRecord) -> str:
+    """The run's axis labels without the repetition: one x category per combination."""
+    return ",".join(f"{axis}={label}" for axis, label in record.labels.items()) or "base"
+
+
+def p50_figure(results: dict[str, RunResult]) -> Any:
+    """Fetch p50 on the guest RAM block per run, one category per combination, log y."""
+    fig = go.Figure()
+    by_group: dict[str, list[tuple[str, float, int]]] = {}
+    for run_id, result in results.items():
+        block = result.block
+        metric = block.latency_ms.get("p50") if block is not None else None
+        if block is None or metric is None or not isinstance(metric.value, int | float):
+            continue
+        by_group.setdefault(_group(result.record), []).append(
+            (run_id, float(metric.value), block.page_size))
+    for group, points in by_group.items():
+        fig.add_trace(go.Scatter(
+            x=[group] * len(points), y=[p[1] for p in points], mode="markers",
+            marker={"size": 10, "opacity": 0.8}, name=group,
+            text=[f"{p[0]} · {_size(p[2])} pages" for p in points],
+            hovertemplate="%{text}<br>p50 %{y:.4g} ms<extra></extra>",
+        ))
+    _layout(fig, "Fetch latency p50 per run (guest RAM block)", 420)
+    fig.update_yaxes(**_log_axis("fetch latency p50, ms (log)"))
+    fig.update_xaxes(title_text="combination (one marker per repetition)", type="category")
+    fig.update_layout(showlegend=False)
+    if not fig.data:
+        _note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
+    return fig
+
+
+def cdf_figure(results: dict[str, RunResult]) -> Any:
+    """The fetch latency CDF of every run's guest RAM block, overlaid, log x."""
+    fig = go.Figure()
+    for run_id, result in results.items():
+        if result.block is None:
+            continue
+        hist = Histogram.from_dict(result.block.histogram)
+        if hist.count:
+            fig.add_trace(cdf_trace(hist, f"{run_id} · {_size(result.block.page_size)} pages "
+                                          f"· {hist.count:,} faults"))
+    _layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
+    fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))
+    fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
+    if not fig.data:
+        _note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
+    return fig
+
+
+def _run_rows(state_runs: dict[str, RunRecord], suite_dir: Path) -> list[RunRow]:
+    rows = []
+    for run_id, record in state_runs.items():
+        path = record.path(suite_dir)
+        rows.append(RunRow(
+            run_id=run_id, status=record.status.value,
+            badge=_STATUS_BADGE.get(record.status, ""),
+            message=record.error or record.reason or "",
+            duration="-" if record.duration_s is None else f"{record.duration_s:,.1f} s",
+            run_dir=record.run_dir or "-", link=_link(suite_dir, path)))
+    return rows
+
+
+def _page_size_table(suite: Suite | None, suite_dir: Path) -> tuple[Table | None, list[str]]:
+    if suite is None or not suite.varies_backing:
+        return None, []
+    table = build_page_size_table(suite, load_state(suite_dir), suite_dir)
+    headers = _headers(table)
+    rows = [[Cell(text, numeric=0 < i < len(headers) - 1) for i, text in enumerate(_cells(row))]
+            for row in table.rows]
+    title = f"Page-size table ({table.environment}); times in ms"
+    return Table(title, headers, rows, anchor="page-size"), _all_notes(table)
+
+
+def render_suite_html(suite_dir: Path) -> str:
+    """The HTML page of a suite directory (see module docstring); writes nothing."""
+    state = load_state(suite_dir)
+    suite = _load_suite(suite_dir)
+    planned = {run.run_id: run for run in suite.runs} if suite is not None else {}
+    results = _results(state.runs, suite_dir, planned)
+    plots: list[Plot] = [
+        _plot("plot-suite-p50", "Fetch p50 per run",
+              "Fetch latency p50 on each finished run's guest RAM block (report.fetch), "
+              "grouped by the run's axis labels; one marker per repetition.",
+              p50_figure(results)),
+        _plot("plot-suite-cdf", "Fetch latency CDFs",
+              "Cumulative distribution of per-page fetch latency on each finished run's guest "
+              "RAM block (report.fetch[*].histogram; steps are histogram bucket bounds).",
+              cdf_figure(results)),
+    ]
+    page_size, notes = _page_size_table(suite, suite_dir)
+    counts = {status.value: state.count(status) for status in RunStatus if state.count(status)}
+    versions = {str(r.report.environment.get("migrator_version") or "") for r in
+                results.values()}
+    return _environment().get_template("suite.html.j2").render(
+        state=state, runs=_run_rows(state.runs, suite_dir), counts=counts, plots=plots,
+        page_size=page_size, page_size_notes=notes, plotly_js=Markup(get_plotlyjs()),
+        suite_readable=suite is not None,
+        migrator_version=", ".join(sorted(v for v in versions if v)),
+    )
+
+
+def write_suite_html(suite_dir: Path) -> Path:
+    """Write ``DIR/suite.html`` atomically; returns its path."""
+    target = suite_dir / SUITE_HTML
+    atomic_write(target, render_suite_html(suite_dir))
+    return target
