@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +78,13 @@ def ssh_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHTestbed
     """Two namespace hosts with a real sshd each, shared by every SSH test of the session."""
     with make_testbed(tmp_path_factory.mktemp("ssh-testbed")) as bed:
         yield bed
+
+
+@pytest.fixture
+def work_root() -> Iterator[Path]:
+    """The SSH test hosts' work_dir parent: short, so the hosts' socket paths stay short."""
+    path = Path(tempfile.mkdtemp(prefix="mig-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

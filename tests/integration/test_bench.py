@@ -42,9 +42,15 @@ IDS = [f"backing={backing},preempt={preempt},rep=1"
        for backing in ("memfd-4k", "hugetlb-2m") for preempt in ("false", "true")]
 
 
+def migrator(*args: str) -> subprocess.CompletedProcess[str]:
+    """A migrator command as a user (or the nightly job) runs it."""
+    return subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "migrator", "bench", *args],
-                          capture_output=True, text=True, timeout=600, check=False)
+    """``migrator bench ...``."""
+    return migrator("bench", *args)
 
 
 def test_small_suite_runs_resumes_and_tabulates(tmp_path: Path) -> None:
@@ -92,3 +98,19 @@ def test_small_suite_runs_resumes_and_tabulates(tmp_path: Path) -> None:
         assert p50[("4KiB", preempt)] < p50[("2MiB", preempt)], p50
     markdown = (out / "page-size.md").read_text()
     assert "| 4 KiB preempt=false | 1 |" in markdown
+
+    # The suite's runs go on into the store, a comparison and the dashboard, as nightly does.
+    store = out / "store.sqlite"
+    imported = migrator("results", "import", "--db", str(store), *map(str, run_dirs))
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    compared = migrator("compare", "--db", str(store), "preempt=false", "preempt=true",
+                        "--json")
+    # Two runs a side cannot reach p < 0.01: the verdicts must say so, and nothing regresses.
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "insufficient data" in compared.stdout
+    site = out / "site"
+    built = migrator("dashboard", "--db", str(store), "--out", str(site), "--runs-root",
+                     str(out / "runs"))
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (site / "index.html").exists()
+    assert "migrator_" in (site / "metrics.prom").read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.config import dump_scenario
+from migrator.config import Scenario, dump_scenario
 from tests.integration.conftest import scenario
 
 POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
@@ -56,27 +56,27 @@ def destination_pid(run_dir: Path) -> int:
     raise AssertionError("no destination-started mark")
 
 
-def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path], None]
-                   ) -> tuple[subprocess.Popen[str], str, Path]:
-    """Start a slow post-copy run, call ``strike`` mid-post-copy, wait for the exit."""
-    # Post-copy throttled to 16 MiB/s so it lasts long enough to be struck in.
-    spec = scenario("it-interrupt", vm={"backing": "hugetlb-2m"},
-                    migration={"max_postcopy_bandwidth_mib_s": 16})
+def strike_mid_postcopy(
+    tmp_path: Path, spec: Scenario, strike: Callable[[subprocess.Popen[str], Path], None], *,
+    holds: Callable[[Path], None], postcopy_timeout: float = 120,
+) -> tuple[subprocess.Popen[str], str, Path]:
+    """Run ``spec`` in a ``migrator run`` child; mid-post-copy check ``holds``, then strike.
+
+    Returns the finished child, its stderr and the run directory.
+    """
     scenario_file = tmp_path / "s.toml"
     scenario_file.write_text(dump_scenario(spec))
     runs = tmp_path / "runs"
     child = subprocess.Popen(
         [sys.executable, "-m", "migrator", "run", str(scenario_file), "--runs-dir", str(runs)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         wait_for(lambda: runs.exists() and any(runs.iterdir()), 60, "the run directory")
         run_dir = next(runs.iterdir())
-        wait_for(lambda: dst_in_postcopy(run_dir), 120, "post-copy on the destination")
-        time.sleep(0.3)
-        # The run really holds what must be released: two QEMUs and a hugetlbfs directory.
-        assert len(qemu_processes_mentioning(run_dir.name)) == 2
-        assert [m for m in Path("/proc/mounts").read_text().splitlines() if "hugetlbfs" in m]
+        wait_for(lambda: dst_in_postcopy(run_dir), postcopy_timeout,
+                 "post-copy on the destination")
+        holds(run_dir)
         strike(child, run_dir)
         _, stderr = child.communicate(timeout=60)
     finally:
@@ -84,6 +84,22 @@ def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path
             child.kill()
             child.wait()
     return child, stderr, run_dir
+
+
+def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path], None]
+                   ) -> tuple[subprocess.Popen[str], str, Path]:
+    """A slow local hugetlb-2m post-copy, struck mid-way."""
+
+    def holds(run_dir: Path) -> None:
+        time.sleep(0.3)
+        # The run really holds what must be released: two QEMUs and a hugetlbfs directory.
+        assert len(qemu_processes_mentioning(run_dir.name)) == 2
+        assert [m for m in Path("/proc/mounts").read_text().splitlines() if "hugetlbfs" in m]
+
+    # Post-copy throttled to 16 MiB/s so it lasts long enough to be struck in.
+    spec = scenario("it-interrupt", vm={"backing": "hugetlb-2m"},
+                    migration={"max_postcopy_bandwidth_mib_s": 16})
+    return strike_mid_postcopy(tmp_path, spec, strike, holds=holds)
 
 
 def assert_nothing_left(run_dir: Path, pool_before: str) -> None:

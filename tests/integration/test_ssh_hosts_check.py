@@ -15,7 +15,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,6 @@ from tests.integration.test_ssh_migration import ssh_scenario
 # A stable path (the accelerator verdict is cached per host and binary path, so a new
 # path per session would cost a KVM boot probe each time); only a symlink lives there.
 QEMU_ELSEWHERE = Path("/var/tmp/migrator-it-qemu")
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    """The hosts' work_dir parent (hosts check creates nothing there; removed anyway)."""
-    path = Path(tempfile.mkdtemp(prefix="mig-", dir="/var/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def hosts_check(tmp_path: Path, bed: SSHTestbed, work_root: Path,

@@ -18,7 +18,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +33,7 @@ from migrator.runner import run_scenario
 from tests.integration.conftest import scenario
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 from tests.integration.test_cli_errors import migrator
-from tests.integration.test_interrupt import dst_in_postcopy, wait_for
+from tests.integration.test_interrupt import strike_mid_postcopy, wait_for
 from tests.integration.test_postcopy import ram
 
 # The issue's promise is "within seconds"; the supervisors escalate to SIGKILL after 2 s.
@@ -54,16 +53,6 @@ def qemus_in(host: NamespaceHost) -> list[int]:
         if Path(program.decode()).name.startswith("qemu-system"):
             found.append(pid)
     return found
-
-
-@pytest.fixture
-def work_root() -> Iterator[Path]:
-    """Each host's work_dir parent: short, so the hosts' socket paths stay short."""
-    path = Path(tempfile.mkdtemp(prefix="mig-", dir="/var/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def host_entry(bed: SSHTestbed, host: NamespaceHost, work_root: Path,
@@ -200,33 +189,26 @@ def test_stopped_controller_leaves_nothing_on_either_host(
     # Post-copy throttled to 16 MiB/s so it lasts long enough to be struck in.
     spec = ssh_scenario(ssh_testbed, work_root, "it-ssh-kill",
                         migration={"max_postcopy_bandwidth_mib_s": 16})
-    scenario_file = tmp_path / "s.toml"
-    scenario_file.write_text(dump_scenario(spec))
-    runs = tmp_path / "runs"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", str(scenario_file), "--runs-dir", str(runs)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for(lambda: runs.exists() and any(runs.iterdir()), 60, "the run directory")
-        run_dir = next(runs.iterdir())
-        wait_for(lambda: dst_in_postcopy(run_dir), 180, "post-copy on the destination")
+
+    def holds(run_dir: Path) -> None:
         # The run really holds what must be released: a QEMU on each host and their files.
         assert len(qemus_in(ssh_testbed.a)) == 1
         assert len(qemus_in(ssh_testbed.b)) == 1
         remote = work_root / "b" / run_dir.name
         assert (remote / "dst" / "trace.log").exists()
         assert {stat.S_IMODE(p.stat().st_mode) for p in (remote, remote / "dst")} == {0o700}
+
+    struck: list[float] = []
+
+    def strike(child: subprocess.Popen[str], _: Path) -> None:
         child.send_signal(sig)  # SIGKILL: no clean-up runs in the controller
-        struck = time.monotonic()
-        _, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        struck.append(time.monotonic())
+
+    child, stderr, run_dir = strike_mid_postcopy(tmp_path, spec, strike, holds=holds,
+                                                 postcopy_timeout=180)
     wait_for(lambda: leftovers(ssh_testbed, work_root) == NOTHING, DEATH_LIMIT_S,
              "the hosts to be clean")
-    seconds = time.monotonic() - struck
+    seconds = time.monotonic() - struck[0]
     record_property(f"controller_{sig.name}_to_clean_hosts_s", round(seconds, 3))
     print(f"\ncontroller {sig.name} -> no QEMU, no run dir on either host: {seconds:.3f} s")
     if sig == signal.SIGTERM:
