@@ -393,7 +393,7 @@ def load_suite(path: Path) -> Suite:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("no such suite file", field=str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read suite file: {error}", field=str(path)) from None
     try:
         data = tomllib.loads(text)

@@ -175,7 +175,11 @@ def bench(
     except MigratorError as error:
         raise _fail(error) from None
     out_dir = out if out is not None else Path("bench") / suite.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail(ConfigError(f"cannot make the suite directory: {error.strerror}",
+                                field=f"--out {out_dir}")) from None
     _setup_logging(verbose, out_dir / "bench.log")
 
     async def run_one(scenario: Scenario, runs_root: Path, observer: Observer,

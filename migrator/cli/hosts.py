@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from migrator.config.loader import load_scenario
@@ -86,7 +87,8 @@ def check(
         loaded = load_scenario(scenario)
         report = asyncio.run(run_checks(loaded))
     except MigratorError as error:
-        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     if json_out:
         out.print_json(report.model_dump_json())

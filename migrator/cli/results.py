@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console, JustifyMethod
+from rich.markup import escape
 from rich.table import Table
 
-from migrator.errors import ConfigError, MigratorError
+from migrator.errors import ArtifactError, ConfigError, MigratorError
 
 if TYPE_CHECKING:
     from migrator.results.compare import MetricRule, MetricVerdict
@@ -51,7 +52,9 @@ EXIT_BAD_INPUT = 2
 
 
 def _error(error: MigratorError) -> None:
-    err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+    # Escaped: messages quote user input (paths, selectors) that may look like rich markup.
+    err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
+              soft_wrap=True)
 
 
 def _open(db: str | None) -> ResultsStore:
@@ -84,7 +87,9 @@ def import_runs(
                 result = store.import_run(run_dir)
             except MigratorError as error:
                 _error(error)
-                status = status or error.exit_code
+                # A directory that is not a run is bad input, like a bad path.
+                status = status or (EXIT_BAD_INPUT if isinstance(error, ArtifactError)
+                                    else error.exit_code)
                 continue
             notes = f" ({'; '.join(result.notes)})" if result.notes else ""
             out.print(f"{result.status:9} {result.run_id}: {result.metrics} metrics{notes}",

@@ -174,7 +174,8 @@ class VmSpec(_Model):
     backing: Backing = Field(Backing.HUGETLB_1G, strict=False)
     accel: Accel = Field(Accel.AUTO, strict=False)
     qemu: str = Field(
-        "qemu-system-x86_64", description="QEMU binary: a name looked up in PATH or a path"
+        "qemu-system-x86_64", min_length=1,
+        description="QEMU binary: a name looked up in PATH or a path",
     )
     qemu_root: str | None = Field(
         None, pattern=r"^/",
@@ -235,7 +236,8 @@ class WorkloadSpec(_Model):
     pattern: Pattern = Field(Pattern.SEQUENTIAL, strict=False)
     threads: int = Field(0, ge=0, le=256, description="worker threads; 0 = one per vCPU")
     stall_threshold_us: int = Field(
-        2000, ge=10, description="a gap between two accesses longer than this is a stall"
+        2000, ge=10, le=60_000_000,
+        description="a gap between two accesses longer than this is a stall",
     )
     heartbeat_ms: int = Field(5, ge=1, le=1000)
     warmup_s: float = Field(1.0, ge=0, description="run time after 'ready' before migrating")
@@ -276,10 +278,12 @@ class MigrationSpec(_Model):
     preempt: bool = Field(False, description="postcopy-preempt: urgent pages on their own channel")
     switchover: SwitchoverPolicy = Field(default_factory=lambda: AfterSeconds(seconds=1.0))
     max_bandwidth_mib_s: int | None = Field(
-        None, ge=1, description="pre-copy bandwidth cap; unset = as fast as the link goes"
+        None, ge=1, le=1 << 20,  # QEMU keeps bytes/s in 64 bits; 1 TiB/s is plenty
+        description="pre-copy bandwidth cap; unset = as fast as the link goes",
     )
     max_postcopy_bandwidth_mib_s: int | None = Field(
-        None, ge=1, description="post-copy background bandwidth cap; unset = QEMU's default"
+        None, ge=1, le=1 << 20,
+        description="post-copy background bandwidth cap; unset = QEMU's default",
     )
     downtime_limit_ms: int | None = Field(None, ge=1, le=2000000)
     transport: Literal["tcp", "unix"] = "tcp"

@@ -159,6 +159,8 @@ def _read_json(path: Path) -> Any:
 def build_report(run_path: Path) -> Report:
     """Derive the report of one run directory (see module docstring)."""
     meta = _read_json(run_path / "run.json")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{run_path / 'run.json'}: not a JSON object")
     scenario_path = run_path / "scenario.toml"
     try:
         scenario = tomllib.loads(scenario_path.read_text())
