@@ -53,7 +53,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -62,7 +61,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from migrator.config.loader import dump_scenario, parse_scenario
+from migrator.config.loader import dump_scenario, parse_scenario, read_toml
 from migrator.config.models import Scenario, VmSpec
 from migrator.errors import ConfigError
 
@@ -389,17 +388,7 @@ def parse_suite(data: dict[str, Any], *, source: str = "suite") -> Suite:
 
 def load_suite(path: Path) -> Suite:
     """Read, validate and expand a suite TOML file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such suite file", field=str(path)) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read suite file: {error}", field=str(path)) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"not valid TOML: {error}", field=str(path)) from None
-    return parse_suite(data, source=str(path))
+    return parse_suite(read_toml(path, "suite"), source=str(path))
 
 
 def parse_only(terms: Sequence[str], suite: Suite) -> Selection | None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from migrator.config.models import Scenario
 from migrator.errors import ConfigError
 
-__all__ = ["dump_scenario", "load_scenario", "parse_scenario", "scenario_schema"]
+__all__ = ["dump_scenario", "load_scenario", "parse_scenario", "read_toml", "scenario_schema"]
 
 
 def _describe(error: ValidationError) -> tuple[str, str]:
@@ -45,24 +45,28 @@ def parse_scenario(data: dict[str, Any], *, source: str = "scenario") -> Scenari
         raise ConfigError(message, field=where) from None
 
 
-def load_scenario(path: Path) -> Scenario:
-    """Read and validate a scenario TOML file."""
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Decode a TOML file; every way it can fail is a :class:`ConfigError` naming ``path``."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("no such scenario file", field=str(path)) from None
+        raise ConfigError(f"no such {what} file", field=str(path)) from None
     except (OSError, UnicodeDecodeError) as error:
         # A directory, no permission, a path component that is a file, a name too long...
-        raise ConfigError(f"cannot read scenario file: {error}", field=str(path)) from None
+        raise ConfigError(f"cannot read {what} file: {error}", field=str(path)) from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"not valid TOML: {error}", field=str(path)) from None
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively.
         raise ConfigError("not valid TOML: arrays or tables nested too deeply",
                           field=str(path)) from None
-    return parse_scenario(data, source=str(path))
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario TOML file."""
+    return parse_scenario(read_toml(path, "scenario"), source=str(path))
 
 
 def dump_scenario(scenario: Scenario) -> str:
