@@ -15,11 +15,11 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from migrator.config.models import Accel, Scenario
 from migrator.errors import HostError, HugepageShortfall, MigratorError, PreflightError
-from migrator.hgm import detect_hgm
+from migrator.hgm import HgmSupport, detect_hgm
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
 from migrator.migration.plan import plan_migration
@@ -85,6 +85,10 @@ class Mount(_Model):
 class HostReport(_Model):
     """Facts about one host and the scenario's needs on it."""
 
+    # What was probed, kept for the run that follows (not part of the JSON report).
+    _qemu: QemuFacts | None = PrivateAttr(None)
+    _hgm: HgmSupport | None = PrivateAttr(None)
+
     roles: list[Role]
     host: str
     kernel: str
@@ -102,6 +106,20 @@ class HostReport(_Model):
     clock_rtt_ms: float | None
     hgm: dict[str, Any]
     needs: list[Need]
+
+    @property
+    def qemu_facts(self) -> QemuFacts | None:
+        """The QEMU probed on this host (None when it could not be)."""
+        return self._qemu
+
+    @property
+    def hgm_support(self) -> HgmSupport | None:
+        """HGM support as detected on this host."""
+        return self._hgm
+
+    def for_role(self, role: Role) -> bool:
+        """Whether this host plays ``role``."""
+        return role in self.roles
 
     @property
     def unmet(self) -> list[Need]:
@@ -278,7 +296,7 @@ async def check_host(
                           fix="" if kvm_usable else "set vm.accel = \"tcg\" or \"auto\""))
     hgm = await detect_hgm(host, qemu)
     offset, rtt = await _clock_offset(host)
-    return HostReport(
+    report = HostReport(
         roles=roles, host=host.name, kernel=uname.stdout.strip(), kvm_device=kvm_device,
         kvm_usable=kvm_usable, kvm_detail=kvm_detail,
         qemu_binary=qemu.binary if qemu else None, qemu_version=qemu.version if qemu else None,
@@ -288,6 +306,8 @@ async def check_host(
         clock_rtt_ms=rtt, hgm={**hgm.to_dict(), "supported": hgm.supported,
                                "reason": hgm.reason}, needs=needs,
     )
+    report._qemu, report._hgm = qemu, hgm
+    return report
 
 
 async def check_hosts(

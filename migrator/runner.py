@@ -64,10 +64,10 @@ from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, plan_migration
-from migrator.preflight import check_hosts, raise_unmet
+from migrator.preflight import Role, check_hosts, raise_unmet
 from migrator.qemu.accel import AccelDecision, decide_accel, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
-from migrator.qemu.probe import QemuFacts, probe_qemu
+from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 from migrator.rundir import SIDES, JsonlWriter, RunDir
 
@@ -308,23 +308,31 @@ class _Run:
         report = await check_hosts(self.scenario, source, destination)
         self.run.write_json("preflight.json", report.model_dump(mode="json"))
         raise_unmet(report)
-        vm = self.scenario.vm
-        src_facts = await probe_qemu(source, vm.qemu, vm.qemu_root)
-        dst_facts = src_facts if destination is source else await probe_qemu(
-            destination, vm.qemu, vm.qemu_root)
-        self.meta["qemu"] = {"source": asdict(src_facts), "destination": asdict(dst_facts)}
+        # The preflight already probed QEMU and HGM on each host: reuse, never probe twice.
+        roles: tuple[tuple[Side, Role], ...] = (("src", "source"), ("dst", "destination"))
+        by_role = {side: next(h for h in report.hosts if h.for_role(role))
+                   for side, role in roles}
+        facts: dict[Side, QemuFacts] = {}
+        for side, host_report in by_role.items():
+            probed = host_report.qemu_facts
+            assert probed is not None  # raise_unmet refused a host without QEMU
+            facts[side] = probed
+        self.meta["qemu"] = {"source": asdict(facts["src"]), "destination": asdict(facts["dst"])}
         self.save_meta()
-        await self.decide_hgm(hosts, {"src": src_facts, "dst": dst_facts})
+        await self.decide_hgm(hosts, facts, known={
+            side: support for side, r in by_role.items()
+            if (support := r.hgm_support) is not None})
         self.meta["plan"] = asdict(self.plan())
         self.save_meta()
-        return {"src": src_facts, "dst": dst_facts}
+        return facts
 
     def plan(self) -> MigrationPlan:
         """Both sides' capabilities and parameters, with the HGM decision applied."""
         return plan_migration(self.scenario, hgm=self.hgm is not None and self.hgm.enabled)
 
     async def decide_hgm(
-        self, hosts: dict[Side, Host], facts: dict[Side, QemuFacts]
+        self, hosts: dict[Side, Host], facts: dict[Side, QemuFacts],
+        known: dict[Side, HgmSupport] | None = None,
     ) -> HgmDecision:
         """Apply ``vm.hgm`` to what the hosts offer: kept for :meth:`plan`, and in run.json.
 
@@ -349,10 +357,13 @@ class _Run:
         else:
             # One after the other: two "hosts" can share one hugepage pool (network
             # namespaces on one machine), and each probe grows and shrinks it.
-            supports: dict[Side, HgmSupport] = {"src": await detect_hgm(hosts["src"],
-                                                                        facts["src"])}
-            supports["dst"] = (supports["src"] if hosts["dst"] is hosts["src"]
-                               else await detect_hgm(hosts["dst"], facts["dst"]))
+            # ``known``: what the preflight detected; detection probes only what it lacks.
+            supports: dict[Side, HgmSupport] = dict(known or {})
+            if "src" not in supports:
+                supports["src"] = await detect_hgm(hosts["src"], facts["src"])
+            if "dst" not in supports:
+                supports["dst"] = (supports["src"] if hosts["dst"] is hosts["src"]
+                                   else await detect_hgm(hosts["dst"], facts["dst"]))
             record["hosts"] = {"source": supports["src"].to_dict(),
                                "destination": supports["dst"].to_dict()}
             distinct = [supports["src"]] if hosts["dst"] is hosts["src"] else [
