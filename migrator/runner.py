@@ -36,7 +36,7 @@ from typing import Any
 from migrator import __version__
 from migrator.aio import background, first_error, guarded
 from migrator.config.loader import dump_scenario
-from migrator.config.models import HostSpec, Scenario, SSHHostSpec
+from migrator.config.models import HostSpec, PoolExhaustedFault, Scenario, SSHHostSpec
 from migrator.errors import (
     ConfigError,
     GuestError,
@@ -45,6 +45,7 @@ from migrator.errors import (
     PreflightError,
     QemuError,
 )
+from migrator.faults import FaultTargets, exhaust_hugepage_pool, inject_faults
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
 from migrator.guest.console import GuestConsole, Side, serial_chardev_args
 from migrator.guest.crash import kernel_crash
@@ -61,9 +62,12 @@ from migrator.hosts.base import Host, HostProcess
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.hosts.ssh import SSHHost, SSHTarget
+from migrator.metrics.events import read_jsonl
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, plan_migration
+from migrator.migration.tls import enable_tls
+from migrator.outcome import Outcome, RunFailed, Situation, describe, last_source_ram, switched_over
 from migrator.preflight import Role, check_hosts, raise_unmet
 from migrator.qemu.accel import AccelDecision, decide_accel, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
@@ -141,12 +145,28 @@ class _ObservedWriter:
 
 
 def ssh_target(spec: SSHHostSpec) -> SSHTarget:
-    """How to reach a scenario's SSH host entry."""
+    """How to reach a scenario's SSH host entry.
+
+    The key's passphrase is read from the environment variable the entry names
+    (the scenario validated that it is set when it was loaded), held as a SecretStr.
+    """
+    from pydantic import SecretStr
+
+    passphrase = None
+    if spec.identity_passphrase_env is not None:
+        value = os.environ.get(spec.identity_passphrase_env)
+        if not value:
+            raise ConfigError(
+                "the environment variable it names is no longer set (or empty); export it "
+                "with the passphrase of identity_file before running migrator",
+                field=f"identity_passphrase_env of the hosts entry for {spec.address}")
+        passphrase = SecretStr(value)
     return SSHTarget(
         address=spec.address, port=spec.port, user=spec.user,
         identity_file=spec.identity_file.expanduser() if spec.identity_file else None,
         known_hosts=spec.known_hosts.expanduser() if spec.known_hosts else None,
         check_host_key=spec.check_host_key, connect_timeout=spec.connect_timeout_s,
+        passphrase=passphrase, passphrase_env=spec.identity_passphrase_env,
     )
 
 
@@ -242,10 +262,6 @@ def _check_layout(scenario: Scenario, run: RunDir) -> None:
                     f"socket paths such as {longest} exceed {MAX_SOCKET_PATH} bytes (the unix "
                     "socket limit); use a shorter work_dir or scenario name",
                     field=f"hosts.{role}.work_dir")
-    if (scenario.migration.transport == "unix"
-            and scenario.hosts.source != scenario.hosts.destination):
-        raise ConfigError("the unix transport needs source and destination on one host; use "
-                          "tcp", field="migration.transport")
 
 
 def _pages_needed(scenario: Scenario) -> tuple[int, int]:
@@ -294,9 +310,29 @@ class _Run:
         }
         self.timeline = run.jsonl("timeline.jsonl")
         self.hgm: HgmDecision | None = None
+        self.booted = False
+        self.recoveries = 0
 
     def save_meta(self) -> None:
         self.run.write_json("run.json", self.meta)
+
+    def conclude(self, error: MigratorError | None) -> Outcome:
+        """State how the run ended (``outcome``, ``statement`` in run.json), from raw artifacts.
+
+        Whether the switch happened comes from both QEMUs' MIGRATION events as
+        recorded in ``events.jsonl``; what the source still held, from its last
+        ``query-migrate`` sample.
+        """
+        statuses = [(record["side"], str(record["data"].get("status")))
+                    for side in SIDES for record in read_jsonl(self.run.side(side) / "events.jsonl")
+                    if record.get("event") == "MIGRATION"]
+        remaining, transferred = last_source_ram(read_jsonl(self.run.path / "samples.jsonl"))
+        outcome, statement = describe(Situation(
+            switched=switched_over(statuses), recoveries=self.recoveries, error=error,
+            booted=self.booted, source_remaining_bytes=remaining,
+            destination_received_bytes=transferred))
+        self.meta.update(outcome=outcome.value, statement=statement, recoveries=self.recoveries)
+        return outcome
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
@@ -479,6 +515,7 @@ class _Run:
                     self.launch_spec("src", places["src"], facts["src"], accel,
                                      mem_paths["src"]))
                 self.mark("source-started", pid=src.pid)
+                await self.exhaust_destination_pool(stack, destination, mem_paths["dst"])
                 dst, dst_console = await self.start_vm(
                     stack, "dst", places["dst"],
                     self.launch_spec("dst", places["dst"], facts["dst"], accel,
@@ -488,7 +525,7 @@ class _Run:
                     await dst.monitor.hmp("info ramblock"))
 
                 await self.boot_and_warm_up(src, dst, src_console)
-                await self.migrate(stack, src, dst, places["dst"], mem_paths["dst"])
+                await self.migrate(stack, hosts, src, dst, places["dst"], mem_paths["dst"])
                 await self.settle_and_verify(dst, dst_console)
                 self.mark("shutdown")
             self.mark("cleaned-up")
@@ -498,6 +535,7 @@ class _Run:
     ) -> tuple[QemuProcess, GuestConsole]:
         """One QEMU and the console on its serial line, both owned by ``stack``."""
         host = place.host
+        self.booted = True
         # QEMU removes its listening sockets when it exits, but not when it is killed.
         stack.push_async_callback(host.remove_tree, place.serial_socket)
         qemu = await stack.enter_async_context(
@@ -528,6 +566,17 @@ class _Run:
         self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
         return mem_paths
 
+    async def exhaust_destination_pool(
+        self, stack: AsyncExitStack, destination: Host, mem_path: Path | None
+    ) -> None:
+        """The ``pool-exhausted`` fault: the destination's free hugepages taken before it starts."""
+        for index, fault in enumerate(self.scenario.faults):
+            if isinstance(fault, PoolExhaustedFault) and mem_path is not None:
+                size_kib, _ = _pages_needed(self.scenario)
+                hog = await exhaust_hugepage_pool(destination, mem_path, size_kib)
+                stack.push_async_callback(destination.remove_tree, hog)
+                self.mark("fault-injected", index=index, kind=fault.kind, file=str(hog))
+
     async def boot_and_warm_up(
         self, src: QemuProcess, dst: QemuProcess, console: GuestConsole
     ) -> None:
@@ -554,8 +603,8 @@ class _Run:
                       [src.fail_if_exits(), dst.fail_if_exits()])
 
     async def migrate(
-        self, stack: AsyncExitStack, src: QemuProcess, dst: QemuProcess, destination: _Place,
-        mem_path: Path | None,
+        self, stack: AsyncExitStack, hosts: dict[Side, Host], src: QemuProcess,
+        dst: QemuProcess, destination: _Place, mem_path: Path | None,
     ) -> None:
         """Drive the migration with both query-migrate samplers running beside it.
 
@@ -564,9 +613,19 @@ class _Run:
         split mappings at load cleanup) until the destination QEMU stops.
         """
         scenario = self.scenario
+        listens = 0
+
+        async def listen_uri() -> str:
+            # Each listen (the first, then one per recovery) gets its own port or socket.
+            nonlocal listens
+            listens += 1
+            return await self._incoming_uri(stack, destination, listens)
+
         driver = MigrationDriver(src.monitor, dst.monitor, self.plan(),
-                                 scenario.migration, self.timeline)
-        uri = await self._incoming_uri(stack, destination)
+                                 scenario.migration, self.timeline, listen_uri)
+        uri = await listen_uri()
+        if scenario.migration.tls is not None:
+            self.meta["tls"] = await enable_tls(scenario, src, dst)
         await driver.prepare(uri)
         if scenario.vm.backing.is_hugetlb:
             await self._sample_destination_smaps(stack, dst, mem_path)
@@ -578,7 +637,14 @@ class _Run:
             sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
         ):
             self.observer.phase("migrating")
-            result = await guarded(driver.run(uri), [src.fail_if_exits(), dst.fail_if_exits()])
+            faults = FaultTargets(hosts=hosts, qemus={"src": src, "dst": dst},
+                                  mark=self.mark)
+            try:
+                result = await guarded(driver.run(uri), [
+                    src.fail_if_exits(), dst.fail_if_exits(),
+                    inject_faults(scenario.faults, faults)])
+            finally:
+                self.recoveries = driver.recovery.recoveries
         self.meta["migration"] = asdict(result)
         self.run.write_json("final-query-migrate.json", {
             "src": await src.monitor.query_migrate(timeout=30),
@@ -629,10 +695,16 @@ class _Run:
                 f"during the run); first bad pages {list(verify.first_bad)}"
             )
 
-    async def _incoming_uri(self, stack: AsyncExitStack, destination: _Place) -> str:
-        """Where the destination listens (and so where the source connects)."""
+    async def _incoming_uri(self, stack: AsyncExitStack, destination: _Place,
+                            listen: int = 1) -> str:
+        """Where the destination listens (and so where the source connects).
+
+        ``listen`` counts the destination's listens: 1 for the migration, then one
+        more for each post-copy recovery.
+        """
         if self.scenario.migration.transport == "unix":
-            socket = destination.sockets / "migration.sock"
+            name = "migration.sock" if listen == 1 else f"migration-{listen}.sock"
+            socket = destination.sockets / name
             stack.push_async_callback(destination.host.remove_tree, socket)
             return f"unix:{socket}"
         spec = self.scenario.hosts.destination
@@ -690,15 +762,17 @@ async def run_scenario(
     state.save_meta()
     try:
         await state.execute()
-        state.meta["outcome"] = "completed"
+        state.conclude(None)
     except MigratorError as caught:
         error = _diagnose(run, caught)
-        state.meta["outcome"] = "error"
+        outcome = state.conclude(error)
         state.meta["error"] = {"type": type(error).__name__, "message": str(error)}
+        if outcome is not Outcome.NOT_STARTED:
+            error = RunFailed(outcome, state.meta["statement"])
         error.run_dir = run.path  # type: ignore[attr-defined]
         raise error from caught
     except (asyncio.CancelledError, KeyboardInterrupt):
-        state.meta["outcome"] = "interrupted"
+        state.meta["outcome"] = Outcome.INTERRUPTED.value
         raise
     finally:
         state.meta["finished_ns"] = time.time_ns()

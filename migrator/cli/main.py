@@ -19,6 +19,7 @@ from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
 from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import ArtifactError, ConfigError, MigratorError
+from migrator.outcome import EXIT_CODES, Outcome
 from migrator.rundir import RunDir
 
 __all__ = ["app"]
@@ -119,6 +120,9 @@ def run(
     else:
         render_report(report, out)
     out.print(f"run directory: {escape(str(run_dir.path))}", highlight=False, soft_wrap=True)
+    if report.outcome == Outcome.COMPLETED_AFTER_RECOVERY:
+        # Success, but a distinct one: post-copy paused and was recovered (docs/operator.md).
+        raise typer.Exit(EXIT_CODES[Outcome.COMPLETED_AFTER_RECOVERY])
 
 
 def _make_runs_dir(runs_dir: Path) -> None:

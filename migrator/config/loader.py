@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 from pydantic import ValidationError
 
-from migrator.config.models import Scenario
+from migrator.config.models import NO_ECHO_FIELDS, Scenario
 from migrator.errors import ConfigError
 
 __all__ = ["dump_scenario", "load_scenario", "parse_scenario", "read_toml", "scenario_schema"]
@@ -23,7 +23,8 @@ def _describe(error: ValidationError) -> tuple[str, str]:
     # Discriminated unions add the tag to the location ("switchover.after-seconds.seconds");
     # that is still the clearest name for the field.
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] not in ("missing", "extra_forbidden") and "input" in first:
+    secret = bool(first["loc"]) and first["loc"][-1] in NO_ECHO_FIELDS
+    if first["type"] not in ("missing", "extra_forbidden") and "input" in first and not secret:
         given = first["input"]
         if not isinstance(given, dict | list):
             message += f" (got {given!r})"

@@ -8,6 +8,8 @@ seconds unless the field name says otherwise (``_ms``, ``_us``).
 
 from __future__ import annotations
 
+import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,11 +17,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = [
+    "NO_ECHO_FIELDS",
     "Accel",
     "AfterPasses",
     "AfterSeconds",
     "Backing",
     "CollectSpec",
+    "FaultSpec",
     "GuestSpec",
     "HostSpec",
     "HostsSpec",
@@ -27,9 +31,11 @@ __all__ = [
     "LocalHostSpec",
     "MigrationSpec",
     "Pattern",
+    "RecoverySpec",
     "SSHHostSpec",
     "Scenario",
     "SwitchoverPolicy",
+    "TlsSpec",
     "VmSpec",
     "WorkloadSpec",
 ]
@@ -90,6 +96,12 @@ class LocalHostSpec(_Model):
 # A host or IP address as QEMU's URI and SSH both take it: no spaces, brackets or
 # commas (QEMU option syntax), not empty.
 _ADDRESS = r"^[A-Za-z0-9_.:%-]+$"
+# An environment variable name as a POSIX shell can export it.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+#: Fields whose value may be a secret written there by mistake (a passphrase instead of the
+#: name of the variable holding it): a validation error names the field, never its value.
+NO_ECHO_FIELDS = frozenset({"identity_passphrase_env"})
 
 
 class SSHHostSpec(_Model):
@@ -101,6 +113,12 @@ class SSHHostSpec(_Model):
     user: str = Field("root", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     identity_file: Path | None = Field(
         None, strict=False, description="private key; unset: the SSH agent and ~/.ssh/id_*"
+    )
+    identity_passphrase_env: str | None = Field(
+        None,
+        description="NAME of an environment variable holding the passphrase of an encrypted "
+                    "identity_file (never the passphrase itself); it must be set wherever "
+                    "the scenario is loaded; unset: identity_file is not encrypted",
     )
     known_hosts: Path | None = Field(
         None, strict=False, description="trusted host keys; unset: ~/.ssh/known_hosts"
@@ -126,6 +144,29 @@ class SSHHostSpec(_Model):
         description="directory on the host for a run's QEMU-side files (WORK_DIR/RUN_ID, "
                     "removed after the run)",
     )
+
+    @field_validator("identity_passphrase_env")
+    @classmethod
+    def _passphrase_in_environment(cls, name: str | None, info: ValidationInfo) -> str | None:
+        # The value is never quoted back (NO_ECHO_FIELDS): it may be a passphrase written
+        # where its variable's name belongs.
+        if name is None:
+            return None
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(
+                "not an environment variable name (letters, digits and _, not starting with "
+                "a digit): give the NAME of a variable that holds identity_file's passphrase, "
+                "never the passphrase itself"
+            )
+        if "identity_file" in info.data and info.data["identity_file"] is None:
+            raise ValueError("needs identity_file: it is the passphrase of that key")
+        if not os.environ.get(name):
+            raise ValueError(
+                "the environment variable it names is not set (or empty); export it with the "
+                "passphrase of identity_file before running migrator, or remove "
+                "identity_passphrase_env if the key is not encrypted"
+            )
+        return name
 
     @model_validator(mode="after")
     def _absolute_work_dir(self) -> SSHHostSpec:
@@ -271,6 +312,88 @@ SwitchoverPolicy = Annotated[
 ]
 
 
+class RecoverySpec(_Model):
+    """What migrator does when the post-copy stream breaks (see migration/recovery.py).
+
+    After the switch the guest's memory lives on two hosts, so a broken stream
+    must be mended, not abandoned: both QEMUs are brought to ``postcopy-paused``
+    and the stream re-established (``migrate-recover`` on the destination,
+    ``migrate`` with ``resume`` on the source), retrying with backoff.
+    """
+
+    auto: bool = Field(True, description="recover paused post-copy automatically; false: a "
+                                         "pause fails the run (failed after switchover)")
+    stall_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="post-copy with pages left to send and no byte moving on the source for "
+                    "this long counts as a broken stream (TCP alone may take minutes to notice "
+                    "a dead link): both sides are paused (migrate-pause) and recovered. Keep it "
+                    "above the time one huge page takes to fetch and place (about 1 s for "
+                    "1 GiB pages on bare metal, several under TCG)",
+    )
+    deadline_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="give up one pause's recovery after this long (the VM is then lost)",
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, le=600,
+                                     description="wait after the first failed attempt")
+    backoff_max_s: float = Field(8.0, gt=0, le=3600,
+                                 description="longest wait between attempts (doubling)")
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> RecoverySpec:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s={self.backoff_max_s:g} is below "
+                             f"backoff_initial_s={self.backoff_initial_s:g}")
+        return self
+
+
+class TlsSpec(_Model):
+    """Migration over TLS: the stream is encrypted and both QEMUs authenticate each other.
+
+    The table's presence (``[migration.tls]``, even empty) turns TLS on.  Each
+    directory holds QEMU ``tls-creds-x509`` files on its host: the source's
+    ``ca-cert.pem``, ``client-cert.pem`` and ``client-key.pem``; the destination's
+    ``ca-cert.pem``, ``server-cert.pem`` and ``server-key.pem``.  Both directories
+    unset: migrator makes a throwaway CA and certificates for the run alone, and
+    removes their keys from the hosts as soon as QEMU has loaded them.
+    """
+
+    source_dir: Path | None = Field(
+        None, strict=False,
+        description="absolute directory ON THE SOURCE HOST holding ca-cert.pem, "
+                    "client-cert.pem and client-key.pem; set with destination_dir or neither "
+                    "(unset: migrator generates throwaway certificates for the run)",
+    )
+    destination_dir: Path | None = Field(
+        None, strict=False,
+        description="absolute directory ON THE DESTINATION HOST holding ca-cert.pem, "
+                    "server-cert.pem and server-key.pem; set with source_dir or neither",
+    )
+    hostname: str | None = Field(
+        None, pattern=_ADDRESS,
+        description="name the source checks the destination's certificate against (QEMU's "
+                    "tls-hostname); unset: the destination's migration address",
+    )
+
+    @model_validator(mode="after")
+    def _both_dirs_or_neither(self) -> TlsSpec:
+        # Half-provided credentials cannot work: a generated CA would not have issued the
+        # other side's certificate.
+        if (self.source_dir is None) != (self.destination_dir is None):
+            given, missing = (("source_dir", "destination_dir") if self.source_dir is not None
+                              else ("destination_dir", "source_dir"))
+            raise ValueError(f"{given} is set but {missing} is not: give both certificate "
+                             "directories, or neither to have migrator generate throwaway "
+                             "certificates for the run")
+        for name, path in (("source_dir", self.source_dir),
+                           ("destination_dir", self.destination_dir)):
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"{name}={str(path)!r} must be an absolute path (a directory "
+                                 "on that host)")
+        return self
+
+
 class MigrationSpec(_Model):
     """How to migrate."""
 
@@ -288,6 +411,11 @@ class MigrationSpec(_Model):
     downtime_limit_ms: int | None = Field(None, ge=1, le=2000000)
     transport: Literal["tcp", "unix"] = "tcp"
     timeout_s: float = Field(600.0, gt=0, le=86400)
+    tls: TlsSpec | None = Field(
+        None, description="migrate over TLS; the [migration.tls] table, even empty, turns it "
+                          "on (unset: a plaintext stream)",
+    )
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
 
     @model_validator(mode="after")
     def _preempt_needs_postcopy(self) -> MigrationSpec:
@@ -309,6 +437,83 @@ class CollectSpec(_Model):
     )
 
 
+Side = Literal["source", "destination"]
+FaultPhase = Literal["precopy", "postcopy", "recovery", "recovered"]
+
+
+class _TimedFault(_Model):
+    """A fault injected once, ``after_ms`` after a migration phase begins.
+
+    Phases: ``precopy`` (the source reports ``active``), ``postcopy`` (the
+    destination reports ``postcopy-active``), ``recovery`` (the source first
+    reports ``postcopy-recover``), ``recovered`` (post-copy runs again after the
+    first recovery).  A fault whose phase never comes is recorded as not injected.
+    """
+
+    at: FaultPhase = "postcopy"
+    after_ms: int = Field(0, ge=0, le=3_600_000)
+
+
+class LinkDownFault(_TimedFault):
+    """Take a network interface of a host down for ``duration_s``, then up again.
+
+    Name the interface that carries the migration stream and not the SSH
+    control connection (``ip link set DEV down`` runs on the host, as root).
+    """
+
+    kind: Literal["link-down"]
+    host: Side = "destination"
+    interface: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,15}$")
+    duration_s: float = Field(gt=0, le=3600)
+
+
+class MigratePauseFault(_TimedFault):
+    """QMP ``migrate-pause`` on one side (post-copy only): the stream is cut cleanly."""
+
+    kind: Literal["migrate-pause"]
+    side: Side = "source"
+
+
+class KillFault(_TimedFault):
+    """SIGKILL one side's QEMU."""
+
+    kind: Literal["kill"]
+    side: Side
+
+
+class StopFault(_TimedFault):
+    """SIGSTOP one side's QEMU, SIGCONT it ``duration_s`` later."""
+
+    kind: Literal["stop"]
+    side: Side
+    duration_s: float = Field(gt=0, le=3600)
+
+
+class ConnectionLossFault(_TimedFault):
+    """Drop the controller's SSH connection to a host abruptly (an SSH host only).
+
+    Everything migrator runs on a host is bound to its connection (nothing may
+    outlive the controller), so that host's QEMU ends with it; migrator then
+    reconnects to clean up.
+    """
+
+    kind: Literal["connection-loss"]
+    side: Side
+
+
+class PoolExhaustedFault(_Model):
+    """The destination's hugepage pool is taken (filled by a hugetlbfs file) before it starts."""
+
+    kind: Literal["pool-exhausted"]
+
+
+FaultSpec = Annotated[
+    LinkDownFault | MigratePauseFault | KillFault | StopFault | ConnectionLossFault
+    | PoolExhaustedFault,
+    Field(discriminator="kind"),
+]
+
+
 class Scenario(_Model):
     """One migration run, fully described."""
 
@@ -320,6 +525,19 @@ class Scenario(_Model):
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     migration: MigrationSpec = Field(default_factory=MigrationSpec)
     collect: CollectSpec = Field(default_factory=CollectSpec)
+    faults: tuple[FaultSpec, ...] = Field(
+        (), strict=False,
+        description="faults to inject while the scenario runs ([[faults]] tables)")
+
+    @model_validator(mode="after")
+    def _unix_transport_on_one_host(self) -> Scenario:
+        # A unix socket joins two QEMUs of one machine only (equal entries are one host).
+        if self.migration.transport == "unix" and self.hosts.source != self.hosts.destination:
+            raise ValueError(
+                'migration.transport = "unix" needs source and destination on one host (equal '
+                'hosts entries); use transport = "tcp" between two hosts'
+            )
+        return self
 
     @model_validator(mode="after")
     def _working_set_fits(self) -> Scenario:
@@ -333,8 +551,29 @@ class Scenario(_Model):
         if self.vm.hgm == "require" and not self.migration.postcopy:
             # HGM changes how post-copy resolves faults; pre-copy alone never uses it.
             raise ValueError('vm.hgm = "require" needs migration.postcopy = true')
+        for index, fault in enumerate(self.faults):
+            _check_fault(self, fault, f"faults.{index}")
         if self.workload.threads > self.vm.vcpus:
             raise ValueError(
                 f"workload.threads={self.workload.threads} exceeds vm.vcpus={self.vm.vcpus}"
             )
         return self
+
+
+def _check_fault(scenario: Scenario, fault: FaultSpec, where: str) -> None:
+    """A fault the scenario cannot meet is a ValueError naming it (``where``)."""
+    if isinstance(fault, PoolExhaustedFault):
+        if not scenario.vm.backing.is_hugetlb:
+            raise ValueError(f"{where}: pool-exhausted needs a hugetlb vm.backing "
+                             f"(not {scenario.vm.backing.value})")
+        return
+    if fault.at != "precopy" and not scenario.migration.postcopy:
+        raise ValueError(f'{where}: at = "{fault.at}" needs migration.postcopy = true')
+    if isinstance(fault, MigratePauseFault) and fault.at == "precopy":
+        raise ValueError(f'{where}: migrate-pause works in post-copy only; use at = '
+                         '"postcopy", "recovery" or "recovered"')
+    if isinstance(fault, ConnectionLossFault):
+        host = getattr(scenario.hosts, fault.side)
+        if not isinstance(host, SSHHostSpec):
+            raise ValueError(f"{where}: connection-loss needs hosts.{fault.side} to be an "
+                             "ssh host")

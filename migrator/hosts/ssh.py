@@ -62,14 +62,15 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, cast
 
 import asyncssh
+from pydantic import SecretStr
 
-from migrator.errors import HostError
+from migrator.errors import ConfigError, HostError, MigratorError
 from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 
 __all__ = ["SUPERVISOR", "SSHHost", "SSHProcess", "SSHTarget", "remote_command"]
@@ -221,6 +222,11 @@ class SSHTarget:
     """Name in logs and errors; defaults to the address."""
     connect_timeout: float = _CONNECT_TIMEOUT_S
     """Seconds to reach the host and finish the SSH handshake."""
+    passphrase: SecretStr | None = field(default=None, repr=False, compare=False)
+    """Passphrase of an encrypted ``identity_file``.  Never shown: not in repr(), and a
+    SecretStr, so str(), asdict() and logs hold ``**********`` and json.dumps() refuses it."""
+    passphrase_env: str | None = None
+    """Name of the environment variable the passphrase came from (for error messages)."""
 
     @property
     def label(self) -> str:
@@ -351,6 +357,7 @@ class SSHHost(Host):
                 target.address, port=target.port, username=target.user,
                 known_hosts=known_hosts,
                 client_keys=[str(identity)] if identity else (),
+                passphrase=target.passphrase.get_secret_value() if target.passphrase else None,
                 # With an explicit key, use only that key: no agent, no ~/.ssh/id_*.
                 agent_path=None if identity else (),
                 # The target is the whole truth; a laptop's ~/.ssh/config must not
@@ -372,8 +379,8 @@ class SSHHost(Host):
                 f"{target.label}: no SSH answer from {target.address}:{target.port} within "
                 f"{target.connect_timeout:g} s; is the host up and reachable?"
             ) from None
-        except asyncssh.KeyImportError as error:
-            raise HostError(f"{target.label}: identity file {identity}: {error}") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as error:
+            raise self._key_error(error) from None
         except OSError as error:
             if identity is not None and error.filename == str(identity):
                 raise HostError(
@@ -389,6 +396,33 @@ class SSHHost(Host):
                 f"{target.label}: SSH to {target.endpoint} failed: {error.reason}"
             ) from None
         log.info("%s: connected to %s", target.label, target.endpoint)
+
+    def _key_error(self, error: ValueError) -> MigratorError:
+        """An identity file asyncssh could not load, as one line without the passphrase.
+
+        A wrong or missing passphrase is bad input (:class:`ConfigError`); anything else
+        about the key stays a :class:`HostError`.
+        """
+        target = self.target
+        where = f"{target.label}: identity file {target.identity_file}"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if target.passphrase is None:
+            if "passphrase must be specified" in reason.lower():
+                return ConfigError(
+                    f"{where} is encrypted: set identity_passphrase_env in its hosts entry to "
+                    "the name of an environment variable that holds its passphrase")
+            return HostError(f"{where}: {reason}")
+        secret = target.passphrase.get_secret_value()
+        if secret:
+            # asyncssh's reasons never quote it; make sure.
+            reason = reason.replace(secret, str(target.passphrase))
+        given = (f"the passphrase in environment variable {target.passphrase_env} "
+                 "(identity_passphrase_env)" if target.passphrase_env else "the passphrase given")
+        if "incorrect passphrase" in reason.lower():
+            fix = (f"; set {target.passphrase_env} to this key's passphrase"
+                   if target.passphrase_env else "")
+            return ConfigError(f"{where}: {given} does not decrypt it{fix}")
+        return ConfigError(f"{where}: cannot decrypt it with {given}: {reason}")
 
     def _host_key_message(self) -> str:
         target = self.target
@@ -438,6 +472,23 @@ class SSHHost(Host):
             with contextlib.suppress(Exception):
                 await self._conn.wait_closed()
             self._conn = None
+
+    async def sever(self) -> None:
+        """Drop the connection abruptly, as a network failure would, then connect afresh.
+
+        For fault injection.  Every process started here ends with the old
+        connection (its supervisor sees the channel close); the new one serves
+        whatever comes next, such as the clean-up.
+        """
+        connection = self.connection
+        log.warning("%s: dropping the SSH connection (fault injection)", self.name)
+        connection.abort()
+        with contextlib.suppress(Exception):
+            await connection.wait_closed()
+        self._started.clear()
+        self._sftp = None
+        self._conn = None
+        await self.connect()
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from migrator.aio import first_error
 from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
 from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
 from migrator.migration.plan import MigrationPlan
+from migrator.migration.recovery import PostcopyRecovery
+from migrator.migration.tls import tls_hint
 from migrator.qemu.monitor import EventRecord, Monitor
 from migrator.rundir import JsonlWriter
 
@@ -38,6 +41,7 @@ class MigrationResult:
     destination_status: str
     postcopy_requested_ns: int | None
     postcopy_skipped_reason: str | None
+    recoveries: int = 0
 
 
 def _status_is(*statuses: str) -> Any:
@@ -52,13 +56,15 @@ class MigrationDriver:
 
     def __init__(
         self, source: Monitor, destination: Monitor, plan: MigrationPlan, spec: MigrationSpec,
-        timeline: JsonlWriter,
+        timeline: JsonlWriter, listen_uri: Callable[[], Awaitable[str]],
     ) -> None:
         self.source = source
         self.destination = destination
         self.plan = plan
         self.spec = spec
         self.timeline = timeline
+        self.recovery = PostcopyRecovery(source, destination, spec.recovery, listen_uri,
+                                         self.mark)
 
     def mark(self, what: str, **details: Any) -> int:
         """Record a driver step on the timeline; returns its host ns."""
@@ -97,11 +103,8 @@ class MigrationDriver:
             ) from None
 
     async def _last_statuses(self) -> tuple[str, str]:
-        def last(monitor: Monitor) -> str:
-            events = monitor.find_events("MIGRATION")
-            return str(events[-1].data.get("status")) if events else "none"
-
-        return last(self.source), last(self.destination)
+        return (self.source.migration_status() or "none",
+                self.destination.migration_status() or "none")
 
     async def _run(self, uri: str) -> MigrationResult:
         started = self.mark("migrate", uri=uri)
@@ -115,17 +118,23 @@ class MigrationDriver:
             destination_done = group.create_task(
                 self.destination.wait_for_event("MIGRATION", _status_is(*DESTINATION_TERMINAL))
             )
+            recovering = (group.create_task(self.recovery.watch(), name="postcopy-recovery")
+                          if self.spec.postcopy else None)
             if self.spec.postcopy:
                 requested, skipped = await self._switchover(started, source_done)
             source_end = await source_done
             self.mark("source-finished", status=source_end.data["status"])
             if source_end.data["status"] != "completed":
                 destination_done.cancel()
+                if recovering is not None:
+                    recovering.cancel()
                 raise MigrationError(
                     f"migration {source_end.data['status']} on the source: "
                     f"{await self._error_desc(self.source)}"
                 )
             destination_end = await destination_done
+            if recovering is not None:
+                recovering.cancel()
         self.mark("destination-finished", status=destination_end.data["status"])
         if destination_end.data["status"] != "completed":
             raise MigrationError(
@@ -134,16 +143,19 @@ class MigrationDriver:
             )
         return MigrationResult(
             str(source_end.data["status"]), str(destination_end.data["status"]),
-            requested, skipped,
+            requested, skipped, self.recovery.recoveries,
         )
 
     async def _error_desc(self, monitor: Monitor) -> str:
-        """QEMU's own explanation of a failed migration, if it still answers."""
+        """QEMU's own explanation of a failed migration (if it still answers), with a hint."""
         try:
             info = await monitor.query_migrate(timeout=5.0)
         except Exception:
             return f"no error text ({monitor.name} did not answer); see its stderr.log"
-        return str(info.get("error-desc", f"no error text; see {monitor.name}/stderr.log"))
+        desc = str(info.get("error-desc", f"no error text; see {monitor.name}/stderr.log"))
+        hostname = self.plan.source_parameters.get("tls-hostname")
+        hint = tls_hint(desc, str(hostname)) if hostname is not None else None
+        return f"{desc}; {hint}" if hint else desc
 
     async def _switchover(
         self, started_ns: int, source_done: asyncio.Task[EventRecord]

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from migrator.config.models import MigrationSpec, Scenario
+from migrator.config.models import LocalHostSpec, MigrationSpec, Scenario
 from migrator.errors import MissingCapability
 from migrator.hgm.detect import DOUBLEMAP_CAPABILITY
 from migrator.qemu.probe import QemuFacts
 
-__all__ = ["UNLIMITED_BANDWIDTH", "MigrationPlan", "check_capabilities", "plan_migration"]
+__all__ = [
+    "TLS_CREDS_ID",
+    "UNLIMITED_BANDWIDTH",
+    "MigrationPlan",
+    "check_capabilities",
+    "destination_address",
+    "plan_migration",
+    "tls_hostname",
+]
 
 # QEMU caps pre-copy at max-bandwidth (128 MiB/s by default on 7.2 and 11.1); "as fast as the
 # link goes" is asked for by a cap no real link reaches (1 TiB/s).
 UNLIMITED_BANDWIDTH = 1 << 40
 MIB = 1 << 20
+# The QOM id of the tls-creds-x509 object migrator adds to each QEMU (migration/tls.py).
+TLS_CREDS_ID = "migrator-tls"
 
 
 @dataclass(frozen=True)
@@ -23,8 +33,8 @@ class MigrationPlan:
 
     source_capabilities: dict[str, bool] = field(default_factory=dict)
     destination_capabilities: dict[str, bool] = field(default_factory=dict)
-    source_parameters: dict[str, int] = field(default_factory=dict)
-    destination_parameters: dict[str, int] = field(default_factory=dict)
+    source_parameters: dict[str, int | str] = field(default_factory=dict)
+    destination_parameters: dict[str, int | str] = field(default_factory=dict)
 
     @property
     def needed(self) -> set[str]:
@@ -37,8 +47,27 @@ class MigrationPlan:
         }
 
 
-def _parameters(spec: MigrationSpec) -> dict[str, int]:
-    parameters = {
+def destination_address(scenario: Scenario) -> str:
+    """Where the source connects over TCP: the destination's stream address, or 127.0.0.1
+    for a local destination (as the runner's incoming URI has it)."""
+    destination = scenario.hosts.destination
+    return "127.0.0.1" if isinstance(destination, LocalHostSpec) else destination.stream_address
+
+
+def tls_hostname(scenario: Scenario) -> str:
+    """The name the source checks the destination's certificate against (``tls-hostname``).
+
+    ``migration.tls.hostname``, else :func:`destination_address`.  Always set,
+    because QEMU has no hostname of its own to check for a unix socket.
+    """
+    tls = scenario.migration.tls
+    if tls is not None and tls.hostname:
+        return tls.hostname
+    return destination_address(scenario)
+
+
+def _parameters(spec: MigrationSpec) -> dict[str, int | str]:
+    parameters: dict[str, int | str] = {
         "max-bandwidth": spec.max_bandwidth_mib_s * MIB
         if spec.max_bandwidth_mib_s
         else UNLIMITED_BANDWIDTH
@@ -72,11 +101,18 @@ def plan_migration(scenario: Scenario, *, hgm: bool = False) -> MigrationPlan:
     destination = dict(common)
     if spec.postcopy and scenario.collect.blocktime:
         destination["postcopy-blocktime"] = True
+    source_parameters = _parameters(spec)
+    destination_parameters: dict[str, int | str] = {}
+    if spec.tls is not None:
+        # The credentials object exists by then (migration.tls.enable_tls); the source
+        # checks the destination's certificate against tls-hostname.
+        source_parameters |= {"tls-creds": TLS_CREDS_ID, "tls-hostname": tls_hostname(scenario)}
+        destination_parameters["tls-creds"] = TLS_CREDS_ID
     return MigrationPlan(
         source_capabilities=dict(common),
         destination_capabilities=destination,
-        source_parameters=_parameters(spec),
-        destination_parameters={},
+        source_parameters=source_parameters,
+        destination_parameters=destination_parameters,
     )
 
 

@@ -114,12 +114,21 @@ class Monitor:
         log.debug("%s: event %s %s", self.name, record.name, record.data)
         self._arrived.set()
 
+    @property
+    def event_count(self) -> int:
+        """How many events have arrived so far (a ``since`` mark for :meth:`wait_for_event`)."""
+        return len(self._history)
+
     async def wait_for_event(
-        self, name: str, predicate: EventPredicate | None = None, *, timeout: float | None = None
+        self, name: str, predicate: EventPredicate | None = None, *, timeout: float | None = None,
+        since: int = 0,
     ) -> EventRecord:
-        """Return the first event named ``name`` matching ``predicate`` (past or future)."""
+        """Return the first event named ``name`` matching ``predicate`` (past or future).
+
+        ``since`` (an :attr:`event_count`) skips the events that had arrived before it.
+        """
         async with asyncio.timeout(timeout):
-            seen = 0
+            seen = since
             while True:
                 for record in self._history[seen:]:
                     if record.name == name and (predicate is None or predicate(record)):
@@ -197,6 +206,23 @@ class Monitor:
     async def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to post-copy as soon as QEMU can."""
         await self.execute("migrate-start-postcopy")
+
+    async def migrate_pause(self, *, timeout: float = 30.0) -> None:
+        """``migrate-pause`` (post-copy only), out-of-band: it must pass a busy main loop."""
+        await self.execute("migrate-pause", oob=True, timeout=timeout)
+
+    async def migrate_recover(self, uri: str) -> None:
+        """``migrate-recover`` on a paused destination (out-of-band): listen on ``uri``."""
+        await self.execute("migrate-recover", {"uri": uri}, oob=True)
+
+    async def migrate_resume(self, uri: str) -> None:
+        """``migrate`` with ``resume``: a paused source reconnects to ``uri``."""
+        await self.execute("migrate", {"uri": uri, "resume": True})
+
+    def migration_status(self) -> str | None:
+        """The last MIGRATION status this QEMU announced (None before any)."""
+        events = self.find_events("MIGRATION")
+        return str(events[-1].data.get("status")) if events else None
 
     async def migrate_cancel(self) -> None:
         """``migrate_cancel``."""

@@ -24,7 +24,7 @@ from types import TracebackType
 
 from qemu.qmp import ConnectError
 
-from migrator.errors import QemuExitedError, QemuLaunchError
+from migrator.errors import HostError, QemuExitedError, QemuLaunchError
 from migrator.hosts.base import Host, HostProcess
 from migrator.qemu.cmdline import LaunchSpec, qemu_argv, shell_line
 from migrator.qemu.monitor import Monitor
@@ -133,9 +133,19 @@ class QemuProcess:
             await asyncio.sleep(0.02)
 
     async def wait_exit(self) -> int:
-        """Wait until QEMU exits; returns its status."""
+        """Wait until QEMU exits; returns its status.
+
+        :class:`QemuExitedError` when the connection to its host dropped instead:
+        QEMU then ends with it (nothing migrator starts outlives its connection).
+        """
         assert self._process is not None
-        status = await self._process.wait()
+        try:
+            status = await self._process.wait()
+        except HostError as error:
+            self.exited_ns = self.exited_ns or time.time_ns()
+            raise QemuExitedError(
+                f"ended with the connection to {self.host.name} ({error})", name=self.name,
+                argv=self.argv) from error
         self.exited_ns = self.exited_ns or time.time_ns()
         return status
 
@@ -165,6 +175,9 @@ class QemuProcess:
                         self.log.warning("did not exit in %g s, sending %s", grace, sig.name)
                         await process.send_signal(sig)
                 await process.wait()
+        except HostError as error:
+            # The connection to the host dropped: the process ended with it.
+            self.log.warning("lost with its host connection: %s", error)
         finally:
             await self.monitor.close()
             await self._forwarding.aclose()

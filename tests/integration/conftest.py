@@ -33,7 +33,7 @@ def _needs_root_and_qemu() -> None:
     assert shutil.which("qemu-system-x86_64"), "run scripts/setup first: QEMU is missing"
 
 
-def scenario(name: str, **sections: dict[str, object]) -> Scenario:
+def scenario(name: str, **sections: dict[str, object] | list[dict[str, object]]) -> Scenario:
     """A small, fast scenario for tests (TCG-friendly sizes), overridable per section."""
     data: dict[str, object] = {
         "name": name,
@@ -47,6 +47,9 @@ def scenario(name: str, **sections: dict[str, object]) -> Scenario:
                       "switchover": {"policy": "after-seconds", "seconds": 0.3}},
     }
     for key, value in sections.items():
+        if isinstance(value, list):  # an array of tables, such as faults
+            data[key] = value
+            continue
         merged = dict(data.get(key, {}))  # type: ignore[call-overload]
         merged.update(value)
         data[key] = merged

@@ -45,7 +45,7 @@ def assert_nothing_started(run_dir: Path | None) -> None:
     assert qemu_processes_mentioning(run_dir.name) == []
     assert not (run_dir / "src" / "argv.json").exists()
     meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["outcome"] == "error"
+    assert meta["outcome"] == "not-started"
 
 
 def test_hugepage_shortfall_says_how_many(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def host_entry(bed: SSHTestbed, host: NamespaceHost, work_root: Path,
 
 def ssh_scenario(bed: SSHTestbed, work_root: Path, name: str,
                  source: Mapping[str, object] | None = None,
-                 **sections: dict[str, object]) -> Scenario:
+                 **sections: dict[str, object] | list[dict[str, object]]) -> Scenario:
     """The integration tests' scenario, migrated from host a to host b over ``mig0``."""
     hosts: dict[str, object] = {
         "source": host_entry(bed, bed.a, work_root, **(source or {})),
@@ -248,7 +248,7 @@ def test_host_problems_are_one_clear_error_and_start_nothing(
     assert len(errors) == 1, done.stderr
     assert expected in errors[0]
     [run_dir] = runs.iterdir()
-    assert json.loads((run_dir / "run.json").read_text())["outcome"] == "error"
+    assert json.loads((run_dir / "run.json").read_text())["outcome"] == "not-started"
     assert not (run_dir / "src" / "argv.json").exists()
     assert leftovers(bed, work_root) == NOTHING
     assert not (work_root / "a").exists()

@@ -60,7 +60,13 @@ def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter
 def driver_for(migration: dict[str, object], src: Monitor, dst: Monitor,
                timeline: JsonlWriter) -> MigrationDriver:
     scenario = parse_scenario({"name": "t", "migration": migration})
-    return MigrationDriver(src, dst, plan_migration(scenario), scenario.migration, timeline)
+    listens = iter(range(2, 100))
+
+    async def listen_uri() -> str:
+        return f"tcp:127.0.0.1:{4444 + next(listens)}"
+
+    return MigrationDriver(src, dst, plan_migration(scenario), scenario.migration, timeline,
+                           listen_uri)
 
 
 async def test_prepare_sets_both_sides_then_listens(sides: Any) -> None:

@@ -78,6 +78,22 @@ def test_invalid_host_entries_name_the_field(hosts: dict[str, object], expected:
     assert expected in str(caught.value)
 
 
+def test_unix_transport_needs_one_host() -> None:
+    # Refused when the scenario loads (config check too), before any runner exists.
+    with pytest.raises(ConfigError) as caught:
+        parse_scenario({"name": "x", "migration": {"transport": "unix"},
+                        "hosts": {"source": ssh(), "destination": ssh(address="192.0.2.11")}},
+                       source="s.toml")
+    assert str(caught.value).startswith('s.toml: migration.transport = "unix" needs source '
+                                        "and destination on one host")
+    assert "\n" not in str(caught.value)
+    # Equal entries are one host; two local entries too.
+    for hosts in ({"source": ssh(), "destination": ssh()}, {}):
+        scenario = parse_scenario({"name": "x", "migration": {"transport": "unix"},
+                                   "hosts": hosts})
+        assert scenario.migration.transport == "unix"
+
+
 async def test_local_entries_share_one_local_host() -> None:
     scenario = parse_scenario({"name": "x", "hosts": {"source": {"kind": "local"}}})
     assert scenario.hosts.source == LocalHostSpec()
@@ -116,9 +132,6 @@ async def test_temp_dir_is_private_and_removed() -> None:
     [
         ({"hosts": {"source": ssh(work_dir="/var/tmp/" + "w" * 60), "destination": ssh()}},
          "hosts.source.work_dir: socket paths such as /var/tmp/www"),
-        ({"hosts": {"source": ssh(), "destination": ssh(address="192.0.2.11")},
-          "migration": {"transport": "unix"}},
-         "migration.transport: the unix transport needs source and destination on one host"),
     ],
 )
 def test_impossible_layouts_fail_before_connecting(
@@ -129,4 +142,4 @@ def test_impossible_layouts_fail_before_connecting(
     with pytest.raises(ConfigError, match=expected):
         asyncio.run(run_scenario(scenario, tmp_path))
     [run_dir] = tmp_path.iterdir()
-    assert json.loads((run_dir / "run.json").read_text())["outcome"] == "error"
+    assert json.loads((run_dir / "run.json").read_text())["outcome"] == "not-started"

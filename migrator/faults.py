@@ -1,0 +1,176 @@
+"""Fault injection: the ``[[faults]]`` of a scenario, done for real at their phase.
+
+Each timed fault waits for its phase (a MIGRATION status one of the QEMUs
+announces), then ``after_ms``, then strikes: a network interface down and up
+again, ``migrate-pause``, SIGKILL or SIGSTOP/SIGCONT of a QEMU, or the SSH
+connection to a host dropped.  Whatever ends the run, a fault with a duration
+is undone (the link brought up, the QEMU continued).  Every strike and undo is
+a timeline mark, so the report can set each fault beside what the guest saw.
+
+The pool-exhausted fault is not timed: :func:`exhaust_hugepage_pool` fills the
+destination's free hugepages with a hugetlbfs file before its QEMU starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from migrator.config.models import (
+    ConnectionLossFault,
+    FaultSpec,
+    KillFault,
+    LinkDownFault,
+    MigratePauseFault,
+    PoolExhaustedFault,
+    StopFault,
+)
+from migrator.errors import HostError, MigrationError
+from migrator.guest.console import Side
+from migrator.hosts.base import Host
+from migrator.hosts.ssh import SSHHost
+from migrator.qemu.monitor import EventRecord
+from migrator.qemu.process import QemuProcess
+
+__all__ = ["FaultTargets", "exhaust_hugepage_pool", "inject_faults"]
+
+log = logging.getLogger(__name__)
+
+_SIDES: dict[str, Side] = {"source": "src", "destination": "dst"}
+
+
+@dataclass(frozen=True)
+class FaultTargets:
+    """What faults act on: each side's host and QEMU, and the run's timeline."""
+
+    hosts: Mapping[Side, Host]
+    qemus: Mapping[Side, QemuProcess]
+    mark: Callable[..., None]
+
+
+def _status(status: str) -> Callable[[EventRecord], bool]:
+    return lambda record: record.data.get("status") == status
+
+
+async def _phase_begins(fault: FaultSpec, targets: FaultTargets) -> None:
+    """Return when the fault's phase begins (see :class:`~migrator.config.models._TimedFault`)."""
+    assert not isinstance(fault, PoolExhaustedFault)
+    source = targets.qemus["src"].monitor
+    if fault.at == "precopy":
+        await source.wait_for_event("MIGRATION", _status("active"))
+    elif fault.at == "postcopy":
+        await targets.qemus["dst"].monitor.wait_for_event("MIGRATION", _status("postcopy-active"))
+    else:
+        recovering = await source.wait_for_event("MIGRATION", _status("postcopy-recover"))
+        if fault.at == "recovered":
+            since = source.events.index(recovering) + 1
+            await source.wait_for_event("MIGRATION", _status("postcopy-active"), since=since)
+
+
+async def _undone(undo: Coroutine[Any, Any, None]) -> None:
+    """Run ``undo`` to the end even if the caller is cancelled meanwhile."""
+    task = asyncio.create_task(undo)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def _run_checked(host: Host, argv: list[str], what: str) -> None:
+    result = await host.run(argv, timeout=30)
+    result.check(f"{what} on {host.name}")
+
+
+async def _signal(qemu: QemuProcess, name: str) -> None:
+    """Send signal ``name`` (e.g. ``KILL``) to a QEMU by its pid on its host."""
+    if qemu.pid is None:
+        raise MigrationError(f"faults: {qemu.name} QEMU has no pid to signal")
+    await _run_checked(qemu.host, ["kill", "-s", name, str(qemu.pid)],
+                       f"sending SIG{name} to {qemu.name} QEMU (pid {qemu.pid})")
+
+
+async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
+    """Inject one fault now, and undo it after its duration."""
+    details = fault.model_dump(mode="json")
+    if isinstance(fault, LinkDownFault):
+        host = targets.hosts[_SIDES[fault.host]]
+        link = ["ip", "link", "set", "dev", fault.interface]
+        await _run_checked(host, [*link, "down"], f"taking {fault.interface} down")
+        targets.mark("fault-injected", index=index, **details)
+        try:
+            await asyncio.sleep(fault.duration_s)
+        finally:
+            await _undone(_run_checked(host, [*link, "up"], f"bringing {fault.interface} up"))
+            targets.mark("fault-cleared", index=index, kind=fault.kind)
+    elif isinstance(fault, StopFault):
+        qemu = targets.qemus[_SIDES[fault.side]]
+        await _signal(qemu, "STOP")
+        targets.mark("fault-injected", index=index, **details)
+        try:
+            await asyncio.sleep(fault.duration_s)
+        finally:
+            await _undone(_signal(qemu, "CONT"))
+            targets.mark("fault-cleared", index=index, kind=fault.kind)
+    elif isinstance(fault, KillFault):
+        targets.mark("fault-injected", index=index, **details)
+        await _signal(targets.qemus[_SIDES[fault.side]], "KILL")
+    elif isinstance(fault, MigratePauseFault):
+        targets.mark("fault-injected", index=index, **details)
+        await targets.qemus[_SIDES[fault.side]].monitor.migrate_pause()
+    elif isinstance(fault, ConnectionLossFault):
+        host = targets.hosts[_SIDES[fault.side]]
+        if not isinstance(host, SSHHost):
+            raise MigrationError(f"faults[{index}]: connection-loss needs an SSH host")
+        targets.mark("fault-injected", index=index, **details)
+        await host.sever()
+
+
+async def _one(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
+    assert not isinstance(fault, PoolExhaustedFault)
+    try:
+        await _phase_begins(fault, targets)
+    except asyncio.CancelledError:
+        targets.mark("fault-not-injected", index=index, kind=fault.kind,
+                     reason=f"the {fault.at} phase never began")
+        raise
+    await asyncio.sleep(fault.after_ms / 1000)
+    await _strike(index, fault, targets)
+
+
+async def inject_faults(faults: tuple[FaultSpec, ...], targets: FaultTargets) -> None:
+    """Inject every timed fault at its phase; returns when all are done (run beside the migration).
+
+    A fault that cannot be injected (a command failing on its host) raises: the
+    run would not be the scenario it claims to be.
+    """
+    async with asyncio.TaskGroup() as group:
+        for index, fault in enumerate(faults):
+            if not isinstance(fault, PoolExhaustedFault):
+                group.create_task(_one(index, fault, targets), name=f"fault-{index}")
+
+
+async def exhaust_hugepage_pool(host: Host, directory: Path, page_kib: int) -> Path:
+    """Take every free ``page_kib`` hugepage on ``host`` with one file in ``directory``.
+
+    The file (returned) holds the pages until it is removed.  :class:`HostError`
+    when the pages cannot be taken.
+    """
+    pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{page_kib}kB")
+    # Free pages include those reserved by mappings not yet touched (the source QEMU's).
+    free = (int((await host.read_text(pool / "free_hugepages")).strip())
+            - int((await host.read_text(pool / "resv_hugepages")).strip()))
+    hog = directory / "pool-exhausted"
+    if free:
+        try:
+            await _run_checked(host, ["fallocate", "-l", str(free * page_kib * 1024), str(hog)],
+                               f"taking the {free} free {page_kib} kB hugepages")
+        except HostError:
+            await host.remove_tree(hog)
+            raise
+    log.info("%s: %d free %d kB hugepages taken by %s", host.name, free, page_kib, hog)
+    return hog

@@ -1,0 +1,162 @@
+"""How a run ended, stated plainly, with one exit code per outcome.
+
+Post-copy is the one migration mode in which a failure can lose the VM: after
+the switch the guest's CPU state is on the destination while part of its
+memory is still only on the source.  So every run ends in exactly one outcome,
+and the statement says where the guest is (or was) and which side holds what.
+
+=============================  ====  ===============================================
+outcome                        exit  meaning
+=============================  ====  ===============================================
+completed                      0     the guest runs on the destination, every page
+                                     it wrote verified
+completed-after-recovery       6     the same, after post-copy paused and was
+                                     recovered at least once
+failed-before-switchover       4     the guest never left the source (it was still
+                                     running there, unless the source QEMU died)
+failed-after-switchover        5     the switch happened and the run failed after
+                                     it: the VM is lost (or its memory is wrong)
+not-started                    1-3   bad input (2), a host that cannot run the
+                                     scenario (3) or cannot be used (1): nothing was
+                                     booted
+interrupted                    130,  Ctrl-C (130) or SIGTERM (143): torn down in
+                               143   order
+=============================  ====  ===============================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from migrator.errors import GuestError, MigratorError, QemuError
+
+__all__ = [
+    "EXIT_CODES", "Outcome", "RunFailed", "Situation", "describe", "last_source_ram",
+    "switched_over",
+]
+
+MIB = 1 << 20
+
+
+class Outcome(StrEnum):
+    """Every way a run ends (``run.json`` field ``outcome``)."""
+
+    COMPLETED = "completed"
+    COMPLETED_AFTER_RECOVERY = "completed-after-recovery"
+    FAILED_BEFORE_SWITCHOVER = "failed-before-switchover"
+    FAILED_AFTER_SWITCHOVER = "failed-after-switchover"
+    NOT_STARTED = "not-started"
+    INTERRUPTED = "interrupted"
+
+
+EXIT_CODES: dict[Outcome, int] = {
+    Outcome.COMPLETED: 0,
+    Outcome.FAILED_BEFORE_SWITCHOVER: 4,
+    Outcome.FAILED_AFTER_SWITCHOVER: 5,
+    Outcome.COMPLETED_AFTER_RECOVERY: 6,
+}
+
+
+# A MIGRATION status that means the guest's CPU state has left the source: post-copy
+# runs on the destination, or pre-copy handed everything over.
+_AFTER_SWITCH = {"postcopy-active", "postcopy-paused", "postcopy-recover", "completed"}
+
+
+def switched_over(statuses: Iterable[tuple[str, str]]) -> bool:
+    """Whether the switch happened, from ``(side, MIGRATION status)`` pairs in any order.
+
+    The source reporting ``postcopy-active`` (it has stopped the guest and sent
+    its device state), or either side reporting post-copy or completion.
+    """
+    return any(status in _AFTER_SWITCH for _side, status in statuses)
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What the runner saw when the run ended: the facts an outcome is stated from."""
+
+    switched: bool
+    recoveries: int
+    error: MigratorError | None = None
+    booted: bool = True
+    source_remaining_bytes: int | None = None
+    """The source's last ``ram.remaining``: memory that existed only there."""
+    destination_received_bytes: int | None = None
+    """The source's last ``ram.transferred``: what the destination had been sent."""
+
+
+class RunFailed(MigratorError):
+    """A run that failed after something booted: its outcome, exit code and statement."""
+
+    def __init__(self, outcome: Outcome, statement: str) -> None:
+        super().__init__(statement)
+        self.outcome = outcome
+        self.exit_code = EXIT_CODES[outcome]
+
+
+def _mib(value: int | None) -> str:
+    return "an unknown amount" if value is None else f"{value / MIB:.0f} MiB"
+
+
+def _dead_side(error: MigratorError | None) -> str | None:
+    """``src`` or ``dst`` when the error is that QEMU dying (or its QMP dropping)."""
+    if isinstance(error, QemuError) and error.name in ("src", "dst"):
+        return error.name
+    return None
+
+
+def describe(situation: Situation) -> tuple[Outcome, str]:
+    """The outcome and its one-line statement (which side holds what)."""
+    error = situation.error
+    if error is None:
+        if situation.recoveries:
+            plural = "y" if situation.recoveries == 1 else "ies"
+            return Outcome.COMPLETED_AFTER_RECOVERY, (
+                f"completed after {situation.recoveries} recover{plural}: post-copy paused "
+                "and was resumed; the guest runs on the destination and every page it "
+                "wrote verified")
+        return Outcome.COMPLETED, ("completed: the guest runs on the destination and every "
+                                   "page it wrote verified")
+    if not situation.booted:
+        # Refused before any QEMU started: the error says why (its own exit code).
+        return Outcome.NOT_STARTED, str(error)
+    dead = _dead_side(error)
+    if not situation.switched:
+        if dead == "src":
+            where = ("the guest died with its source QEMU, and the destination held nothing "
+                     "of it yet")
+        else:
+            where = ("the VM was still running on the source with its state intact (the "
+                     "destination held nothing of it yet) when migrator stopped it")
+        return Outcome.FAILED_BEFORE_SWITCHOVER, (
+            f"failed before switchover: {error}; {where}")
+    remaining, received = situation.source_remaining_bytes, situation.destination_received_bytes
+    if isinstance(error, GuestError) and dead is None:
+        where = ("the guest ran on the destination, whose copy of its memory is not what "
+                 "the guest wrote")
+    elif dead == "dst":
+        where = (f"the destination QEMU, which ran the guest (its CPU and device state and "
+                 f"{_mib(received)} of memory received), is gone; the source holds only a "
+                 "copy of memory as it was at the switch: the VM is lost")
+    elif dead == "src":
+        where = (f"the source QEMU, the only holder of {_mib(remaining)} of guest memory not "
+                 "yet sent, is gone; the destination holds the guest's CPU state and the "
+                 "rest: the VM is lost")
+    else:
+        where = (f"the guest's CPU state is on the destination and {_mib(remaining)} of its "
+                 "memory only on the source; once both stop, the VM is lost")
+    return Outcome.FAILED_AFTER_SWITCHOVER, f"failed after switchover: {error}; {where}"
+
+
+def last_source_ram(samples: Iterable[Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """(remaining, transferred) bytes from the last source query-migrate sample with RAM."""
+    remaining = transferred = None
+    for record in samples:
+        ram = record.get("reply", {}).get("ram") if record.get("side") == "src" else None
+        if isinstance(ram, Mapping):
+            remaining = ram.get("remaining")
+            transferred = ram.get("transferred")
+    return remaining, transferred

@@ -1,0 +1,234 @@
+"""Post-copy recovery against scripted monitors: pauses noticed, mended, retried, given up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrator.errors import MigrationError, QemuExitedError
+from migrator.migration import recovery
+from migrator.outcome import Outcome, Situation, describe, last_source_ram, switched_over
+from migrator.rundir import JsonlWriter
+from tests.unit.test_driver import ScriptedMonitor, driver_for, later
+
+
+@pytest.fixture
+def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter]:
+    """Scripted source and destination monitors and a timeline."""
+    return (ScriptedMonitor("src", tmp_path), ScriptedMonitor("dst", tmp_path),
+            JsonlWriter(tmp_path / "timeline.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "CONNECT_WAIT_S", 0.1)
+    monkeypatch.setattr(recovery, "WATCH_INTERVAL_S", 0.01)
+    monkeypatch.setattr(recovery, "PARTNER_PAUSE_WAIT_S", 0.05)
+
+
+FAST = {"switchover": {"policy": "immediately"},
+        "recovery": {"stall_timeout_s": 0.1, "deadline_s": 2.0, "backoff_initial_s": 0.01,
+                     "backoff_max_s": 0.02}}
+
+
+def enter_postcopy(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
+    src.emit("MIGRATION", status="postcopy-active")
+    dst.emit("MIGRATION", status="postcopy-active")
+
+
+def pause_both(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
+    """Both sides noticed the broken stream themselves."""
+    src.emit("MIGRATION", status="postcopy-paused")
+    dst.emit("MIGRATION", status="postcopy-paused")
+
+
+def finish(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
+    dst.emit("MIGRATION", status="completed")
+    src.emit("MIGRATION", status="completed")
+
+
+def reconnects(src: ScriptedMonitor, dst: ScriptedMonitor, failures: int = 0) -> list[str]:
+    """Script ``migrate resume``: fail silently ``failures`` times (as QEMU 7.2), then work."""
+    uris: list[str] = []
+
+    def resume(m: ScriptedMonitor, arguments: Any) -> None:
+        uris.append(arguments["uri"])
+        if len(uris) <= failures:
+            return  # 7.2: the failed connect shows only on stderr, no event
+
+        def connected() -> None:
+            for side in (src, dst):
+                side.emit("MIGRATION", status="postcopy-recover")
+            for side in (dst, src):
+                side.emit("MIGRATION", status="postcopy-active")
+            later(0.02, lambda: finish(src, dst))
+
+        later(0.01, connected)
+
+    def migrate(m: ScriptedMonitor, arguments: Any) -> None:
+        if arguments.get("resume"):
+            resume(m, arguments)
+
+    src.reactions["migrate"] = migrate
+    return uris
+
+
+def timeline(path: Path) -> list[str]:
+    return [json.loads(line)["what"] for line in path.read_text().splitlines()]
+
+
+async def test_a_pause_qemu_reports_is_recovered(sides: Any) -> None:
+    src, dst, writer = sides
+    uris = reconnects(src, dst)
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    driver = driver_for(FAST, src, dst, writer)
+    result = await driver.run("tcp:x")
+    assert result.recoveries == 1
+    assert "migrate-recover" in dst.commands
+    assert uris == ["tcp:127.0.0.1:4446"]  # a fresh listen, not the first URI
+    marks = timeline(writer.path)
+    assert marks.index("both-paused") < marks.index("recover-listening") < marks.index(
+        "recovered")
+    assert "migrate-pause" not in marks  # both paused by themselves
+
+
+async def test_a_side_that_does_not_notice_is_paused(sides: Any) -> None:
+    src, dst, writer = sides
+    reconnects(src, dst)
+    dst.reactions["migrate-pause"] = lambda m, a: dst.emit("MIGRATION",
+                                                          status="postcopy-paused")
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: src.emit("MIGRATION", status="postcopy-paused"))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 1
+    assert dst.commands.count("migrate-pause") == 1
+    assert "migrate-pause" not in src.commands
+
+
+async def test_a_stalled_stream_is_paused_by_the_watchdog(sides: Any) -> None:
+    src, dst, writer = sides
+    reconnects(src, dst)
+    src.reactions["query-migrate"] = lambda m, a: {
+        "status": m.migration_status(), "ram": {"transferred": 100, "remaining": 4096}}
+    for side in (src, dst):
+        side.reactions["migrate-pause"] = lambda m, a: m.emit("MIGRATION",
+                                                              status="postcopy-paused")
+    src.reactions["migrate-start-postcopy"] = lambda m, a: enter_postcopy(src, dst)
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 1
+    assert "stream-stalled" in timeline(writer.path)
+    assert src.commands.count("migrate-pause") == dst.commands.count("migrate-pause") == 1
+
+
+async def test_nothing_left_to_send_is_not_a_stall(sides: Any) -> None:
+    src, dst, writer = sides
+    src.reactions["query-migrate"] = lambda m, a: {
+        "status": "postcopy-active", "ram": {"transferred": 100, "remaining": 0}}
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.4, lambda: finish(src, dst))  # four stall timeouts of idling
+
+    src.reactions["migrate-start-postcopy"] = switch
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 0
+    assert "migrate-pause" not in src.commands
+
+
+async def test_failed_reconnects_are_retried_with_backoff(sides: Any) -> None:
+    src, dst, writer = sides
+    uris = reconnects(src, dst, failures=2)
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 1
+    assert len(uris) == 3
+    assert len(set(uris)) == 1
+    assert dst.commands.count("migrate-recover") == 1
+    assert timeline(writer.path).count("recover-failed") == 2
+
+
+async def test_recovery_gives_up_at_the_deadline(sides: Any) -> None:
+    src, dst, writer = sides
+    reconnects(src, dst, failures=1000)
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    spec = {**FAST, "recovery": {**FAST["recovery"], "deadline_s": 0.5}}  # type: ignore[dict-item]
+    with pytest.raises(MigrationError, match=r"recovery gave up after 0.5 s .*deadline_s"):
+        await driver_for(spec, src, dst, writer).run("tcp:x")
+
+
+async def test_recovery_turned_off_fails_the_pause(sides: Any) -> None:
+    src, dst, writer = sides
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    spec = {**FAST, "recovery": {"auto": False}}
+    with pytest.raises(MigrationError, match=r"recovery.auto = false"):
+        await driver_for(spec, src, dst, writer).run("tcp:x")
+    assert "migrate-recover" not in dst.commands
+
+
+# Outcomes.
+
+def test_switch_is_read_from_either_sides_statuses() -> None:
+    assert not switched_over([("src", "setup"), ("src", "active"), ("dst", "active")])
+    assert switched_over([("src", "active"), ("src", "postcopy-active")])
+    assert switched_over([("dst", "postcopy-paused")])
+    assert switched_over([("src", "completed")])  # pre-copy handed everything over
+
+
+def test_every_outcome_has_its_statement() -> None:
+    dead_src = QemuExitedError("QEMU exited unexpectedly", name="src", status=-9)
+    dead_dst = QemuExitedError("QEMU exited unexpectedly", name="dst", status=-9)
+    assert describe(Situation(switched=True, recoveries=0))[0] is Outcome.COMPLETED
+    outcome, said = describe(Situation(switched=True, recoveries=2))
+    assert outcome is Outcome.COMPLETED_AFTER_RECOVERY
+    assert "2 recoveries" in said
+    outcome, said = describe(Situation(switched=False, recoveries=0, error=dead_src))
+    assert outcome is Outcome.FAILED_BEFORE_SWITCHOVER
+    assert "died with its source QEMU" in said
+    assert "killed by SIGKILL" in said
+    outcome, said = describe(Situation(switched=False, recoveries=0, error=dead_dst))
+    assert "still running on the source" in said
+    outcome, said = describe(Situation(switched=True, recoveries=0, error=dead_dst,
+                                       destination_received_bytes=300 << 20))
+    assert outcome is Outcome.FAILED_AFTER_SWITCHOVER
+    assert "300 MiB" in said
+    assert "the VM is lost" in said
+    outcome, said = describe(Situation(switched=True, recoveries=1, error=dead_src,
+                                       source_remaining_bytes=64 << 20))
+    assert "64 MiB of guest memory not yet sent" in said
+
+
+def test_the_last_source_sample_says_what_it_held() -> None:
+    samples: list[dict[str, Any]] = [
+               {"side": "src", "reply": {"ram": {"remaining": 10, "transferred": 1}}},
+               {"side": "dst", "reply": {"status": "active"}},
+               {"side": "src", "reply": {"ram": {"remaining": 4, "transferred": 7}}},
+               {"side": "src", "error": "timeout"}]
+    assert last_source_ram(samples) == (4, 7)
+    assert last_source_ram([]) == (None, None)
