@@ -23,6 +23,7 @@ from migrator.hgm import HgmSupport, detect_hgm
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
 from migrator.migration.plan import plan_migration
+from migrator.migration.tls import CA_CERT, ENDPOINT_FILES, Endpoint
 from migrator.qemu.probe import QemuFacts, probe_qemu
 
 __all__ = [
@@ -231,6 +232,34 @@ async def _hugepage_needs(
     return needs
 
 
+async def _tls_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
+    """Provided TLS credentials: each role's files exist in its directory on this host.
+
+    Generated credentials need nothing here; what QEMU thinks of the files
+    (validity, chain, gnutls) it says when the run adds them.
+    """
+    tls = scenario.migration.tls
+    if tls is None or tls.source_dir is None or tls.destination_dir is None:
+        return []
+    needs = []
+    sides: tuple[tuple[Role, Path, Endpoint], ...] = (
+        ("source", tls.source_dir, "client"), ("destination", tls.destination_dir, "server"))
+    for role, directory, endpoint in sides:
+        if role not in roles:
+            continue
+        names = (CA_CERT, *ENDPOINT_FILES[endpoint])
+        missing = [name for name in names if not await host.exists(directory / name)]
+        needs.append(Need(
+            what=f"TLS credentials in migration.tls.{role}_dir {directory}",
+            met=not missing,
+            detail=f"missing {', '.join(missing)}" if missing else ", ".join(names) + " present",
+            fix=f"put {', '.join(names)} there on {host.name} (docs/hosts.md, Migration over "
+                "TLS), or unset both directories to use throwaway certificates" if missing
+            else "",
+        ))
+    return needs
+
+
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
     kvm: tuple[bool | None, str] | None = None, hugepages: Need | None = None,
@@ -284,6 +313,7 @@ async def check_host(
         needs.append(Need(what="userfaultfd (post-copy)", met=userfaultfd,
                           detail="present" if userfaultfd else "no /dev/userfaultfd",
                           fix="" if userfaultfd else "a kernel with CONFIG_USERFAULTFD=y"))
+    needs.extend(await _tls_needs(host, roles, scenario))
     mem_mib = _mem_available_mib(await _text(host, "/proc/meminfo"))
     if not scenario.vm.backing.is_hugetlb and mem_mib is not None:
         wanted_mib = vms_on_host * scenario.vm.memory_mib
