@@ -57,10 +57,15 @@ def _error(error: MigratorError) -> None:
               soft_wrap=True)
 
 
-def _open(db: str | None) -> ResultsStore:
+def _open(db: str | None, *, create: bool = False) -> ResultsStore:
+    """The store at ``--db``; a missing SQLite file is a ConfigError unless ``create``.
+
+    Only ``results import`` creates a store: a command that reads one would otherwise
+    turn a mistyped path into a new empty store (and say "no run matches").
+    """
     from migrator.results.store import ResultsStore
 
-    return ResultsStore.open(db)
+    return ResultsStore.open(db, create=create)
 
 
 @results_app.command("import")
@@ -75,7 +80,7 @@ def import_runs(
     refused with an error; the other directories are still imported.
     """
     try:
-        store = _open(db)
+        store = _open(db, create=True)
     except MigratorError as error:
         _error(error)
         raise typer.Exit(error.exit_code) from None

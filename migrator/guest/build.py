@@ -85,7 +85,9 @@ async def ensure_guest(
 
     Builds the initramfs into ``cache_dir`` unless an identical build is
     already there.  Raises :class:`MissingResource` when the kernel, busybox or
-    the compiler is absent, :class:`GuestBuildError` when a build step fails.
+    the compiler is absent, :class:`ConfigError` (``guest.kernel``) when a
+    ``kernel`` given is not an x86 bzImage, :class:`GuestBuildError` when a build
+    step fails.
     """
     kernel_path, release = await asyncio.to_thread(_locate_kernel, kernel)
     cc_path = await asyncio.to_thread(shutil.which, cc)
@@ -226,6 +228,7 @@ def _version_key(release: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def _locate_kernel(kernel: Path | None) -> tuple[Path, str]:
+    given = kernel is not None
     if kernel is None:
         kernel = find_kernel()
     elif not kernel.is_file():
@@ -234,6 +237,12 @@ def _locate_kernel(kernel: Path | None) -> tuple[Path, str]:
         release = kernel_release(kernel)
     except OSError as exc:
         raise GuestBuildError(f"cannot read guest kernel {kernel}: {exc}") from exc
+    except GuestBuildError as exc:
+        if not given:
+            raise
+        # The scenario named a file that is not a kernel: its value is what to fix.
+        raise ConfigError(f"{exc}; point it at an x86 bzImage such as /boot/vmlinuz-*, or "
+                          "remove it for the newest one", field="guest.kernel") from None
     config = kernel.parent / f"config-{release}"
     if config.is_file():
         text = config.read_text(errors="replace")

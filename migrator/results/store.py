@@ -173,6 +173,15 @@ def _safe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def _require_existing(url: URL) -> None:
+    """:class:`ConfigError` (``--db``) when ``url`` is a SQLite file that does not exist."""
+    database = url.database
+    if (url.get_backend_name() == "sqlite" and database and database != ":memory:"
+            and not database.startswith("file:") and not Path(database).exists()):
+        raise ConfigError(f"{database}: no such results store; check the path (only "
+                          "'migrator results import' creates a store)", field="--db")
+
+
 def _engine(url: URL) -> Engine:
     try:
         engine = sa.create_engine(url)
@@ -434,9 +443,16 @@ class ResultsStore:
         self._writer = engine.execution_options(**{_BEGIN: "immediate"})
 
     @classmethod
-    def open(cls, target: str | Path | None = None) -> Self:
-        """Open (creating if needed) and migrate the store at ``target`` (:func:`resolve_url`)."""
+    def open(cls, target: str | Path | None = None, *, create: bool = True) -> Self:
+        """Open (creating if needed) and migrate the store at ``target`` (:func:`resolve_url`).
+
+        ``create=False`` is for commands that only read: a SQLite file that does not
+        exist is then a :class:`ConfigError` naming ``--db`` (a mistyped path), and
+        nothing is created, neither the file nor its directory.
+        """
         url = resolve_url(target)
+        if not create:
+            _require_existing(url)
         engine = _engine(url)
         try:
             _migrate(engine)

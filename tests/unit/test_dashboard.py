@@ -464,6 +464,17 @@ def test_cli_bad_input_exits_2(regressed: Path, tmp_path: Path, runner: CliRunne
     assert result.exit_code == 2, result.output
 
 
+def test_cli_missing_store_is_bad_input_and_not_created(tmp_path: Path,
+                                                        runner: CliRunner) -> None:
+    missing = tmp_path / "typo" / "results.sqlite"
+    result = runner.invoke(cli(), ["dashboard", "--db", str(missing), "--out",
+                                   str(tmp_path / "site"), "--jobs", "1"])
+    assert result.exit_code == 2, result.output
+    assert "--db: " in result.output
+    assert "no such results store" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_on_the_recorded_runs(tmp_path: Path, runner: CliRunner) -> None:
     db = tmp_path / "db.sqlite"
     with ResultsStore.open(db) as store:

@@ -447,6 +447,20 @@ def test_kernel_release_reads_the_setup_header(tmp_path: Path) -> None:
         kernel_release(tmp_path / "not-a-kernel")
 
 
+def test_given_kernel_that_is_not_a_kernel_is_bad_input(tmp_path: Path) -> None:
+    # The scenario's guest.kernel is what to fix: a ConfigError (exit 2) naming it, raised
+    # before the compiler or busybox is looked at.
+    text = tmp_path / "os-release"
+    text.write_text("PRETTY_NAME=Debian\n")
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(ensure_guest(tmp_path / "cache", text, cc="no-such-cc"))
+    message = str(caught.value)
+    assert message.startswith(f"guest.kernel: {text} is not an x86 bzImage")
+    assert "/boot/vmlinuz-*" in message
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "cache").exists()
+
+
 def test_missing_kernel_names_path_and_fix(tmp_path: Path) -> None:
     with pytest.raises(
         MissingResource, match=r"vmlinuz-\* does not exist.*linux-image-cloud-amd64"

@@ -245,6 +245,49 @@ def test_store_in_a_new_directory(tmp_path: Path) -> None:
         assert store.revision() == "0002"
 
 
+def test_reading_a_missing_store_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "results.sqlite"
+    with pytest.raises(ConfigError) as error:
+        ResultsStore.open(missing, create=False)
+    assert one_line(error) == (f"--db: {missing}: no such results store; check the path (only "
+                               "'migrator results import' creates a store)")
+    assert list(tmp_path.iterdir()) == []
+    # An existing store opens as usual (an empty file is an empty SQLite database).
+    (tmp_path / "empty.sqlite").touch()
+    with ResultsStore.open(tmp_path / "empty.sqlite", create=False) as store:
+        assert store.select() == []
+
+
+@pytest.mark.parametrize("args", [
+    ["compare", "qemu=old", "qemu=new"],
+    ["results", "list"],
+    ["results", "list", "--json"],
+])
+def test_cli_commands_that_read_never_create_a_store(tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "typo" / "results.sqlite"
+    result = CliRunner().invoke(cli(), [*args, "--db", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert "--db: " in result.output
+    assert "no such results store" in result.output
+    assert list(tmp_path.iterdir()) == []
+    # The default store (./results.sqlite, or $MIGRATOR_RESULTS) is not created either.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MIGRATOR_RESULTS", raising=False)
+        patch.chdir(tmp_path)
+        default = CliRunner().invoke(cli(), args)
+    assert default.exit_code == 2, default.output
+    assert "no such results store" in default.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_import_creates_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "results.sqlite"
+    result = CliRunner().invoke(cli(), ["results", "import", "--db", str(db),
+                                        str(RUNS / "hugetlb-2m")])
+    assert result.exit_code == 0, result.output
+    assert db.is_file()
+
+
 # --- migrations ------------------------------------------------------------------------------
 
 def test_first_schema_is_upgraded_in_place(db: Path) -> None:
