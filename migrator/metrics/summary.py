@@ -21,6 +21,7 @@ from migrator.metrics.hgm import hgm_section
 from migrator.metrics.latency_dist import compare_latency_dist
 from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
+from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.trace import TraceAnalysis, analyze_trace
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
 from migrator.report.schema import (
@@ -289,12 +290,15 @@ def build_report(run_path: Path) -> Report:
     if risk:
         warnings.append(risk)
     warnings += [f"guest probe: {e}" for e in guest.errors]
+    recovery = analyze_recovery(run_path, scenario, meta, guest)
+    warnings += recovery.warnings
     if guest.malformed:
         warnings.append(f"guest console: {guest.malformed} malformed probe lines")
 
     return Report(
         run_id=meta.get("run_id", run_path.name), scenario=meta.get("scenario", "?"),
-        outcome=meta.get("outcome", "unknown"), error=meta.get("error", {}).get("message"),
+        outcome=meta.get("outcome", "unknown"), statement=meta.get("statement"),
+        error=meta.get("error", {}).get("message"),
         environment=environment, phases=phases.phases, timings=timings, transfer=transfer,
         freeze=freeze, fetch=fetch, hgm=hgm, blocktime=blocktime, qemu_latency=qemu_latency,
         qemu_latency_dist=latency_dist, latency_dist_comparison=dist_comparison,
@@ -307,6 +311,7 @@ def build_report(run_path: Path) -> Report:
         outside_stalls=outside,
         integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
+        recoveries=recovery.pauses, faults=recovery.faults,
     )
 
 

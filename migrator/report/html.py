@@ -14,6 +14,8 @@ for the series the report only summarises:
 * bytes remaining and throughput: ``samples.jsonl`` (``query-migrate`` of both
   sides);
 * per-vCPU blocktime: ``report.blocktime`` (QEMU's and the trace's);
+* post-copy pauses (shaded on the stall and transfer plots) and injected
+  faults: ``report.recoveries`` and ``report.faults``;
 * tables: ``report.json``, ``scenario.toml`` verbatim and ``run.json``.
 
 The page embeds plotly.js once, inline, so it opens without network access
@@ -49,7 +51,7 @@ from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report
-from migrator.report.schema import SCHEMA_VERSION, Metric, Phase, Report
+from migrator.report.schema import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
 from migrator.rundir import atomic_write
 
 __all__ = ["MAX_POINTS", "load_run_report", "render_run_html", "write_run_html"]
@@ -66,6 +68,10 @@ PHASE_COLOURS = {
     "freeze": "#e53935", "postcopy": "#fb8c00", "settle": "#7cb342", "verify": "#8e24aa",
 }
 PASS_COLOURS = ("#0d47a1", "#90caf9")
+# Post-copy pauses, drawn over the phases (see add_pauses).
+PAUSE_COLOUR = "#6a1b9a"
+# The header badge of each outcome (migrator.outcome.Outcome); any other is "bad".
+OUTCOME_BADGES = {"completed": "ok", "completed-after-recovery": "warn"}
 PLOT_CONFIG = {
     "displaylogo": False,
     "responsive": True,
@@ -341,6 +347,22 @@ def add_phases(fig: Any, phases: list[Phase], clock: Clock, legend: bool = True)
         seen.add(group)
 
 
+def add_pauses(fig: Any, pauses: list[PauseRecord], clock: Clock, legend: bool = True) -> None:
+    """Shade each post-copy pause, from its start to its recovery (or the end of the run)."""
+    for index, pause in enumerate(pauses):
+        end = pause.recovered_ns if pause.recovered_ns is not None else clock.end_ns
+        fig.add_shape(
+            type="rect", xref="x", yref="paper", x0=clock.s(pause.began_ns),
+            x1=clock.s(max(end, pause.began_ns)), y0=0.0, y1=0.94, fillcolor=PAUSE_COLOUR,
+            opacity=0.22, line={"width": 1, "color": PAUSE_COLOUR, "dash": "dot"},
+            layer="below", name="post-copy pause", legendgroup="post-copy pause",
+            showlegend=legend and index == 0, legend="legend2" if legend else None,
+            label={"text": f"pause {pause.number}" + (
+                "" if pause.result == "recovered" else " (not recovered)"),
+                "textposition": "top center", "font": {"size": 11, "color": PAUSE_COLOUR}},
+        )
+
+
 def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock,
                           threshold_ms: float) -> Any:
     """(b) Every guest stall per vCPU (host-clock start vs duration, log y), phases shaded.
@@ -397,7 +419,11 @@ def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock
                        yref="y", y=math.log10(threshold_ms), xanchor="right",
                        yanchor="bottom", showarrow=False, font={"size": 11, "color": "#555"})
     add_phases(fig, list(report.phases), clock)
-    _layout(fig, "Guest stalls per vCPU on the host clock, migration phases shaded", 480)
+    add_pauses(fig, list(report.recoveries), clock)
+    title = "Guest stalls per vCPU on the host clock, migration phases shaded"
+    if report.recoveries:
+        title += ", post-copy pauses in purple"
+    _layout(fig, title, 480)
     fig.update_xaxes(title_text=clock.axis, range=clock.view())
     fig.update_yaxes(**_log_axis("stall duration, ms (log)"))
     fig.update_layout(
@@ -459,6 +485,7 @@ def transfer_figure(report: Report, samples: Mapping[str, SideSamples], clock: C
                     hovertemplate="t = %{x:.3f} s<br>%{y:.1f} MiB/s<extra>mbps</extra>",
                 ), row=2, col=1)
     add_phases(fig, list(report.phases), clock, legend=False)
+    add_pauses(fig, list(report.recoveries), clock, legend=False)
     _layout(fig, "Migration stream over time, both sides (samples.jsonl)", 560)
     fig.update_xaxes(range=clock.view())
     fig.update_xaxes(title_text=clock.axis, row=2, col=1)
@@ -688,6 +715,60 @@ def comparison_table(report: Report, sources: Sources) -> Table:
     return table
 
 
+def _at(clock: Clock, ns: int | None, metric: Metric, sources: Sources) -> Cell:
+    """An instant in s on the page's time axis, citing the metric's source."""
+    if ns is None:
+        return Cell("-", numeric=True)
+    return Cell(f"{clock.s(ns):.3f}", sources.cite(metric.source), metric.source, numeric=True)
+
+
+def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
+    """Each post-copy pause: cause, times on the page's axis, attempts, what the guest saw."""
+    table = Table("Post-copy pauses and recoveries", [
+        "#", "cause", "after fault", "began, s", "both paused, s", "recovered, s", "took, s",
+        "attempts", "result", "guest gap, s", "probe stall, s", "note"], anchor="pauses",
+        note="t: the page's time axis. Guest gap: the longest silence between guest heartbeat "
+             "arrivals (host clock) overlapping the pause, and when it began (≥: no heartbeat "
+             "came after it before the run ended); probe stall: the longest stall the guest "
+             "probe saw by its own clock overlapping it.")
+    for pause in report.recoveries:
+        stalls = []
+        for metric, start, open_ in ((pause.guest_gap, pause.guest_gap_start_ns,
+                                      pause.guest_gap_open),
+                                     (pause.probe_stall, pause.probe_stall_start_ns, False)):
+            text = ("≥ " if open_ else "") + _value(metric.value)
+            if metric.value is not None and start is not None:
+                text += f" from {clock.s(start):.3f}"
+            stalls.append(Cell(text, sources.cite(metric.source), metric.source, numeric=True))
+        table.rows.append([
+            Cell(str(pause.number), numeric=True), Cell(pause.cause),
+            Cell("-" if pause.fault is None else str(pause.fault)),
+            _at(clock, pause.began_ns, pause.began, sources),
+            _at(clock, pause.both_paused_ns, pause.both_paused, sources),
+            _at(clock, pause.recovered_ns, pause.recovered, sources),
+            Cell(_value(pause.duration.value), sources.cite(pause.duration.source),
+                 pause.duration.source, numeric=True),
+            Cell(str(pause.attempts), numeric=True), Cell(pause.result), *stalls,
+            Cell(pause.note)])
+    return table
+
+
+def fault_table(report: Report, sources: Sources, clock: Clock) -> Table:
+    """Each [[faults]] entry: what, where, when it was due, when injected and cleared."""
+    table = Table("Faults injected", [
+        "#", "kind", "target", "due", "duration, s", "injected, s", "cleared, s", "status"],
+        anchor="faults", note="due: the phase the fault waited for, plus after_ms")
+    for fault in report.faults:
+        due = "-" if fault.at is None else f"{fault.at} + {fault.after_ms or 0:,} ms"
+        status = fault.status if fault.reason is None else f"{fault.status}: {fault.reason}"
+        table.rows.append([
+            Cell(str(fault.index), numeric=True), Cell(fault.kind), Cell(fault.target),
+            Cell(due), Cell(_value(fault.duration_s), numeric=True),
+            _at(clock, fault.injected_ns, fault.injected, sources),
+            _at(clock, fault.cleared_ns, fault.cleared, sources), Cell(status)])
+    return table
+
+
 def phase_table(report: Report, clock: Clock) -> Table:
     """The phases of the run with their times relative to the origin."""
     table = Table("Phases (host wall clock)", ["phase", "start, s", "end, s", "duration, ms"])
@@ -795,7 +876,8 @@ def render_run_html(run_path: Path) -> str:
               "Each marker is one stall of one vCPU by the guest's clock (src/dst "
               "console.jsonl), placed on the host clock; crosses are gaps between heartbeat "
               "arrivals (host clock), which also count the time the VM was stopped. Bands are "
-              "the phases of report.phases; the strip along the top marks pre-copy passes.",
+              "the phases of report.phases; the strip along the top marks pre-copy passes; purple "
+              "bands are post-copy pauses (report.recoveries).",
               stall_timeline_figure(report, guest, clock, threshold_ms)),
         _plot("plot-transfer", "Transfer",
               "query-migrate sampled on both sides (samples.jsonl), at reply time; throughput "
@@ -809,13 +891,17 @@ def render_run_html(run_path: Path) -> str:
               blocktime_figure(report)),
     ]
     sources = Sources()
+    recovery = [pause_table(report, sources, clock)] if report.recoveries else []
+    if report.faults:
+        recovery.append(fault_table(report, sources, clock))
     tables_main = headline_tables(report, sources)
     fetch = fetch_table(report, sources)
     stalls = stall_tables(report, sources, clock)
     comparisons = comparison_table(report, sources)
     template = _environment().get_template("run.html.j2")
     return template.render(
-        report=report, report_origin=report_origin, plots=plots,
+        report=report, report_origin=report_origin, plots=plots, recovery=recovery,
+        badge=OUTCOME_BADGES.get(report.outcome, "bad"),
         plotly_js=Markup(get_plotlyjs()), headline=tables_main, fetch=fetch, stalls=stalls,
         comparisons=comparisons, phases=phase_table(report, clock),
         facts=facts_table(meta), scenario_text=scenario_text,

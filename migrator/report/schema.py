@@ -8,7 +8,7 @@ measured from.  Where two sources measure the same thing the report carries a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,12 +16,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "BlockFetch",
     "Comparison",
+    "FaultRecord",
     "Freeze",
     "GuestVcpuStalls",
     "LatencyBucket",
     "LatencyDistComparison",
     "Metric",
     "OutsideStalls",
+    "PauseRecord",
     "Phase",
     "Report",
     "Stall",
@@ -239,6 +241,67 @@ class HgmSection(_Model):
     notes: list[str]
 
 
+class PauseRecord(_Model):
+    """One post-copy pause: why, when, how it was mended, and what the guest saw through it.
+
+    Times are Metrics in s since the ``migrate`` mark (t = 0 of the HTML
+    plots; a run without one counts from its start, as their source says), on
+    the controller's clock (timeline marks, QMP event arrival); the
+    ``*_ns`` fields hold the same instants on the host wall clock.  The pause
+    window runs from ``began`` to ``recovered`` (to the end of the run when it
+    was never recovered).  ``guest_gap`` is the longest gap between guest
+    heartbeat arrivals that overlaps the window (it may start before the pause
+    or outlast it: ``guest_gap_start_ns`` and its length say where it lies);
+    ``probe_stall`` the longest stall the guest probe reported by its own clock
+    that overlaps it.
+    """
+
+    number: int = Field(description="1 for the run's first pause")
+    cause: str
+    fault: int | None = Field(
+        None, description="index of the [[faults]] entry injected last before the pause began")
+    began_ns: int
+    began: Metric
+    both_paused_ns: int | None = None
+    both_paused: Metric
+    recovered_ns: int | None = None
+    recovered: Metric
+    duration: Metric
+    attempts: int = Field(description="resume attempts (migrate with resume) made")
+    result: Literal["recovered", "not recovered"]
+    note: str = ""
+    guest_gap: Metric
+    guest_gap_start_ns: int | None = None
+    guest_gap_open: bool = Field(
+        False, description="no heartbeat came after the gap began: its length is a lower bound")
+    probe_stall: Metric
+    probe_stall_start_ns: int | None = None
+    probe_stall_vcpu: int | None = None
+
+
+class FaultRecord(_Model):
+    """One ``[[faults]]`` entry of the scenario and what became of it (timeline marks).
+
+    ``status``: ``injected``, ``cleared`` (injected and undone after its
+    duration), ``not injected`` (``reason`` says why) or ``not recorded`` (in
+    the scenario, but the timeline has no mark of it).  Times are Metrics in s
+    since the ``migrate`` mark, as in :class:`PauseRecord`.
+    """
+
+    index: int
+    kind: str
+    target: str
+    at: str | None = Field(None, description="the phase the fault waited for")
+    after_ms: int | None = None
+    duration_s: float | None = None
+    status: Literal["injected", "cleared", "not injected", "not recorded"]
+    injected_ns: int | None = None
+    injected: Metric
+    cleared_ns: int | None = None
+    cleared: Metric
+    reason: str | None = None
+
+
 class Report(_Model):
     """Everything derived from one run directory."""
 
@@ -246,6 +309,10 @@ class Report(_Model):
     run_id: str
     scenario: str
     outcome: str
+    # Optional (as recoveries and faults) so that report.json files written before they
+    # existed still load.
+    statement: str | None = Field(
+        None, description="run.json's one line on how the run ended and which side holds what")
     error: str | None = None
     environment: dict[str, Any]
     phases: list[Phase]
@@ -265,3 +332,7 @@ class Report(_Model):
     integrity: dict[str, Any]
     comparisons: list[Comparison]
     warnings: list[str]
+    recoveries: list[PauseRecord] = Field(
+        default_factory=list, description="every post-copy pause, recovered or not, in order")
+    faults: list[FaultRecord] = Field(
+        default_factory=list, description="every [[faults]] entry, by index")

@@ -6,9 +6,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from migrator.report.schema import HgmSection, LatencyDistComparison, Metric, Report
+from migrator.report.schema import (
+    FaultRecord,
+    HgmSection,
+    LatencyDistComparison,
+    Metric,
+    PauseRecord,
+    Report,
+)
 
-__all__ = ["render_report"]
+__all__ = ["OUTCOME_STYLES", "render_report"]
+
+#: How each outcome (migrator.outcome.Outcome) is coloured; any other is red.
+OUTCOME_STYLES = {"completed": "green", "completed-after-recovery": "yellow"}
 
 
 def fmt(metric: Metric | None, digits: int = 3) -> str:
@@ -50,14 +60,17 @@ def render_report(report: Report, console: Console) -> None:
     """Print the whole report."""
     sources = Sources()
     env = report.environment
-    outcome_style = "green" if report.outcome == "completed" else "red"
+    outcome_style = OUTCOME_STYLES.get(report.outcome, "red")
     console.print(
-        f"[bold]{report.scenario}[/bold]  run {report.run_id}  outcome "
-        f"[{outcome_style}]{report.outcome}[/{outcome_style}]",
+        f"[bold]{escape(report.scenario)}[/bold]  run {escape(report.run_id)}  outcome "
+        f"[{outcome_style}]{escape(report.outcome)}[/{outcome_style}]",
         highlight=False,
     )
-    if report.error:
-        console.print(f"[red]{report.error}[/red]", highlight=False)
+    if report.statement:
+        console.print(f"[bold {outcome_style}]{escape(report.statement)}[/]", highlight=False)
+    # The statement of a failed run already holds the error.
+    if report.error and (not report.statement or report.error not in report.statement):
+        console.print(f"[red]{escape(report.error)}[/red]", highlight=False)
     console.print(
         f"QEMU {env.get('qemu_version', '?')}  accel {env.get('accel', '?')}  backing "
         f"{env.get('backing', '?')}  {env.get('memory_mib', '?')} MiB  "
@@ -65,6 +78,10 @@ def render_report(report: Report, console: Console) -> None:
         f"{env.get('preempt')}",
         highlight=False,
     )
+    if report.recoveries:
+        _render_pauses(report, console, sources)
+    if report.faults:
+        _render_faults(report.faults, console, sources)
 
     if report.fetch:
         cite = sources.cite(report.fetch[0].latency_ms["max"])
@@ -155,6 +172,83 @@ def render_report(report: Report, console: Console) -> None:
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"[dim]Sources:\n{sources.legend()}[/dim]", highlight=False)
+
+
+def _seconds(metric: Metric) -> str:
+    """A time in s to the ms, or '-'."""
+    return "-" if metric.value is None else f"{metric.value:,.3f}"
+
+
+def _render_pauses(report: Report, console: Console, sources: Sources) -> None:
+    """One row per post-copy pause (times since migrate), then a line on each: why, what failed."""
+    pauses = report.recoveries
+    first = pauses[0]
+    # One-word headers, sources in the title: 80 columns hold the table uncut.
+    table = Table(title=f"Post-copy pauses and recoveries, s since migrate "
+                        f"{sources.cite(first.began)}; gap {sources.cite(first.guest_gap)}, "
+                        f"stall {sources.cite(first.probe_stall)}",
+                  title_justify="left", show_edge=False)
+    rows = [[str(pause.number), _seconds(pause.began), _seconds(pause.both_paused),
+             _seconds(pause.recovered), _seconds(pause.duration), str(pause.attempts),
+             pause.result, (">" if pause.guest_gap_open else "") + _seconds(pause.guest_gap),
+             _seconds(pause.probe_stall)]
+            for pause in pauses]
+    for index, column in enumerate(("#", "began", "paused", "recovered", "took", "tries",
+                                    "result", "gap", "stall")):
+        table.add_column(column, justify="left" if column == "result" else "right",
+                         min_width=max(len(column), *(len(row[index]) for row in rows)))
+    for pause, row in zip(pauses, rows, strict=True):
+        style = "green" if pause.result == "recovered" else "red"
+        table.add_row(*row[:6], f"[{style}]{row[6]}[/{style}]", *row[7:])
+    console.print(table)
+    injected = {f.index: f for f in report.faults}
+    for pause in pauses:
+        parts = [escape(pause.cause)]
+        fault = injected.get(pause.fault) if pause.fault is not None else None
+        if fault is not None and fault.kind != "migrate-pause" and fault.injected_ns:
+            parts[0] += (f", {(pause.began_ns - fault.injected_ns) / 1e9:.1f} s after fault "
+                         f"{fault.index} ({escape(fault.kind)})")
+        if pause.note:
+            parts.append(escape(pause.note))
+        seen = [f"{name} from {start:.3f} s" for name, start in (
+            ("guest gap", _since(pause, pause.guest_gap_start_ns)),
+            ("probe stall", _since(pause, pause.probe_stall_start_ns))) if start is not None]
+        if seen:
+            parts.append(", ".join(seen))
+        console.print(f"  #{pause.number}: " + "; ".join(parts), highlight=False)
+    console.print("  [dim]paused: both sides paused; gap: the longest silence between guest "
+                  "heartbeats (host clock) overlapping the pause ('>': no heartbeat came after "
+                  "it); stall: the longest stall the guest probe saw by its own clock "
+                  "overlapping it[/dim]", highlight=False)
+
+
+def _since(pause: PauseRecord, start_ns: int | None) -> float | None:
+    """``start_ns`` in s since migrate, through the pause's own start (None if unknown)."""
+    if start_ns is None or pause.began.value is None:
+        return None
+    return pause.began.value + (start_ns - pause.began_ns) / 1e9
+
+
+def _render_faults(faults: list[FaultRecord], console: Console, sources: Sources) -> None:
+    """One row per [[faults]] entry: what, where, when it was due, injected and cleared."""
+    table = Table(title=f"Faults injected, s since migrate {sources.cite(faults[0].injected)}",
+                  title_justify="left", show_edge=False)
+    for column in ("#", "kind", "target", "due", "injected", "cleared", "status"):
+        table.add_column(column, justify="right" if column in ("#", "injected", "cleared")
+                         else "left")
+    for fault in faults:
+        kind = fault.kind if fault.duration_s is None else f"{fault.kind} {fault.duration_s:g} s"
+        due = "-" if fault.at is None else f"{fault.at} + {fault.after_ms or 0:,} ms"
+        status = escape(fault.status)
+        if fault.status in ("not injected", "not recorded"):
+            status = f"[yellow]{status}[/yellow]"
+        table.add_row(str(fault.index), escape(kind), escape(fault.target), escape(due),
+                      _seconds(fault.injected), _seconds(fault.cleared), status)
+    console.print(table)
+    for fault in faults:
+        if fault.reason:
+            console.print(f"  #{fault.index} {escape(fault.status)}: {escape(fault.reason)}",
+                          highlight=False)
 
 
 def _latency_dist(dist: LatencyDistComparison, console: Console) -> None:
