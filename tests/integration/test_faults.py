@@ -133,6 +133,9 @@ def test_destination_killed_in_postcopy_fails_after_switchover(
     assert meta["outcome"] == "failed-after-switchover"
     report = json.loads((run_dir / "report.json").read_text())
     assert report["outcome"] == "failed-after-switchover"
+    assert "the VM is lost" in report["statement"]
+    [pause] = report["recoveries"]  # the source paused when its destination vanished
+    assert pause["result"] == "not recovered"
     assert leftovers(ssh_testbed, work_root) == NOTHING
 
 
@@ -152,6 +155,8 @@ def test_source_killed_before_switchover_fails_before_switchover(
     assert "postcopy-active" not in statuses(run_dir, "dst")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["outcome"] == "failed-before-switchover"
+    assert "the guest died with its source QEMU" in report["statement"]
+    assert "the destination held nothing of it yet" in report["statement"]
     assert leftovers(ssh_testbed, work_root) == NOTHING
 
 
