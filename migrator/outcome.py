@@ -86,6 +86,8 @@ class Situation:
     """The source's last ``ram.remaining``: memory that existed only there."""
     destination_received_bytes: int | None = None
     """The source's last ``ram.transferred``: what the destination had been sent."""
+    exited: frozenset[str] = frozenset()
+    """Sides (``src``, ``dst``) whose QEMU had exited by itself when the run failed."""
 
 
 class RunFailed(MigratorError):
@@ -124,6 +126,12 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
         # Refused before any QEMU started: the error says why (its own exit code).
         return Outcome.NOT_STARTED, str(error)
     dead = _dead_side(error)
+    if "src" in situation.exited and (not situation.switched or dead != "dst"):
+        # A dead source explains the rest (a destination then fails its load), whichever
+        # failure was noticed first.
+        dead = "src"
+    elif dead is None and situation.exited:
+        dead = sorted(situation.exited)[0]
     if not situation.switched:
         if dead == "src":
             where = ("the guest died with its source QEMU, and the destination held nothing "

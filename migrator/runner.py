@@ -94,6 +94,8 @@ MAX_SOCKET_PATH = 100
 VERIFY_TIMEOUT_S = 600.0
 # A running guest heartbeats every few ms; this much silence means it is dead or hung.
 HEARTBEAT_SILENCE_S = 30.0
+# How long a failed run waits for each QEMU's exit to be reported before naming the dead.
+EXIT_NOTICE_S = 0.5
 # What a QEMU writes itself on its host; fetched back from remote hosts after the run.
 QEMU_OUTPUT_FILES = ("stdout.log", "stderr.log", "serial.log", "trace.log")
 
@@ -312,6 +314,7 @@ class _Run:
         self.hgm: HgmDecision | None = None
         self.booted = False
         self.recoveries = 0
+        self.exited: frozenset[str] = frozenset()
 
     def save_meta(self) -> None:
         self.run.write_json("run.json", self.meta)
@@ -330,7 +333,7 @@ class _Run:
         outcome, statement = describe(Situation(
             switched=switched_over(statuses), recoveries=self.recoveries, error=error,
             booted=self.booted, source_remaining_bytes=remaining,
-            destination_received_bytes=transferred))
+            destination_received_bytes=transferred, exited=self.exited))
         self.meta.update(outcome=outcome.value, statement=statement, recoveries=self.recoveries)
         return outcome
 
@@ -524,9 +527,14 @@ class _Run:
                 (self.run.side("dst") / "ramblocks.txt").write_text(
                     await dst.monitor.hmp("info ramblock"))
 
-                await self.boot_and_warm_up(src, dst, src_console)
-                await self.migrate(stack, hosts, src, dst, places["dst"], mem_paths["dst"])
-                await self.settle_and_verify(dst, dst_console)
+                try:
+                    await self.boot_and_warm_up(src, dst, src_console)
+                    await self.migrate(stack, hosts, src, dst, places["dst"],
+                                       mem_paths["dst"])
+                    await self.settle_and_verify(dst, dst_console)
+                except MigratorError:
+                    self.exited = await _exited_by_themselves(src, dst)
+                    raise
                 self.mark("shutdown")
             self.mark("cleaned-up")
 
@@ -728,6 +736,27 @@ async def _heartbeats_continue(console: GuestConsole) -> None:
                 f"while running ({error})"
             ) from None
         await asyncio.sleep(1.0)
+
+
+async def _exited_by_themselves(*qemus: QemuProcess) -> frozenset[str]:
+    """Which of ``qemus`` have exited (or do within a moment) before migrator stops them.
+
+    The moment matters: when one QEMU is killed, the other's failure may be the
+    one noticed first, and the outcome must name the one that died.
+    """
+    async def exits(qemu: QemuProcess) -> bool:
+        try:
+            async with asyncio.timeout(EXIT_NOTICE_S):
+                await qemu.wait_exit()
+        except TimeoutError:
+            return False
+        except QemuError:
+            return True  # ended with its host connection
+        return True
+
+    async with asyncio.TaskGroup() as group:
+        checks = {qemu.name: group.create_task(exits(qemu)) for qemu in qemus}
+    return frozenset(name for name, check in checks.items() if check.result())
 
 
 def _diagnose(run: RunDir, error: MigratorError) -> MigratorError:

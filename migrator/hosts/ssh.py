@@ -488,7 +488,14 @@ class SSHHost(Host):
         self._started.clear()
         self._sftp = None
         self._conn = None
-        await self.connect()
+        # Finished even if the caller is cancelled meanwhile (the run failing because the
+        # QEMU here just ended): the clean-up that follows needs the connection.
+        reconnect = asyncio.create_task(self.connect())
+        try:
+            await asyncio.shield(reconnect)
+        except asyncio.CancelledError:
+            await reconnect
+            raise
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:

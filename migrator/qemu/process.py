@@ -14,6 +14,7 @@ driven through its unix socket over SSH, never over TCP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -176,8 +177,10 @@ class QemuProcess:
                         await process.send_signal(sig)
                 await process.wait()
         except HostError as error:
-            # The connection to the host dropped: the process ended with it.
+            # The connection to the host dropped: the process ends with it, by its
+            # supervisor's hand; make sure it has before saying it is stopped.
             self.log.warning("lost with its host connection: %s", error)
+            await self._wait_gone(process.pid, grace)
         finally:
             await self.monitor.close()
             await self._forwarding.aclose()
@@ -185,6 +188,16 @@ class QemuProcess:
         self.exited_ns = self.exited_ns or time.time_ns()
         self.log.info("exited with status %s", process.returncode)
         return process.returncode
+
+    async def _wait_gone(self, pid: int, grace: float) -> None:
+        """Wait (up to a few ``grace`` periods) until ``pid`` no longer exists on the host."""
+        with contextlib.suppress(TimeoutError, HostError):
+            async with asyncio.timeout(3 * grace):
+                while True:
+                    probe = await self.host.run(["kill", "-0", str(pid)], timeout=10)
+                    if probe.status != 0:
+                        return
+                    await asyncio.sleep(0.1)
 
     async def __aenter__(self) -> QemuProcess:
         try:

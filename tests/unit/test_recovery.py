@@ -224,6 +224,19 @@ def test_every_outcome_has_its_statement() -> None:
     assert "64 MiB of guest memory not yet sent" in said
 
 
+def test_a_dead_source_is_named_whichever_failure_was_noticed_first() -> None:
+    # The source was killed; the destination's failed load was the error noticed first.
+    dst_failed = QemuExitedError("QEMU exited unexpectedly", name="dst", status=1)
+    outcome, said = describe(Situation(switched=False, recoveries=0, error=dst_failed,
+                                       exited=frozenset({"src", "dst"})))
+    assert outcome is Outcome.FAILED_BEFORE_SWITCHOVER
+    assert "died with its source QEMU" in said
+    # After the switch, a dead destination stays the one named.
+    _, said = describe(Situation(switched=True, recoveries=0, error=dst_failed,
+                                 exited=frozenset({"dst"})))
+    assert "the destination QEMU, which ran the guest" in said
+
+
 def test_the_last_source_sample_says_what_it_held() -> None:
     samples: list[dict[str, Any]] = [
                {"side": "src", "reply": {"ram": {"remaining": 10, "transferred": 1}}},
