@@ -141,6 +141,16 @@ ROWS: tuple[Row, ...] = (
     Row("connloss-dst-postcopy", "connection-loss destination", "postcopy",
         [strike("connection-loss", "destination", "postcopy")], AFTER, 5,
         says="the destination QEMU"),
+    # "During recovery": struck when the source reports postcopy-recover after a first
+    # outage.  QEMU 7.2's recovery handshake takes milliseconds here, so the strike lands
+    # as post-copy resumes.
+    Row("link-down-recovery", "link-down 3 s, then 2 s more as the source reconnects",
+        "postcopy + recovery", [link_down("postcopy"), link_down("recovery", 0, 2.0)],
+        RECOVERED, 6),
+    Row("kill-dst-recovery", "link-down 3 s, then kill destination as the source reconnects",
+        "postcopy + recovery",
+        [link_down("postcopy"), strike("kill", "destination", "recovery", after_ms=0)],
+        AFTER, 5, says="the destination QEMU"),
     Row("link-down-no-recovery", "link-down 3 s, recovery.auto = false", "postcopy",
         [link_down("postcopy")], AFTER, 5, {"recovery": {"auto": False}},
         says="recovery.auto = false"),
