@@ -44,9 +44,11 @@ class QemuProcess:
 
     def __init__(
         self, host: Host, name: str, argv: list[str], qmp_socket: Path, workdir: Path, *,
-        host_dir: Path | None = None, start_timeout: float = 30.0,
+        host_dir: Path | None = None, start_timeout: float = 30.0, incoming: bool = False,
     ) -> None:
         self.host = host
+        self.incoming = incoming
+        """Started with ``-incoming``: the migration's destination."""
         self.name = name
         self.argv = argv
         self.qmp_socket = qmp_socket
@@ -68,7 +70,7 @@ class QemuProcess:
     ) -> QemuProcess:
         """A QEMU launched from a VM :class:`LaunchSpec`."""
         return cls(host, spec.name, qemu_argv(spec), spec.qmp_socket, workdir,
-                   host_dir=host_dir, start_timeout=start_timeout)
+                   host_dir=host_dir, start_timeout=start_timeout, incoming=spec.incoming)
 
     @property
     def stderr_path(self) -> Path:
@@ -165,7 +167,12 @@ class QemuProcess:
             await self.monitor.close()
             return None
         try:
-            if process.returncode is None:
+            if process.returncode is None and self._abandoned_postcopy():
+                # Its vCPUs wait on pages that will never come, and both quit and SIGTERM
+                # need them stopped: each would only run out its deadline.
+                self.log.warning("post-copy paused and abandoned: sending SIGKILL")
+                await process.send_signal(signal.SIGKILL)
+            elif process.returncode is None:
                 await self.monitor.quit(timeout=grace)
                 for sig in (signal.SIGTERM, signal.SIGKILL):
                     try:
@@ -175,7 +182,7 @@ class QemuProcess:
                     except TimeoutError:
                         self.log.warning("did not exit in %g s, sending %s", grace, sig.name)
                         await process.send_signal(sig)
-                await process.wait()
+            await process.wait()
         except HostError as error:
             # The connection to the host dropped: the process ends with it, by its
             # supervisor's hand; make sure it has before saying it is stopped.
@@ -188,6 +195,10 @@ class QemuProcess:
         self.exited_ns = self.exited_ns or time.time_ns()
         self.log.info("exited with status %s", process.returncode)
         return process.returncode
+
+    def _abandoned_postcopy(self) -> bool:
+        """A destination left in ``postcopy-paused``: the guest's memory will never be whole."""
+        return self.incoming and self.monitor.migration_status() == "postcopy-paused"
 
     async def _wait_gone(self, pid: int, grace: float) -> None:
         """Wait (up to a few ``grace`` periods) until ``pid`` no longer exists on the host."""
