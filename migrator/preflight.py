@@ -17,7 +17,13 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from migrator.config.models import Accel, Scenario
+from migrator.config.models import (
+    Accel,
+    FaultSpec,
+    LinkDownFault,
+    PoolExhaustedFault,
+    Scenario,
+)
 from migrator.errors import HostError, HugepageShortfall, MigratorError, PreflightError
 from migrator.hgm import HgmSupport, detect_hgm
 from migrator.hosts.base import Host
@@ -260,6 +266,53 @@ async def _tls_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[
     return needs
 
 
+# What each fault kind runs on its host (migrator/faults.py), and a harmless call proving
+# the command is there.
+_FAULT_COMMANDS: dict[str, tuple[str, ...]] = {
+    "link-down": ("ip", "-V"),
+    "kill": ("kill", "-l"),
+    "stop": ("kill", "-l"),
+    "pool-exhausted": ("fallocate", "--version"),
+}
+
+
+def _fault_role(fault: FaultSpec) -> Role:
+    """The role of the host a fault acts on."""
+    if isinstance(fault, PoolExhaustedFault):
+        return "destination"
+    if isinstance(fault, LinkDownFault):
+        return fault.host
+    return fault.side
+
+
+async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
+    """What the scenario's faults run on this host: each command, and a link's interface."""
+    needs = []
+    for index, fault in enumerate(scenario.faults):
+        if _fault_role(fault) not in roles:
+            continue
+        what = f"faults.{index} ({fault.kind})"
+        command = _FAULT_COMMANDS.get(fault.kind)
+        if command is not None:
+            try:
+                found = (await host.run(list(command), timeout=30)).status == 0
+            except HostError:
+                found = False
+            needs.append(Need(
+                what=f"{what}: {command[0]}", met=found,
+                detail="present" if found else f"{command[0]} not found on {host.name}",
+                fix="" if found else f"install {command[0]} on {host.name}"))
+        if isinstance(fault, LinkDownFault):
+            link = Path("/sys/class/net") / fault.interface
+            present = await host.exists(link)
+            needs.append(Need(
+                what=f"{what}: interface {fault.interface}", met=present,
+                detail="present" if present else f"no {link} on {host.name}",
+                fix="" if present else "name the interface that carries the migration "
+                                       "stream (ip link lists them)"))
+    return needs
+
+
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
     kvm: tuple[bool | None, str] | None = None, hugepages: Need | None = None,
@@ -314,6 +367,7 @@ async def check_host(
                           detail="present" if userfaultfd else "no /dev/userfaultfd",
                           fix="" if userfaultfd else "a kernel with CONFIG_USERFAULTFD=y"))
     needs.extend(await _tls_needs(host, roles, scenario))
+    needs.extend(await _fault_needs(host, roles, scenario))
     mem_mib = _mem_available_mib(await _text(host, "/proc/meminfo"))
     if not scenario.vm.backing.is_hugetlb and mem_mib is not None:
         wanted_mib = vms_on_host * scenario.vm.memory_mib
