@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["background", "first_error", "guarded"]
+__all__ = ["background", "finish_even_if_cancelled", "first_error", "guarded"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,16 @@ async def background(
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("collector failed: %s", result)
+
+
+async def finish_even_if_cancelled(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end even when the caller is cancelled meanwhile (then re-raised).
+
+    For what must not be left half done: undoing a fault, reconnecting for clean-up.
+    """
+    task = asyncio.create_task(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

@@ -24,6 +24,7 @@ error class).  The CLI prints ``str(error)`` as one line and exits with
      +-- MigrationError              migration failed, was cancelled or stalled
      |    +-- MigrationTimeout        a phase did not finish in time
      +-- GuestError                  the guest probe reported a problem
+ |    +-- IntegrityError          pages hold wrong content after the migration
      +-- ArtifactError               a raw artifact is missing or malformed
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "GuestError",
     "HostError",
     "HugepageShortfall",
+    "IntegrityError",
     "MigrationError",
     "MigrationTimeout",
     "MigratorError",
@@ -214,6 +216,10 @@ class GuestError(MigratorError):
     """The guest probe reported a problem (bad pages, no heartbeat, no boot)."""
 
     exit_code = 5
+
+
+class IntegrityError(GuestError):
+    """The guest's check found pages whose content is not what it wrote."""
 
 
 class ArtifactError(MigratorError):

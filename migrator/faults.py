@@ -4,8 +4,10 @@ Each timed fault waits for its phase (a MIGRATION status one of the QEMUs
 announces), then ``after_ms``, then strikes: a network interface down and up
 again, ``migrate-pause``, SIGKILL or SIGSTOP/SIGCONT of a QEMU, or the SSH
 connection to a host dropped.  Whatever ends the run, a fault with a duration
-is undone (the link brought up, the QEMU continued).  Every strike and undo is
-a timeline mark, so the report can set each fault beside what the guest saw.
+is undone (the link brought up, the QEMU continued).  Each strike is marked on
+the timeline just before it happens (``fault-injected``) and each undo just
+after (``fault-cleared``), so the report can set each fault beside what the
+guest saw.
 
 The pool-exhausted fault is not timed: :func:`exhaust_hugepage_pool` fills the
 destination's free hugepages with a hugetlbfs file before its QEMU starts.
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from migrator.aio import finish_even_if_cancelled
 from migrator.config.models import (
     ConnectionLossFault,
     FaultSpec,
@@ -33,7 +35,7 @@ from migrator.errors import HostError, MigrationError
 from migrator.guest.console import Side
 from migrator.hosts.base import Host
 from migrator.hosts.ssh import SSHHost
-from migrator.qemu.monitor import EventRecord
+from migrator.qemu.monitor import status_in
 from migrator.qemu.process import QemuProcess
 
 __all__ = ["FaultTargets", "exhaust_hugepage_pool", "inject_faults"]
@@ -52,33 +54,19 @@ class FaultTargets:
     mark: Callable[..., None]
 
 
-def _status(status: str) -> Callable[[EventRecord], bool]:
-    return lambda record: record.data.get("status") == status
-
-
 async def _phase_begins(fault: FaultSpec, targets: FaultTargets) -> None:
     """Return when the fault's phase begins (see :class:`~migrator.config.models._TimedFault`)."""
     assert not isinstance(fault, PoolExhaustedFault)
     source = targets.qemus["src"].monitor
     if fault.at == "precopy":
-        await source.wait_for_event("MIGRATION", _status("active"))
+        await source.wait_for_event("MIGRATION", status_in("active"))
     elif fault.at == "postcopy":
-        await targets.qemus["dst"].monitor.wait_for_event("MIGRATION", _status("postcopy-active"))
+        await targets.qemus["dst"].monitor.wait_for_event("MIGRATION", status_in("postcopy-active"))
     else:
-        recovering = await source.wait_for_event("MIGRATION", _status("postcopy-recover"))
+        recovering = await source.wait_for_event("MIGRATION", status_in("postcopy-recover"))
         if fault.at == "recovered":
             since = source.events.index(recovering) + 1
-            await source.wait_for_event("MIGRATION", _status("postcopy-active"), since=since)
-
-
-async def _undone(undo: Coroutine[Any, Any, None]) -> None:
-    """Run ``undo`` to the end even if the caller is cancelled meanwhile."""
-    task = asyncio.create_task(undo)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+            await source.wait_for_event("MIGRATION", status_in("postcopy-active"), since=since)
 
 
 async def _run_checked(host: Host, argv: list[str], what: str) -> None:
@@ -95,38 +83,40 @@ async def _signal(qemu: QemuProcess, name: str) -> None:
 
 
 async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
-    """Inject one fault now, and undo it after its duration."""
+    """Inject one fault now (marked just before), and undo it after its duration.
+
+    The undo is entered before the strike: a strike cancelled while its command
+    is in flight may still have taken effect, and undoing twice is harmless
+    (``ip link set up`` on a link that is up, SIGCONT to a running process).
+    """
     details = fault.model_dump(mode="json")
+    targets.mark("fault-injected", index=index, **details)
     if isinstance(fault, LinkDownFault):
         host = targets.hosts[_SIDES[fault.host]]
         link = ["ip", "link", "set", "dev", fault.interface]
-        await _run_checked(host, [*link, "down"], f"taking {fault.interface} down")
-        targets.mark("fault-injected", index=index, **details)
         try:
+            await _run_checked(host, [*link, "down"], f"taking {fault.interface} down")
             await asyncio.sleep(fault.duration_s)
         finally:
-            await _undone(_run_checked(host, [*link, "up"], f"bringing {fault.interface} up"))
+            await finish_even_if_cancelled(
+                _run_checked(host, [*link, "up"], f"bringing {fault.interface} up"))
             targets.mark("fault-cleared", index=index, kind=fault.kind)
     elif isinstance(fault, StopFault):
         qemu = targets.qemus[_SIDES[fault.side]]
-        await _signal(qemu, "STOP")
-        targets.mark("fault-injected", index=index, **details)
         try:
+            await _signal(qemu, "STOP")
             await asyncio.sleep(fault.duration_s)
         finally:
-            await _undone(_signal(qemu, "CONT"))
+            await finish_even_if_cancelled(_signal(qemu, "CONT"))
             targets.mark("fault-cleared", index=index, kind=fault.kind)
     elif isinstance(fault, KillFault):
-        targets.mark("fault-injected", index=index, **details)
         await _signal(targets.qemus[_SIDES[fault.side]], "KILL")
     elif isinstance(fault, MigratePauseFault):
-        targets.mark("fault-injected", index=index, **details)
         await targets.qemus[_SIDES[fault.side]].monitor.migrate_pause()
     elif isinstance(fault, ConnectionLossFault):
         host = targets.hosts[_SIDES[fault.side]]
         if not isinstance(host, SSHHost):
-            raise MigrationError(f"faults[{index}]: connection-loss needs an SSH host")
-        targets.mark("fault-injected", index=index, **details)
+            raise MigrationError(f"faults.{index}: connection-loss needs an SSH host")
         await host.sever()
 
 
@@ -134,11 +124,11 @@ async def _one(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
     assert not isinstance(fault, PoolExhaustedFault)
     try:
         await _phase_begins(fault, targets)
+        await asyncio.sleep(fault.after_ms / 1000)
     except asyncio.CancelledError:
         targets.mark("fault-not-injected", index=index, kind=fault.kind,
-                     reason=f"the {fault.at} phase never began")
+                     reason=f"the run moved on before {fault.at} + {fault.after_ms} ms")
         raise
-    await asyncio.sleep(fault.after_ms / 1000)
     await _strike(index, fault, targets)
 
 

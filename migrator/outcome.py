@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from migrator.errors import GuestError, MigratorError, QemuError
+from migrator.errors import GuestError, IntegrityError, MigratorError, QemuError
 
 __all__ = [
     "EXIT_CODES", "Outcome", "RunFailed", "Situation", "describe", "last_source_ram",
@@ -80,6 +80,8 @@ class Situation:
 
     switched: bool
     recoveries: int
+    completed: bool = False
+    """The destination reported the migration completed."""
     error: MigratorError | None = None
     booted: bool = True
     source_remaining_bytes: int | None = None
@@ -142,13 +144,19 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
         return Outcome.FAILED_BEFORE_SWITCHOVER, (
             f"failed before switchover: {error}; {where}")
     remaining, received = situation.source_remaining_bytes, situation.destination_received_bytes
-    if isinstance(error, GuestError) and dead is None:
+    if isinstance(error, IntegrityError):
         where = ("the guest ran on the destination, whose copy of its memory is not what "
                  "the guest wrote")
     elif dead == "dst":
         where = (f"the destination QEMU, which ran the guest (its CPU and device state and "
                  f"{_mib(received)} of memory received), is gone; the source holds only a "
                  "copy of memory as it was at the switch: the VM is lost")
+    elif situation.completed:
+        where = ("the migration had completed and the guest ran on the destination with all "
+                 "its memory; the run failed after that")
+    elif isinstance(error, GuestError):
+        where = ("the guest ran on the destination and stopped answering there: the VM is "
+                 "lost")
     elif dead == "src":
         where = (f"the source QEMU, the only holder of {_mib(remaining)} of guest memory not "
                  "yet sent, is gone; the destination holds the guest's CPU state and the "

@@ -41,6 +41,7 @@ from migrator.errors import (
     ConfigError,
     GuestError,
     HostError,
+    IntegrityError,
     MigratorError,
     PreflightError,
     QemuError,
@@ -65,7 +66,7 @@ from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.events import read_jsonl
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
-from migrator.migration.plan import MigrationPlan, plan_migration
+from migrator.migration.plan import MigrationPlan, destination_address, plan_migration
 from migrator.migration.tls import enable_tls
 from migrator.outcome import Outcome, RunFailed, Situation, describe, last_source_ram, switched_over
 from migrator.preflight import Role, check_hosts, raise_unmet
@@ -219,7 +220,8 @@ async def remote_run_dir(host: Host, root: Path, run: RunDir) -> AsyncIterator[P
     A janitor process (:data:`JANITOR`) started before ``root`` exists removes it:
     asked to on exit, or by itself when the controller dies or its SSH connection
     drops, so the directory never outlives the run.  The QEMUs' output files in
-    ``root/src`` and ``root/dst`` are copied into the run directory first.  When
+    ``root/src`` and ``root/dst`` are copied into the run directory first (unless
+    the connection dropped: the janitor has removed them with it).  When
     the block raises, a failing clean-up is logged rather than raised, so the
     error that ended the run is the one reported.
     """
@@ -326,12 +328,13 @@ class _Run:
         recorded in ``events.jsonl``; what the source still held, from its last
         ``query-migrate`` sample.
         """
-        statuses = [(record["side"], str(record["data"].get("status")))
+        statuses = [(str(record.get("side")), str(record.get("data", {}).get("status")))
                     for side in SIDES for record in read_jsonl(self.run.side(side) / "events.jsonl")
                     if record.get("event") == "MIGRATION"]
         remaining, transferred = last_source_ram(read_jsonl(self.run.path / "samples.jsonl"))
         outcome, statement = describe(Situation(
-            switched=switched_over(statuses), recoveries=self.recoveries, error=error,
+            switched=switched_over(statuses), completed=("dst", "completed") in statuses,
+            recoveries=self.recoveries, error=error,
             booted=self.booted, source_remaining_bytes=remaining,
             destination_received_bytes=transferred, exited=self.exited))
         self.meta.update(outcome=outcome.value, statement=statement, recoveries=self.recoveries)
@@ -504,7 +507,7 @@ class _Run:
         async with scenario_hosts(scenario) as (source, destination):
             hosts: dict[Side, Host] = {"src": source, "dst": destination}
             facts = await self.preflight(hosts)
-            async with AsyncExitStack() as stack:
+            async with _exit_stack_keeping_first_error() as stack:
                 # Memory first: a hugepage shortfall must stop the run before anything boots.
                 mem_paths = await self.reserve_memory(stack, source, destination)
                 self.mark("guest-build")
@@ -543,11 +546,11 @@ class _Run:
     ) -> tuple[QemuProcess, GuestConsole]:
         """One QEMU and the console on its serial line, both owned by ``stack``."""
         host = place.host
-        self.booted = True
         # QEMU removes its listening sockets when it exits, but not when it is killed.
         stack.push_async_callback(host.remove_tree, place.serial_socket)
         qemu = await stack.enter_async_context(
             QemuProcess.from_spec(host, spec, self.run.side(side), host_dir=place.host_dir))
+        self.booted = True
         serial = await stack.enter_async_context(host.forward_unix_socket(place.serial_socket))
         console = await stack.enter_async_context(
             GuestConsole(serial, self.run.side(side) / "console.jsonl", side=side))
@@ -624,7 +627,8 @@ class _Run:
         listens = 0
 
         async def listen_uri() -> str:
-            # Each listen (the first, then one per recovery) gets its own port or socket.
+            # Each listen (the first, then each one a recovery asks for) gets its own port
+            # or socket, unless the scenario fixed the port (migration_port).
             nonlocal listens
             listens += 1
             return await self._incoming_uri(stack, destination, listens)
@@ -697,7 +701,7 @@ class _Run:
         self.meta["verify"] = verify.model_dump(mode="json")
         self.mark("verified", bad_pages=verify.bad_pages)
         if not verify.ok:
-            raise GuestError(
+            raise IntegrityError(
                 f"guest integrity check failed: {verify.bad_pages} of {verify.pages} pages "
                 f"hold wrong content after migration ({verify.read_mismatches} bad reads "
                 f"during the run); first bad pages {list(verify.first_bad)}"
@@ -708,7 +712,7 @@ class _Run:
         """Where the destination listens (and so where the source connects).
 
         ``listen`` counts the destination's listens: 1 for the migration, then one
-        more for each post-copy recovery.
+        more each time a recovery has it listen again.
         """
         if self.scenario.migration.transport == "unix":
             name = "migration.sock" if listen == 1 else f"migration-{listen}.sock"
@@ -716,10 +720,8 @@ class _Run:
             stack.push_async_callback(destination.host.remove_tree, socket)
             return f"unix:{socket}"
         spec = self.scenario.hosts.destination
-        if isinstance(spec, SSHHostSpec):
-            address, port = spec.stream_address, spec.migration_port
-        else:
-            address, port = "127.0.0.1", None
+        address = destination_address(self.scenario)
+        port = spec.migration_port if isinstance(spec, SSHHostSpec) else None
         port = port or await free_tcp_port(destination.host, address)
         return f"tcp:{_uri_host(address)}:{port}"
 
@@ -736,6 +738,28 @@ async def _heartbeats_continue(console: GuestConsole) -> None:
                 f"while running ({error})"
             ) from None
         await asyncio.sleep(1.0)
+
+
+@contextlib.asynccontextmanager
+async def _exit_stack_keeping_first_error() -> AsyncIterator[AsyncExitStack]:
+    """An exit stack whose clean-up errors never replace the error that ended its block.
+
+    They are logged instead: the outcome must state what went wrong (or that the
+    run was interrupted), not what failed afterwards while tidying up.
+    """
+    failure: BaseException | None = None
+    try:
+        async with AsyncExitStack() as stack:
+            try:
+                yield stack
+            except BaseException as error:
+                failure = error
+                raise
+    except Exception as cleanup_error:
+        if failure is None or cleanup_error is failure:
+            raise
+        log.warning("clean-up after the failure also failed: %s", cleanup_error)
+        raise failure from failure.__cause__
 
 
 async def _exited_by_themselves(*qemus: QemuProcess) -> frozenset[str]:

@@ -70,6 +70,7 @@ from typing import Literal, cast
 import asyncssh
 from pydantic import SecretStr
 
+from migrator.aio import finish_even_if_cancelled
 from migrator.errors import ConfigError, HostError, MigratorError
 from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 
@@ -490,12 +491,7 @@ class SSHHost(Host):
         self._conn = None
         # Finished even if the caller is cancelled meanwhile (the run failing because the
         # QEMU here just ended): the clean-up that follows needs the connection.
-        reconnect = asyncio.create_task(self.connect())
-        try:
-            await asyncio.shield(reconnect)
-        except asyncio.CancelledError:
-            await reconnect
-            raise
+        await finish_even_if_cancelled(self.connect())
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:

@@ -22,7 +22,7 @@ from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
 from migrator.migration.plan import MigrationPlan
 from migrator.migration.recovery import PostcopyRecovery
 from migrator.migration.tls import tls_hint
-from migrator.qemu.monitor import EventRecord, Monitor
+from migrator.qemu.monitor import EventRecord, Monitor, status_in
 from migrator.rundir import JsonlWriter
 
 __all__ = ["MigrationDriver", "MigrationResult"]
@@ -42,13 +42,6 @@ class MigrationResult:
     postcopy_requested_ns: int | None
     postcopy_skipped_reason: str | None
     recoveries: int = 0
-
-
-def _status_is(*statuses: str) -> Any:
-    def predicate(record: EventRecord) -> bool:
-        return record.data.get("status") in statuses
-
-    return predicate
 
 
 class MigrationDriver:
@@ -113,10 +106,10 @@ class MigrationDriver:
         skipped: str | None = None
         async with asyncio.TaskGroup() as group:
             source_done = group.create_task(
-                self.source.wait_for_event("MIGRATION", _status_is(*SOURCE_TERMINAL))
+                self.source.wait_for_event("MIGRATION", status_in(*SOURCE_TERMINAL))
             )
             destination_done = group.create_task(
-                self.destination.wait_for_event("MIGRATION", _status_is(*DESTINATION_TERMINAL))
+                self.destination.wait_for_event("MIGRATION", status_in(*DESTINATION_TERMINAL))
             )
             recovering = (group.create_task(self.recovery.watch(), name="postcopy-recovery")
                           if self.spec.postcopy else None)

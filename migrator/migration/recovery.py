@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from migrator.config.models import RecoverySpec
 from migrator.errors import MigrationError, QmpCommandError, QmpTimeout
-from migrator.qemu.monitor import EventRecord, Monitor
+from migrator.qemu.monitor import Monitor, status_in
 
 __all__ = ["CONNECT_WAIT_S", "PostcopyRecovery"]
 
@@ -58,13 +58,6 @@ class Mark(Protocol):
     def __call__(self, what: str, **details: Any) -> int: ...
 
 
-def _status(*statuses: str) -> Callable[[EventRecord], bool]:
-    def predicate(record: EventRecord) -> bool:
-        return record.data.get("status") in statuses
-
-    return predicate
-
-
 class PostcopyRecovery:
     """Watches one post-copy migration and recovers each pause (see module docstring)."""
 
@@ -84,24 +77,26 @@ class PostcopyRecovery:
 
         Never returns by itself: the driver cancels it once both sides are done.
         """
-        await self.source.wait_for_event("MIGRATION", _status("postcopy-active"))
+        await self.source.wait_for_event("MIGRATION", status_in("postcopy-active"))
         while True:
-            source_mark, destination_mark = await self._until_paused()
+            await self._until_paused()
             if not self.spec.auto:
                 self._mark("recovery-disabled")
                 raise MigrationError(
                     "post-copy paused and migration.recovery.auto = false: not recovering")
-            await self._recover(source_mark, destination_mark)
+            await self._recover()
             self.recoveries += 1
 
-    async def _until_paused(self) -> tuple[int, int]:
+    async def _until_paused(self) -> None:
         """Wait for a pause (QEMU's own, or the watchdog's); return once both sides paused.
 
-        Returns each side's event count at its pause, the mark after which a
-        recovery's events are looked for.
+        A side's pause counts from the moment it last entered post-copy, so a pause
+        that arrived before this wait began (right after the switch or the last
+        recovery) is not missed.
         """
-        source_since, destination_since = self.source.event_count, self.destination.event_count
-        paused = _status("postcopy-paused")
+        source_since, destination_since = _since_active(self.source), _since_active(
+            self.destination)
+        paused = status_in("postcopy-paused")
         source_paused = asyncio.create_task(
             self.source.wait_for_event("MIGRATION", paused, since=source_since))
         destination_paused = asyncio.create_task(
@@ -135,8 +130,9 @@ class PostcopyRecovery:
             watchdog.cancel()
             source_paused.cancel()
             destination_paused.cancel()
+            await asyncio.gather(watchdog, source_paused, destination_paused,
+                                 return_exceptions=True)
         self._mark("both-paused")
-        return source_since, destination_since
 
     async def _pause(self, monitor: Monitor) -> None:
         """``migrate-pause`` on one side; a QEMU too wedged to answer is given time."""
@@ -174,41 +170,64 @@ class PostcopyRecovery:
             if now - progress >= self.spec.stall_timeout_s:
                 return now - progress
 
-    async def _recover(self, source_since: int, destination_since: int) -> None:
-        """Re-establish the stream, retrying with backoff until the deadline."""
+    async def _recover(self) -> None:
+        """Re-establish the stream, retrying with backoff until the deadline.
+
+        The destination listens again (``migrate-recover``) whenever it is paused
+        and not listening: at first, and after a handshake that broke again.
+        """
         began = time.monotonic()
         deadline = began + self.spec.deadline_s
-        uri = await self._listen_uri()
-        await self.destination.migrate_recover(uri)
-        self._mark("recover-listening", uri=uri)
         delay = self.spec.backoff_initial_s
         attempt = 0
         last_error = "no attempt made"
+        listening_since: int | None = None
+        uri = ""
         while time.monotonic() < deadline:
+            if listening_since is None or self._paused_since(self.destination, listening_since):
+                uri = await self._listen_uri()
+                try:
+                    await self.destination.migrate_recover(uri, timeout=QMP_PATIENCE_S)
+                except (QmpCommandError, QmpTimeout) as error:
+                    last_error = f"the destination could not listen on {uri}: {error}"
+                    self._mark("recover-failed", attempt=attempt, error=last_error)
+                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, self.spec.backoff_max_s)
+                    continue
+                listening_since = self.destination.event_count
+                self._mark("recover-listening", uri=uri)
             attempt += 1
             self._mark("recover-attempt", attempt=attempt, uri=uri)
+            since = self.source.event_count
             failed = await self._attempt(uri, min(CONNECT_WAIT_S, deadline - time.monotonic()))
             if failed is None:
-                await self._wait_active(self.destination, destination_since, deadline)
-                await self._wait_active(self.source, source_since, deadline)
+                failed = await self._resumed(since, listening_since, deadline)
+            if failed is None:
                 self._mark("recovered", attempt=attempt,
                            seconds=round(time.monotonic() - began, 3))
                 return
             last_error = failed
             self._mark("recover-failed", attempt=attempt, error=failed)
-            pause = min(delay, max(0.0, deadline - time.monotonic()))
-            await asyncio.sleep(pause)
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, self.spec.backoff_max_s)
         raise MigrationError(
             f"post-copy recovery gave up after {self.spec.deadline_s:g} s "
             f"(migration.recovery.deadline_s) and {attempt} attempts; last: {last_error}")
 
+    @staticmethod
+    def _paused_since(monitor: Monitor, since: int) -> bool:
+        """Whether ``monitor`` announced ``postcopy-paused`` after event ``since``."""
+        return any(record.name == "MIGRATION" and record.data.get("status") == "postcopy-paused"
+                   for record in monitor.events[since:])
+
     async def _attempt(self, uri: str, wait_s: float) -> str | None:
         """One ``migrate resume``; None when the source reconnected, else why not."""
         since = self.source.event_count
-        outcome = _status("postcopy-recover", "postcopy-active", "postcopy-paused", "failed")
+        outcome = status_in("postcopy-recover", "postcopy-active", "postcopy-paused", "failed")
         try:
-            await self.source.migrate_resume(uri)
+            await self.source.migrate_resume(uri, timeout=QMP_PATIENCE_S)
+        except QmpTimeout:
+            return f"the source did not answer migrate within {QMP_PATIENCE_S:g} s"
         except QmpCommandError as error:
             if "no paused migration" not in error.desc:
                 return error.desc
@@ -227,13 +246,36 @@ class PostcopyRecovery:
             return f"the source could not reconnect to {uri}"
         return None
 
-    async def _wait_active(self, monitor: Monitor, since: int, deadline: float) -> None:
-        """Wait until ``monitor`` runs post-copy again (or has finished) after its pause."""
-        try:
-            await monitor.wait_for_event(
-                "MIGRATION", _status("postcopy-active", "completed"), since=since,
-                timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            raise MigrationError(
-                f"{monitor.name} reconnected but did not resume post-copy before "
-                "migration.recovery.deadline_s") from None
+    async def _resumed(self, source_since: int, destination_since: int, deadline: float,
+                       ) -> str | None:
+        """After a reconnect: None once both sides run post-copy again (or finished).
+
+        Otherwise why not: the stream broke again during the handshake (a side
+        paused again), to be retried like any failed attempt.
+        """
+        ended = status_in("postcopy-active", "completed", "postcopy-paused", "failed")
+        for monitor, since in ((self.source, source_since),
+                               (self.destination, destination_since)):
+            try:
+                event = await monitor.wait_for_event(
+                    "MIGRATION", ended, since=since,
+                    timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                return (f"{monitor.name} reconnected but did not resume post-copy before "
+                        "migration.recovery.deadline_s")
+            status = event.data.get("status")
+            if status == "failed":
+                raise MigrationError(f"{monitor.name} gave the migration up while recovering")
+            if status == "postcopy-paused":
+                return f"the stream broke again during the recovery handshake ({monitor.name})"
+        return None
+
+
+def _since_active(monitor: Monitor) -> int:
+    """The event count just after ``monitor`` last announced ``postcopy-active`` (0 if never)."""
+    events = monitor.events
+    for index in range(len(events) - 1, -1, -1):
+        record = events[index]
+        if record.name == "MIGRATION" and record.data.get("status") == "postcopy-active":
+            return index + 1
+    return 0

@@ -24,7 +24,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from migrator.errors import QmpCommandError, QmpConnectionLost, QmpTimeout
 
-__all__ = ["EventRecord", "Monitor"]
+__all__ = ["EventPredicate", "EventRecord", "Monitor", "status_in"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ class EventRecord:
 
 
 EventPredicate = Callable[[EventRecord], bool]
+
+
+def status_in(*statuses: str) -> EventPredicate:
+    """Matches a ``MIGRATION`` event whose status is one of ``statuses``."""
+
+    def predicate(record: EventRecord) -> bool:
+        return record.data.get("status") in statuses
+
+    return predicate
 
 
 class Monitor:
@@ -211,13 +220,13 @@ class Monitor:
         """``migrate-pause`` (post-copy only), out-of-band: it must pass a busy main loop."""
         await self.execute("migrate-pause", oob=True, timeout=timeout)
 
-    async def migrate_recover(self, uri: str) -> None:
+    async def migrate_recover(self, uri: str, *, timeout: float = 30.0) -> None:
         """``migrate-recover`` on a paused destination (out-of-band): listen on ``uri``."""
-        await self.execute("migrate-recover", {"uri": uri}, oob=True)
+        await self.execute("migrate-recover", {"uri": uri}, oob=True, timeout=timeout)
 
-    async def migrate_resume(self, uri: str) -> None:
+    async def migrate_resume(self, uri: str, *, timeout: float = 30.0) -> None:
         """``migrate`` with ``resume``: a paused source reconnects to ``uri``."""
-        await self.execute("migrate", {"uri": uri, "resume": True})
+        await self.execute("migrate", {"uri": uri, "resume": True}, timeout=timeout)
 
     def migration_status(self) -> str | None:
         """The last MIGRATION status this QEMU announced (None before any)."""

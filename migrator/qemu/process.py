@@ -161,7 +161,12 @@ class QemuProcess:
         )
 
     async def stop(self, *, grace: float = 5.0) -> int | None:
-        """Shut QEMU down: quit, then SIGTERM, then SIGKILL, each with a deadline."""
+        """Shut QEMU down: quit, then SIGTERM, then SIGKILL, each with a deadline.
+
+        Straight to SIGKILL for a destination whose post-copy was abandoned (quit
+        and SIGTERM cannot work there); after a lost host connection, wait until
+        the process is gone.
+        """
         process = self._process
         if process is None:
             await self.monitor.close()
@@ -197,11 +202,16 @@ class QemuProcess:
         return process.returncode
 
     def _abandoned_postcopy(self) -> bool:
-        """A destination left in ``postcopy-paused``: the guest's memory will never be whole."""
-        return self.incoming and self.monitor.migration_status() == "postcopy-paused"
+        """A destination left paused or recovering: the guest's memory will never be whole."""
+        return self.incoming and self.monitor.migration_status() in (
+            "postcopy-paused", "postcopy-recover", "postcopy-recover-setup")
 
     async def _wait_gone(self, pid: int, grace: float) -> None:
-        """Wait (up to a few ``grace`` periods) until ``pid`` no longer exists on the host."""
+        """Wait (a few ``grace`` periods) until ``pid`` is gone from the host, then kill it.
+
+        After a lost connection its supervisor ends it; should that not happen
+        (the host never noticed the connection go), SIGKILL over the new one.
+        """
         with contextlib.suppress(TimeoutError, HostError):
             async with asyncio.timeout(3 * grace):
                 while True:
@@ -209,6 +219,12 @@ class QemuProcess:
                     if probe.status != 0:
                         return
                     await asyncio.sleep(0.1)
+        self.log.warning("pid %d still there %g s after its connection dropped: SIGKILL",
+                         pid, 3 * grace)
+        try:
+            await self.host.run(["kill", "-KILL", str(pid)], timeout=10)
+        except HostError as error:
+            self.log.warning("could not SIGKILL pid %d: %s", pid, error)
 
     async def __aenter__(self) -> QemuProcess:
         try:

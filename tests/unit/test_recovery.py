@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from migrator.errors import MigrationError, QemuExitedError
+from migrator.errors import GuestError, IntegrityError, MigrationError, QemuExitedError
 from migrator.migration import recovery
 from migrator.outcome import Outcome, Situation, describe, last_source_ram, switched_over
 from migrator.rundir import JsonlWriter
@@ -245,3 +245,81 @@ def test_the_last_source_sample_says_what_it_held() -> None:
                {"side": "src", "error": "timeout"}]
     assert last_source_ram(samples) == (4, 7)
     assert last_source_ram([]) == (None, None)
+
+
+async def test_a_pause_right_at_the_switch_is_not_missed(sides: Any) -> None:
+    src, dst, writer = sides
+    reconnects(src, dst)
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        pause_both(src, dst)  # before the recovery watcher has even woken up
+
+    src.reactions["migrate-start-postcopy"] = switch
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 1
+
+
+async def test_a_handshake_that_breaks_again_is_listened_for_and_retried(sides: Any) -> None:
+    src, dst, writer = sides
+    resumes: list[str] = []
+
+    def migrate(m: ScriptedMonitor, arguments: Any) -> None:
+        if not arguments.get("resume"):
+            return
+        resumes.append(arguments["uri"])
+
+        def handshake() -> None:
+            for side in (src, dst):
+                side.emit("MIGRATION", status="postcopy-recover")
+            if len(resumes) == 1:
+                pause_both(src, dst)  # the link dropped again mid-handshake
+                return
+            for side in (dst, src):
+                side.emit("MIGRATION", status="postcopy-active")
+            later(0.02, lambda: finish(src, dst))
+
+        later(0.01, handshake)
+
+    src.reactions["migrate"] = migrate
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+    result = await driver_for(FAST, src, dst, writer).run("tcp:x")
+    assert result.recoveries == 1
+    assert dst.commands.count("migrate-recover") == 2  # listening again after the break
+    assert len(set(resumes)) == 2
+    assert "the stream broke again" in writer.path.read_text()
+
+
+def test_after_the_switch_the_statement_follows_what_failed() -> None:
+    bad_pages = IntegrityError("guest integrity check failed: 3 of 100 pages")
+    _, said = describe(Situation(switched=True, completed=True, recoveries=0, error=bad_pages))
+    assert "not what the guest wrote" in said
+    silent = GuestError("the guest on dst sent no heartbeat for 30 s")
+    _, said = describe(Situation(switched=True, completed=True, recoveries=0, error=silent))
+    assert "had completed" in said  # not "memory only on the source"
+    _, said = describe(Situation(switched=True, recoveries=0, error=silent))
+    assert "stopped answering there" in said
+
+
+async def test_a_clean_up_error_never_replaces_the_error_that_ended_the_run() -> None:
+    from migrator.errors import HostError
+    from migrator.runner import _exit_stack_keeping_first_error
+
+    async def failing_cleanup() -> None:
+        raise HostError("not connected")
+
+    async def run(failure: Exception | None) -> None:
+        async with _exit_stack_keeping_first_error() as stack:
+            stack.push_async_callback(failing_cleanup)
+            if failure is not None:
+                raise failure
+
+    with pytest.raises(QemuExitedError, match="killed"):
+        await run(QemuExitedError("killed", name="dst"))
+    with pytest.raises(HostError, match="not connected"):  # alone, it is the error
+        await run(None)
