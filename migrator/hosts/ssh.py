@@ -61,7 +61,7 @@ import shlex
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +77,9 @@ from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 __all__ = ["SUPERVISOR", "SSHHost", "SSHProcess", "SSHTarget", "remote_command"]
 
 log = logging.getLogger(__name__)
+
+# Bytes per SFTP read request when reading or copying a remote file.
+COPY_BLOCK = 1 << 18
 
 # Positional parameters: MODE (run|start|talk) NBYTES GRACE_TICKS CWD OUT ERR ARGV...
 # GRACE_TICKS counts tenths of a second (sh has no fractions).  Exit 127 with the
@@ -647,18 +650,25 @@ class SSHHost(Host):
                     self._sftp = await self.connection.start_sftp_client()
             return self._sftp
 
-    async def read_file(self, path: Path) -> bytes:
+    async def _chunks(self, path: Path, what: str) -> AsyncGenerator[bytes, None]:
+        """A remote file's bytes, block by block, one request at a time, until EOF.
+
+        Until EOF rather than a stat'ed size: /proc and sysfs files report a size
+        (0, 4096) that is not theirs.  One request at a time: asyncssh's parallel
+        copy (``sftp.get``) can leave its read tasks unretrieved when a file ends
+        early, which surfaces as tracebacks at exit.
+        """
         sftp = await self._sftp_client()
-        chunks: list[bytes] = []
-        with self._translate(f"reading {path}"):
+        with self._translate(what):
             async with sftp.open(str(path), "rb") as remote:
                 offset = 0
-                # Until EOF: /proc and sysfs files report a size (0, 4096) that is not theirs.
                 # Opened in binary mode ("rb"): reads return bytes.
-                while chunk := cast(bytes, await remote.read(1 << 18, offset)):
-                    chunks.append(chunk)
+                while chunk := cast(bytes, await remote.read(COPY_BLOCK, offset)):
+                    yield chunk
                     offset += len(chunk)
-        return b"".join(chunks)
+
+    async def read_file(self, path: Path) -> bytes:
+        return b"".join([chunk async for chunk in self._chunks(path, f"reading {path}")])
 
     async def write_file(self, path: Path, data: bytes) -> None:
         sftp = await self._sftp_client()
@@ -683,9 +693,13 @@ class SSHHost(Host):
         (await self.run(["rm", "-rf", "--", str(path)])).check(f"removing {path} on {self.name}")
 
     async def get(self, remote: Path, local: Path) -> None:
-        sftp = await self._sftp_client()
-        with self._translate(f"copying {remote}"):
-            await sftp.get(str(remote), str(local))
+        async with contextlib.aclosing(self._chunks(remote, f"copying {remote}")) as chunks:
+            # The remote file is opened first: a missing one leaves no empty local copy.
+            first = await anext(chunks, b"")
+            with local.open("wb") as out:
+                await asyncio.to_thread(out.write, first)
+                async for chunk in chunks:
+                    await asyncio.to_thread(out.write, chunk)
 
     async def put(self, local: Path, remote: Path) -> None:
         sftp = await self._sftp_client()
