@@ -70,12 +70,12 @@ async def background(
                 log.warning("collector failed: %s", result)
 
 
-async def finish_even_if_cancelled(work: Coroutine[Any, Any, T]) -> T:
+async def finish_even_if_cancelled(work: Awaitable[T]) -> T:
     """Run ``work`` to its end even when the caller is cancelled meanwhile (then re-raised).
 
     For what must not be left half done: undoing a fault, reconnecting for clean-up.
     """
-    task = asyncio.create_task(work)
+    task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -646,24 +646,36 @@ class SSHHost(Host):
     async def _sftp_client(self) -> asyncssh.SFTPClient:
         async with self._sftp_lock:
             if self._sftp is None:
-                with self._translate("starting SFTP"):
-                    self._sftp = await self.connection.start_sftp_client()
+                # Finished (and kept) even if the caller is cancelled meanwhile: a session
+                # started and then dropped would hold one of sshd's few channels.
+                await finish_even_if_cancelled(self._start_sftp())
+            assert self._sftp is not None
             return self._sftp
 
+    async def _start_sftp(self) -> None:
+        with self._translate("starting SFTP"):
+            self._sftp = await self.connection.start_sftp_client()
+
     async def _chunks(self, path: Path, what: str) -> AsyncGenerator[bytes, None]:
-        """A remote file's bytes, block by block, one request at a time, until EOF.
+        """A remote file's bytes, block by block, until EOF.
 
         Until EOF rather than a stat'ed size: /proc and sysfs files report a size
-        (0, 4096) that is not theirs.  One request at a time: asyncssh's parallel
-        copy (``sftp.get``) can leave its read tasks unretrieved when a file ends
-        early, which surfaces as tracebacks at exit.
+        (0, 4096) that is not theirs.  Each block's read finishes even if the
+        caller is cancelled meanwhile (e.g. a QEMU's stderr being read as the run
+        fails): asyncssh splits a read into parallel requests and abandons them
+        when cancelled, and the abandoned ones end in "Task exception was never
+        retrieved" tracebacks at exit.
         """
         sftp = await self._sftp_client()
         with self._translate(what):
             async with sftp.open(str(path), "rb") as remote:
                 offset = 0
-                # Opened in binary mode ("rb"): reads return bytes.
-                while chunk := cast(bytes, await remote.read(COPY_BLOCK, offset)):
+                while True:
+                    # Opened in binary mode ("rb"): reads return bytes.
+                    chunk = cast(bytes, await finish_even_if_cancelled(
+                        remote.read(COPY_BLOCK, offset)))
+                    if not chunk:
+                        return
                     yield chunk
                     offset += len(chunk)
 
@@ -674,7 +686,8 @@ class SSHHost(Host):
         sftp = await self._sftp_client()
         with self._translate(f"writing {path}"):
             async with sftp.open(str(path), "wb") as remote:
-                await remote.write(data, 0)
+                # Finished even if cancelled: asyncssh writes in parallel requests (see _chunks).
+                await finish_even_if_cancelled(remote.write(data, 0))
 
     async def exists(self, path: Path) -> bool:
         sftp = await self._sftp_client()
