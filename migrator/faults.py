@@ -37,12 +37,12 @@ from migrator.hosts.base import Host
 from migrator.hosts.ssh import SSHHost
 from migrator.qemu.monitor import status_in
 from migrator.qemu.process import QemuProcess
+from migrator.rundir import SIDE_OF_ROLE
 
 __all__ = ["FaultTargets", "exhaust_hugepage_pool", "inject_faults"]
 
 log = logging.getLogger(__name__)
 
-_SIDES: dict[str, Side] = {"source": "src", "destination": "dst"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
     details = fault.model_dump(mode="json")
     targets.mark("fault-injected", index=index, **details)
     if isinstance(fault, LinkDownFault):
-        host = targets.hosts[_SIDES[fault.host]]
+        host = targets.hosts[SIDE_OF_ROLE[fault.host]]
         link = ["ip", "link", "set", "dev", fault.interface]
         try:
             await _run_checked(host, [*link, "down"], f"taking {fault.interface} down")
@@ -102,7 +102,7 @@ async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
                 _run_checked(host, [*link, "up"], f"bringing {fault.interface} up"))
             targets.mark("fault-cleared", index=index, kind=fault.kind)
     elif isinstance(fault, StopFault):
-        qemu = targets.qemus[_SIDES[fault.side]]
+        qemu = targets.qemus[SIDE_OF_ROLE[fault.side]]
         try:
             await _signal(qemu, "STOP")
             await asyncio.sleep(fault.duration_s)
@@ -110,11 +110,11 @@ async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
             await finish_even_if_cancelled(_signal(qemu, "CONT"))
             targets.mark("fault-cleared", index=index, kind=fault.kind)
     elif isinstance(fault, KillFault):
-        await _signal(targets.qemus[_SIDES[fault.side]], "KILL")
+        await _signal(targets.qemus[SIDE_OF_ROLE[fault.side]], "KILL")
     elif isinstance(fault, MigratePauseFault):
-        await targets.qemus[_SIDES[fault.side]].monitor.migrate_pause()
+        await targets.qemus[SIDE_OF_ROLE[fault.side]].monitor.migrate_pause()
     elif isinstance(fault, ConnectionLossFault):
-        host = targets.hosts[_SIDES[fault.side]]
+        host = targets.hosts[SIDE_OF_ROLE[fault.side]]
         if not isinstance(host, SSHHost):
             raise MigrationError(f"faults.{index}: connection-loss needs an SSH host")
         await host.sever()

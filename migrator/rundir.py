@@ -25,11 +25,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 __all__ = ["JsonlWriter", "RunDir", "atomic_write"]
 
 SIDES = ("src", "dst")
+# A scenario names sides by role (source, destination); a run directory by its folder.
+SIDE_OF_ROLE: dict[str, Literal["src", "dst"]] = {"source": "src", "destination": "dst"}
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

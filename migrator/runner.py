@@ -63,7 +63,7 @@ from migrator.hosts.base import Host, HostProcess
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.hosts.ssh import SSHHost, SSHTarget
-from migrator.metrics.events import read_jsonl
+from migrator.metrics.events import load_events, read_jsonl
 from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, destination_address, plan_migration
@@ -328,9 +328,7 @@ class _Run:
         recorded in ``events.jsonl``; what the source still held, from its last
         ``query-migrate`` sample.
         """
-        statuses = [(str(record.get("side")), str(record.get("data", {}).get("status")))
-                    for side in SIDES for record in read_jsonl(self.run.side(side) / "events.jsonl")
-                    if record.get("event") == "MIGRATION"]
+        statuses = load_events(self.run.path).statuses()
         remaining, transferred = last_source_ram(read_jsonl(self.run.path / "samples.jsonl"))
         outcome, statement = describe(Situation(
             switched=switched_over(statuses), completed=("dst", "completed") in statuses,

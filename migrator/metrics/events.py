@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from migrator.report.schema import Phase
+from migrator.rundir import SIDES
 
 __all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl"]
 
@@ -41,6 +42,8 @@ class QmpEvent:
     name: str
     data: dict[str, Any]
     qemu_ns: int
+    host_ns: int | None = None
+    """When it arrived at the controller (controller clock), if recorded."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class MigrationEvents:
 
     events: list[QmpEvent]
     marks: dict[str, int]
+    """Host ns of the first mark of each name."""
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    """Every timeline record, in the order written."""
+
+    def statuses(self) -> list[tuple[str, str]]:
+        """(side, status) of every MIGRATION event, in QEMU time order."""
+        return [(e.side, str(e.data.get("status"))) for e in self.events
+                if e.name == "MIGRATION"]
 
     def first(self, side: str, name: str, status: str | None = None,
               after_ns: int = 0) -> int | None:
@@ -68,15 +79,17 @@ class MigrationEvents:
 def load_events(run_path: Path) -> MigrationEvents:
     """Read both sides' events and the timeline of a run directory."""
     events = [
-        QmpEvent(side, str(r["event"]), dict(r.get("data", {})), int(r["qemu_ns"]))
-        for side in ("src", "dst")
+        QmpEvent(side, str(r["event"]), dict(r.get("data", {})), int(r["qemu_ns"]),
+                 r["host_ns"] if isinstance(r.get("host_ns"), int) else None)
+        for side in SIDES
         for r in read_jsonl(run_path / side / "events.jsonl")
     ]
     events.sort(key=lambda e: e.qemu_ns)
+    timeline = list(read_jsonl(run_path / "timeline.jsonl"))
     marks: dict[str, int] = {}
-    for record in read_jsonl(run_path / "timeline.jsonl"):
+    for record in timeline:
         marks.setdefault(str(record.get("what")), int(record["host_ns"]))
-    return MigrationEvents(events, marks)
+    return MigrationEvents(events, marks, timeline)
 
 
 class PhaseTimeline:

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from migrator.metrics.events import read_jsonl
+from migrator.metrics.events import MigrationEvents
 from migrator.metrics.guest import GuestObservations
 from migrator.report.schema import FaultRecord, Metric, PauseRecord
+from migrator.rundir import SIDE_OF_ROLE
 
 __all__ = ["RecoveryAnalysis", "analyze_recovery"]
 
@@ -41,7 +41,6 @@ _RECOVERY_MARKS = frozenset({
     "recover-attempt", "recover-failed", "recovered", "recovery-disabled",
 })
 _RUNNING = frozenset({"postcopy-active", "completed"})
-_SIDE_NAMES = {"source": "src", "destination": "dst"}
 
 
 @dataclass(frozen=True)
@@ -84,19 +83,13 @@ class RecoveryAnalysis:
     warnings: list[str]
 
 
-def _items(run_path: Path) -> tuple[list[_Item], list[_Item]]:
-    """(timeline marks, MIGRATION events), each in time order."""
+def _items(ev: MigrationEvents) -> tuple[list[_Item], list[_Item]]:
+    """(timeline marks, MIGRATION events), each in time order on the controller clock."""
     marks = [_Item(int(r["host_ns"]), str(r.get("what")), r)
-             for r in read_jsonl(run_path / "timeline.jsonl") if isinstance(r.get("host_ns"), int)]
-    events = []
-    for side in ("src", "dst"):
-        for record in read_jsonl(run_path / side / "events.jsonl"):
-            data = record.get("data")
-            if record.get("event") != "MIGRATION" or not isinstance(data, dict):
-                continue
-            when = record.get("host_ns", record.get("qemu_ns"))
-            if isinstance(when, int):
-                events.append(_Item(when, "event", record, side, str(data.get("status"))))
+             for r in ev.timeline if isinstance(r.get("host_ns"), int)]
+    events = [_Item(e.host_ns if e.host_ns is not None else e.qemu_ns, "event", e.data,
+                    e.side, str(e.data.get("status")))
+              for e in ev.events if e.name == "MIGRATION"]
     marks.sort(key=lambda item: item.ns)
     events.sort(key=lambda item: item.ns)
     return marks, events
@@ -105,7 +98,7 @@ def _items(run_path: Path) -> tuple[list[_Item], list[_Item]]:
 def _fault_side(details: Mapping[str, Any]) -> str:
     """The side or host a fault acted on, as ``src``/``dst`` (``?`` when not said)."""
     where = details.get("side", details.get("host"))
-    return _SIDE_NAMES.get(str(where), "?")
+    return SIDE_OF_ROLE.get(str(where), "?")
 
 
 def _running_again(pause: _Pause) -> bool:
@@ -302,13 +295,13 @@ def _faults(marks: Iterable[_Item], scenario_faults: list[Any],
     return records
 
 
-def analyze_recovery(run_path: Path, scenario: Mapping[str, Any], meta: Mapping[str, Any],
-                     guest: GuestObservations) -> RecoveryAnalysis:
-    """The pauses and faults of the run directory ``run_path`` (see module docstring).
+def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
+                     meta: Mapping[str, Any], guest: GuestObservations) -> RecoveryAnalysis:
+    """The pauses and faults of a run (see module docstring), from its loaded events.
 
     ``scenario`` is the parsed ``scenario.toml``, ``meta`` the parsed ``run.json``.
     """
-    marks, events = _items(run_path)
+    marks, events = _items(ev)
     migrate = next((item.ns for item in marks if item.what == "migrate"), None)
     origin = migrate if migrate is not None else int(meta.get("started_ns") or 0)
     since = "the migrate mark" if migrate is not None else "the start of the run"

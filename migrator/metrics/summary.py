@@ -290,7 +290,7 @@ def build_report(run_path: Path) -> Report:
     if risk:
         warnings.append(risk)
     warnings += [f"guest probe: {e}" for e in guest.errors]
-    recovery = analyze_recovery(run_path, scenario, meta, guest)
+    recovery = analyze_recovery(ev, scenario, meta, guest)
     warnings += recovery.warnings
     if guest.malformed:
         warnings.append(f"guest console: {guest.malformed} malformed probe lines")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from migrator.metrics.events import read_jsonl
+from migrator.metrics.events import load_events, read_jsonl
 from migrator.metrics.guest import GuestObservations, HeartbeatArrival, ProbeStall
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.summary import build_report, write_report
@@ -296,7 +296,8 @@ def test_pause_never_recovered_and_a_fault_never_injected(tmp_path: Path,
         (9100, "cleaned-up", {}),
     ], [(200, "src", "postcopy-active"), (210, "dst", "postcopy-active"),
         (790, "src", "postcopy-paused"), (1805, "dst", "postcopy-paused")])
-    result = analyze_recovery(run, {"faults": FAULTS}, {"recoveries": 0}, beats(until_ms=850))
+    result = analyze_recovery(load_events(run), {"faults": FAULTS}, {"recoveries": 0},
+                              beats(until_ms=850))
     [pause] = result.pauses
     assert pause.result == "not recovered"
     assert pause.cause == "migrate-pause fault on src (faults[0])"
@@ -363,7 +364,7 @@ def test_run_without_recovery_marks_is_read_from_events(tmp_path: Path) -> None:
         (2010, "src", "postcopy-active"), (2020, "dst", "postcopy-active"),
         (4000, "src", "completed"), (4001, "dst", "completed"),
     ])
-    result = analyze_recovery(run, {}, {}, beats(until_ms=5000))
+    result = analyze_recovery(load_events(run), {}, {}, beats(until_ms=5000))
     [pause] = result.pauses
     assert pause.cause == "QEMU on dst reported a broken stream"
     assert (pause.began.value, pause.both_paused.value, pause.recovered.value) == (
@@ -390,7 +391,8 @@ def test_recovery_disabled_and_pool_exhausted(tmp_path: Path) -> None:
         (1511, "recovery-disabled", {}),
     ], [(200, "src", "postcopy-active"), (1505, "src", "postcopy-paused"),
         (1506, "dst", "postcopy-paused")])
-    result = analyze_recovery(run, {"faults": [pool]}, {"recoveries": 0}, GuestObservations())
+    result = analyze_recovery(load_events(run), {"faults": [pool]}, {"recoveries": 0},
+                              GuestObservations())
     [pause] = result.pauses
     assert pause.cause == "stream stalled 10.0 s (watchdog)"
     assert pause.fault is None  # the pool was taken before the QEMUs started: not a cause
