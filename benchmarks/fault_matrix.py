@@ -50,6 +50,7 @@ from migrator.config import Scenario, dump_scenario  # noqa: E402
 from migrator.metrics.summary import build_report  # noqa: E402
 from tests.integration.conftest import scenario  # noqa: E402
 from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
+from tests.integration.test_interrupt import qemu_processes_mentioning  # noqa: E402
 from tests.integration.test_ssh_migration import leftovers, qemus_in, ssh_scenario  # noqa: E402
 
 # As tests/integration/test_faults.py: post-copy still running when a fault strikes, and
@@ -218,22 +219,6 @@ def hugepage_pools() -> dict[int, int]:
     return pools
 
 
-def local_qemus(run_id: str) -> list[int]:
-    """PIDs of the QEMU processes on this machine whose command line names the run."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (argv and Path(argv[0].decode(errors="replace")).name.startswith("qemu-system")
-                and any(run_id.encode() in arg for arg in argv)):
-            found.append(int(proc.name))
-    return found
-
-
 def local_files(run_id: str) -> list[str]:
     """Files and directories named after the run where a local run puts hugetlbfs and mounts."""
     places = [Path("/run/migrator"), Path("/dev/hugepages")]
@@ -349,7 +334,7 @@ def run_row(row: Row, bed: SSHTestbed | None, out: Path) -> Result:
         run_id = read_run(run_dirs[0], result)
         if row.local_hugetlb or bed is None:
             def qemus() -> list[int]:
-                return local_qemus(run_id)
+                return qemu_processes_mentioning(run_id)
             files = local_files(run_id) + sorted(temp_dirs() - temps)
         else:
             hosts = bed.hosts

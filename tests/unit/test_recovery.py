@@ -29,7 +29,8 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recovery, "PARTNER_PAUSE_WAIT_S", 0.05)
 
 
-FAST = {"switchover": {"policy": "immediately"},
+# timeout_s: a recovery that misses its pause fails the test in seconds instead of hanging.
+FAST = {"switchover": {"policy": "immediately"}, "timeout_s": 5,
         "recovery": {"stall_timeout_s": 0.1, "deadline_s": 2.0, "backoff_initial_s": 0.01,
                      "backoff_max_s": 0.02}}
 
