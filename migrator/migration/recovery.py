@@ -157,7 +157,9 @@ class PostcopyRecovery:
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
-                reply = await self.source.query_migrate(timeout=QMP_PATIENCE_S)
+                # The sampler's replies when fresh: no second stream of queries.
+                reply = await self.source.fresh_query_migrate(WATCH_INTERVAL_S,
+                                                             timeout=QMP_PATIENCE_S)
             except QmpTimeout:
                 reply = None  # a wedged source moves nothing
             now = time.monotonic()

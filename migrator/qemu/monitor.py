@@ -71,6 +71,7 @@ class Monitor:
         self._history: list[EventRecord] = []
         self._arrived = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._last_migrate_reply: tuple[float, dict[str, Any]] | None = None
 
     @property
     def events(self) -> list[EventRecord]:
@@ -183,9 +184,21 @@ class Monitor:
         return reply
 
     async def query_migrate(self, *, timeout: float = 30.0) -> dict[str, Any]:
-        """``query-migrate``, raw."""
+        """``query-migrate``, raw (also kept for :meth:`fresh_query_migrate`)."""
         reply: dict[str, Any] = await self.execute("query-migrate", timeout=timeout)
+        self._last_migrate_reply = (time.monotonic(), reply)
         return reply
+
+    async def fresh_query_migrate(self, max_age: float, *, timeout: float) -> dict[str, Any]:
+        """The last ``query-migrate`` reply if it is under ``max_age`` s old, else a new one.
+
+        For a second reader beside the sampler: the sampler's replies serve both.
+        """
+        if self._last_migrate_reply is not None:
+            at, reply = self._last_migrate_reply
+            if time.monotonic() - at < max_age:
+                return reply
+        return await self.query_migrate(timeout=timeout)
 
     async def migrate_capabilities(self) -> dict[str, bool]:
         """Every migration capability this QEMU knows, with its current state."""

@@ -46,6 +46,16 @@ def pause_both(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
     dst.emit("MIGRATION", status="postcopy-paused")
 
 
+def pause_after_switch(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
+    """Script the switch: both sides enter post-copy, and both pause 20 ms later."""
+
+    def switch(m: ScriptedMonitor, a: object) -> None:
+        enter_postcopy(src, dst)
+        later(0.02, lambda: pause_both(src, dst))
+
+    src.reactions["migrate-start-postcopy"] = switch
+
+
 def finish(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
     dst.emit("MIGRATION", status="completed")
     src.emit("MIGRATION", status="completed")
@@ -85,11 +95,7 @@ async def test_a_pause_qemu_reports_is_recovered(sides: Any) -> None:
     src, dst, writer = sides
     uris = reconnects(src, dst)
 
-    def switch(m: ScriptedMonitor, a: object) -> None:
-        enter_postcopy(src, dst)
-        later(0.02, lambda: pause_both(src, dst))
-
-    src.reactions["migrate-start-postcopy"] = switch
+    pause_after_switch(src, dst)
     driver = driver_for(FAST, src, dst, writer)
     result = await driver.run("tcp:x")
     assert result.recoveries == 1
@@ -152,11 +158,7 @@ async def test_failed_reconnects_are_retried_with_backoff(sides: Any) -> None:
     src, dst, writer = sides
     uris = reconnects(src, dst, failures=2)
 
-    def switch(m: ScriptedMonitor, a: object) -> None:
-        enter_postcopy(src, dst)
-        later(0.02, lambda: pause_both(src, dst))
-
-    src.reactions["migrate-start-postcopy"] = switch
+    pause_after_switch(src, dst)
     result = await driver_for(FAST, src, dst, writer).run("tcp:x")
     assert result.recoveries == 1
     assert len(uris) == 3
@@ -169,11 +171,7 @@ async def test_recovery_gives_up_at_the_deadline(sides: Any) -> None:
     src, dst, writer = sides
     reconnects(src, dst, failures=1000)
 
-    def switch(m: ScriptedMonitor, a: object) -> None:
-        enter_postcopy(src, dst)
-        later(0.02, lambda: pause_both(src, dst))
-
-    src.reactions["migrate-start-postcopy"] = switch
+    pause_after_switch(src, dst)
     spec = {**FAST, "recovery": {**FAST["recovery"], "deadline_s": 0.5}}  # type: ignore[dict-item]
     with pytest.raises(MigrationError, match=r"recovery gave up after 0.5 s .*deadline_s"):
         await driver_for(spec, src, dst, writer).run("tcp:x")
@@ -182,11 +180,7 @@ async def test_recovery_gives_up_at_the_deadline(sides: Any) -> None:
 async def test_recovery_turned_off_fails_the_pause(sides: Any) -> None:
     src, dst, writer = sides
 
-    def switch(m: ScriptedMonitor, a: object) -> None:
-        enter_postcopy(src, dst)
-        later(0.02, lambda: pause_both(src, dst))
-
-    src.reactions["migrate-start-postcopy"] = switch
+    pause_after_switch(src, dst)
     spec = {**FAST, "recovery": {"auto": False}}
     with pytest.raises(MigrationError, match=r"recovery.auto = false"):
         await driver_for(spec, src, dst, writer).run("tcp:x")
@@ -284,11 +278,7 @@ async def test_a_handshake_that_breaks_again_is_listened_for_and_retried(sides: 
 
     src.reactions["migrate"] = migrate
 
-    def switch(m: ScriptedMonitor, a: object) -> None:
-        enter_postcopy(src, dst)
-        later(0.02, lambda: pause_both(src, dst))
-
-    src.reactions["migrate-start-postcopy"] = switch
+    pause_after_switch(src, dst)
     result = await driver_for(FAST, src, dst, writer).run("tcp:x")
     assert result.recoveries == 1
     assert dst.commands.count("migrate-recover") == 2  # listening again after the break
@@ -324,3 +314,12 @@ async def test_a_clean_up_error_never_replaces_the_error_that_ended_the_run() ->
         await run(QemuExitedError("killed", name="dst"))
     with pytest.raises(HostError, match="not connected"):  # alone, it is the error
         await run(None)
+
+
+async def test_the_watchdog_reads_the_samplers_replies_when_fresh(tmp_path: Path) -> None:
+    source = ScriptedMonitor("src", tmp_path)
+    await source.query_migrate()  # the sampler's query
+    await source.fresh_query_migrate(10.0, timeout=1.0)
+    assert source.commands == ["query-migrate"]  # served from the sampler's reply
+    await source.fresh_query_migrate(0.0, timeout=1.0)
+    assert source.commands == ["query-migrate", "query-migrate"]  # too old: asked anew
