@@ -18,7 +18,9 @@ from rich.markup import escape
 from migrator.cli.results import (
     EXIT_BAD_INPUT,
     EXIT_REGRESSION,
+    AlphaOption,
     DbOption,
+    ThresholdOption,
     _error,
     _open,
     _stdout,
@@ -58,12 +60,8 @@ def dashboard(
         "--night-start", min=0, max=23, metavar="HOUR",
         help="hour (UTC) a night starts at: runs from then until the same hour the next day "
              "are one night")] = 12,
-    threshold: Annotated[list[str] | None, typer.Option(
-        "--threshold", metavar="PATTERN=PERCENT",
-        help="minimum relative effect for matching metrics, as for 'migrator compare' "
-             "(repeatable)")] = None,
-    alpha: Annotated[float, typer.Option(
-        help="significance level of the permutation test", min=1e-6, max=0.5)] = 0.01,
+    threshold: ThresholdOption = None,
+    alpha: AlphaOption = 0.01,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", min=1, help="processes for verdicts and run pages (default: one per CPU)")
     ] = None,

@@ -46,6 +46,12 @@ DbOption = Annotated[str | None, typer.Option(
     help="SQLite file or database URL (postgresql+psycopg://user@host/db); "
          "default $MIGRATOR_RESULTS, else ./results.sqlite")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON, not a table")]
+ThresholdOption = Annotated[list[str] | None, typer.Option(
+    "--threshold", metavar="PATTERN=PERCENT",
+    help="minimum relative effect for matching metrics, e.g. 'freeze_ms=30' "
+         "(repeatable; overrides the defaults in docs/results.md)")]
+AlphaOption = Annotated[float, typer.Option(
+    help="significance level of the permutation test", min=1e-6, max=0.5)]
 
 EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
@@ -220,12 +226,8 @@ def compare(
     db: DbOption = None,
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", metavar="PATTERN", help="compare only metrics matching (repeatable)")] = None,
-    threshold: Annotated[list[str] | None, typer.Option(
-        "--threshold", metavar="PATTERN=PERCENT",
-        help="minimum relative effect for matching metrics, e.g. 'freeze_ms=30' "
-             "(repeatable; overrides the defaults in docs/results.md)")] = None,
-    alpha: Annotated[float, typer.Option(
-        help="significance level of the permutation test", min=1e-6, max=0.5)] = 0.01,
+    threshold: ThresholdOption = None,
+    alpha: AlphaOption = 0.01,
     json_out: JsonOption = False,
 ) -> None:
     """Compare two sets of stored runs metric by metric; exit 1 if any metric regressed.
