@@ -105,6 +105,10 @@ def _mib(value: int | None) -> str:
     return "an unknown amount" if value is None else f"{value / MIB:.0f} MiB"
 
 
+# Where the amounts in a statement come from.
+_AMOUNTS = " (amounts: the source's last query-migrate, ram.transferred and ram.remaining)"
+
+
 def _dead_side(error: MigratorError | None) -> str | None:
     """``src`` or ``dst`` when the error is that QEMU dying (or its QMP dropping)."""
     if isinstance(error, QemuError) and error.name in ("src", "dst"):
@@ -150,7 +154,7 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
     elif dead == "dst":
         where = (f"the destination QEMU, which ran the guest (its CPU and device state and "
                  f"{_mib(received)} of memory received), is gone; the source holds only a "
-                 "copy of memory as it was at the switch: the VM is lost")
+                 "copy of memory as it was at the switch: the VM is lost" + _AMOUNTS)
     elif situation.completed:
         where = ("the migration had completed and the guest ran on the destination with all "
                  "its memory; the run failed after that")
@@ -160,10 +164,10 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
     elif dead == "src":
         where = (f"the source QEMU, the only holder of {_mib(remaining)} of guest memory not "
                  "yet sent, is gone; the destination holds the guest's CPU state and the "
-                 "rest: the VM is lost")
+                 "rest: the VM is lost" + _AMOUNTS)
     else:
         where = (f"the guest's CPU state is on the destination and {_mib(remaining)} of its "
-                 "memory only on the source; once both stop, the VM is lost")
+                 "memory only on the source; once both stop, the VM is lost" + _AMOUNTS)
     return Outcome.FAILED_AFTER_SWITCHOVER, f"failed after switchover: {error}; {where}"
 
 

@@ -214,6 +214,7 @@ def test_every_outcome_has_its_statement() -> None:
     assert outcome is Outcome.FAILED_AFTER_SWITCHOVER
     assert "300 MiB" in said
     assert "the VM is lost" in said
+    assert "amounts: the source's last query-migrate" in said  # each number names its source
     outcome, said = describe(Situation(switched=True, recoveries=1, error=dead_src,
                                        source_remaining_bytes=64 << 20))
     assert "64 MiB of guest memory not yet sent" in said
