@@ -76,8 +76,15 @@ async def finish_even_if_cancelled(work: Awaitable[T]) -> T:
     For what must not be left half done: undoing a fault, reconnecting for clean-up.
     """
     task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # However often: a task group's cancel and then asyncio.run's own at exit.
+            interrupted = True
+    if interrupted:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    return task.result()

@@ -660,22 +660,18 @@ class SSHHost(Host):
         """A remote file's bytes, block by block, until EOF.
 
         Until EOF rather than a stat'ed size: /proc and sysfs files report a size
-        (0, 4096) that is not theirs.  Each block's read finishes even if the
-        caller is cancelled meanwhile (e.g. a QEMU's stderr being read as the run
-        fails): asyncssh splits a read into parallel requests and abandons them
-        when cancelled, and the abandoned ones end in "Task exception was never
+        (0, 4096) that is not theirs.  One plain request per block (``block_size=0``):
+        asyncssh otherwise splits each read into parallel request tasks, which it
+        abandons when the read is cancelled (a QEMU's stderr is often being read as a
+        run fails), and the abandoned ones end in "Task exception was never
         retrieved" tracebacks at exit.
         """
         sftp = await self._sftp_client()
         with self._translate(what):
-            async with sftp.open(str(path), "rb") as remote:
+            async with sftp.open(str(path), "rb", block_size=0) as remote:
                 offset = 0
-                while True:
-                    # Opened in binary mode ("rb"): reads return bytes.
-                    chunk = cast(bytes, await finish_even_if_cancelled(
-                        remote.read(COPY_BLOCK, offset)))
-                    if not chunk:
-                        return
+                # Opened in binary mode ("rb"): reads return bytes; b"" at EOF.
+                while chunk := cast(bytes, await remote.read(COPY_BLOCK, offset)):
                     yield chunk
                     offset += len(chunk)
 

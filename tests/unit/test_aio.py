@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from migrator.aio import background, first_error, guarded
+from migrator.aio import background, finish_even_if_cancelled, first_error, guarded
 from migrator.errors import QemuExitedError
 
 
@@ -64,3 +64,19 @@ def test_first_error_skips_cancellations() -> None:
     group = BaseExceptionGroup("g", [asyncio.CancelledError(), ValueError("real")])
     assert isinstance(first_error(group), ValueError)
     assert isinstance(first_error(KeyError("k")), KeyError)
+
+
+async def test_finish_even_if_cancelled_survives_repeated_cancellation() -> None:
+    finished: list[str] = []
+
+    async def undo() -> None:
+        await asyncio.sleep(0.05)
+        finished.append("undone")
+
+    caller = asyncio.create_task(finish_even_if_cancelled(undo()))
+    for _ in range(3):  # a task group's cancel, then asyncio.run's own, and more
+        await asyncio.sleep(0.005)
+        caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert finished == ["undone"]
