@@ -8,7 +8,6 @@ where the CLI runs, and that nothing is left on either host.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -18,8 +17,7 @@ from typing import Any
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.events import read_jsonl
-from migrator.runner import run_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import once_more_if_tcg_crashed, run_migration, scenario
 from tests.integration.sshhosts import SSHTestbed
 from tests.integration.test_interrupt import POOL, qemu_processes_mentioning
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
@@ -48,19 +46,23 @@ def marks(run_dir: Path, what: str) -> list[dict[str, Any]]:
 
 
 def run_in_process(spec: Scenario, runs_root: Path) -> Path:
-    return asyncio.run(run_scenario(spec, runs_root)).path
+    return run_migration(spec, runs_root).path
 
 
 def run_cli(tmp_path: Path, spec: Scenario) -> tuple[subprocess.CompletedProcess[str], Path]:
     """``migrator run`` in a child process; returns it and the run directory."""
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(dump_scenario(spec))
-    runs = tmp_path / "runs"
-    done = subprocess.run(
-        [sys.executable, "-m", "migrator", "run", str(spec_file), "--runs-dir", str(runs)],
-        capture_output=True, text=True, timeout=600, check=False)
-    [run_dir] = runs.iterdir()
-    return done, run_dir
+
+    def attempt(number: int) -> tuple[subprocess.CompletedProcess[str], Path]:
+        runs = tmp_path / f"runs-{number}"
+        done = subprocess.run(
+            [sys.executable, "-m", "migrator", "run", str(spec_file), "--runs-dir", str(runs)],
+            capture_output=True, text=True, timeout=600, check=False)
+        [run_dir] = runs.iterdir()
+        return done, run_dir
+
+    return once_more_if_tcg_crashed(attempt, lambda result: result[1])
 
 
 def one_error_line(stderr: str) -> str:

@@ -7,7 +7,6 @@ destination's smaps, which here show guest RAM mapped whole at PMD level.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -20,8 +19,7 @@ from migrator.hgm.detect import NOT_SUPPORTED
 from migrator.metrics.events import read_jsonl
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.terminal import render_report
-from migrator.runner import run_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import run_migration, scenario
 from tests.integration.test_cli_errors import assert_nothing_started, run_expecting_failure
 
 POOL_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
@@ -60,8 +58,8 @@ def test_require_fails_the_preflight_before_anything_boots(tmp_path: Path) -> No
 def test_auto_runs_without_hgm_and_samples_the_destination_mapping(runs_root: Path) -> None:
     # The conftest defaults: 512 MiB guest, 256 MiB working set, downtime_limit_ms = 1,
     # post-copy 0.3 s after migrate.
-    run = asyncio.run(run_scenario(
-        scenario("it-hgm-auto", vm={"backing": "hugetlb-2m", "hgm": "auto"}), runs_root))
+    run = run_migration(
+        scenario("it-hgm-auto", vm={"backing": "hugetlb-2m", "hgm": "auto"}), runs_root)
     meta = json.loads((run.path / "run.json").read_text())
     assert meta["outcome"] == "completed"
     hgm = meta["hgm"]

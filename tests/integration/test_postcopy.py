@@ -7,7 +7,6 @@ recorded ones.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +16,7 @@ import pytest
 from migrator.config import Scenario
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.schema import BlockFetch, Report
-from migrator.runner import run_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import run_migration, scenario
 
 MigrateFn = Callable[[str], tuple[Path, Report]]
 
@@ -40,7 +38,7 @@ def migrated(runs_root: Path) -> MigrateFn:
 
     def run(name: str) -> tuple[Path, Report]:
         if name not in done:
-            run_dir = asyncio.run(run_scenario(scenarios[name], runs_root))
+            run_dir = run_migration(scenarios[name], runs_root)
             report = build_report(run_dir.path)
             write_report(run_dir.path, report)
             done[name] = (run_dir.path, report)

@@ -20,7 +20,7 @@ from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.qemu.probe import probe_qemu
 from migrator.runner import run_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import run_migration, scenario
 
 
 def test_probe_reports_11_1_from_the_root(qemu_11_root: Path) -> None:
@@ -47,9 +47,9 @@ def test_a_missing_root_stops_the_run_at_preflight(runs_root: Path, tmp_path: Pa
 def test_postcopy_on_qemu_11_1_compares_its_latency_buckets_with_the_trace(
     qemu_11_root: Path, runs_root: Path,
 ) -> None:
-    run = asyncio.run(run_scenario(
+    run = run_migration(
         scenario("it-qemu-11", vm={"backing": "hugetlb-2m", "qemu_root": str(qemu_11_root)}),
-        runs_root))
+        runs_root)
     report = build_report(run.path)
     write_report(run.path, report)
     assert report.outcome == "completed"

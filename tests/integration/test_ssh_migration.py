@@ -12,7 +12,6 @@ host's processes are those ``ip netns pids`` lists.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import signal
@@ -29,8 +28,7 @@ import pytest
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.schema import Report
-from migrator.runner import run_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import run_migration, scenario
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 from tests.integration.test_cli_errors import migrator
 from tests.integration.test_interrupt import strike_mid_postcopy, wait_for
@@ -107,7 +105,7 @@ def ssh_migrate(ssh_testbed: SSHTestbed, runs_root: Path) -> Iterator[Callable[[
         if name not in done:
             spec = ssh_scenario(ssh_testbed, root, f"it-ssh-{name}", migration=variants[name])
             began = time.monotonic()
-            run_dir = asyncio.run(run_scenario(spec, runs_root)).path
+            run_dir = run_migration(spec, runs_root).path
             seconds = time.monotonic() - began
             report = build_report(run_dir)
             write_report(run_dir, report)

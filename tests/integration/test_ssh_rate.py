@@ -33,7 +33,7 @@ from migrator.hosts.hugepages import claimed_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.schema import Report
-from migrator.runner import run_scenario
+from tests.integration.conftest import run_migration
 from tests.integration.sshhosts import SSHTestbed, shaped_migration_link
 from tests.integration.test_postcopy import ram
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
@@ -93,7 +93,7 @@ def rate_run(ssh_testbed: SSHTestbed, runs_root: Path) -> Iterator[Callable[[str
         with shaping as link:
             before = link.sent_bytes() if link else None
             try:
-                run_dir = asyncio.run(run_scenario(spec, runs_root)).path
+                run_dir = run_migration(spec, runs_root).path
             except MigratorError as failed:
                 error = f"{type(failed).__name__}: {failed}"
                 run_dir = getattr(failed, "run_dir", None)

@@ -11,7 +11,6 @@ another name, stop the migration with one clear error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ import pytest
 from migrator.config import dump_scenario
 from migrator.metrics.summary import build_report
 from migrator.migration.tls import generate_credentials
-from migrator.runner import run_scenario
+from tests.integration.conftest import run_migration
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
 
@@ -109,7 +108,7 @@ def test_postcopy_over_tls_between_ssh_hosts(
 ) -> None:
     bed = ssh_testbed
     spec = ssh_scenario(bed, work_root, "it-ssh-tls", migration={"tls": {}})
-    run_dir = asyncio.run(run_scenario(spec, runs_root)).path
+    run_dir = run_migration(spec, runs_root).path
     flows = sniffer.stop()
     report = build_report(run_dir)
     assert report.outcome == "completed"

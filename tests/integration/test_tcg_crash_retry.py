@@ -1,0 +1,50 @@
+"""The integration tests' one retry after a guest kernel crash under TCG, and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import TcgGuestCrash, once_more_if_tcg_crashed, tcg_guest_crash
+
+RECORDED = Path(__file__).parents[1] / "data" / "recovery" / "link-down-twice"
+OOPS = "[    9.120000] kernel BUG at lib/list_debug.c:59!\n"
+
+
+def run_dir(tmp_path: Path, name: str, accel: str, dst_console: str) -> Path:
+    path = tmp_path / name
+    (path / "dst").mkdir(parents=True)
+    # A real run's run.json, with the accelerator it ran under replaced.
+    meta = json.loads((RECORDED / "run.json").read_text())
+    meta["accel"]["accel"] = accel
+    (path / "run.json").write_text(json.dumps(meta))
+    (path / "dst" / "serial.log").write_text("@MIG heartbeat 1\n" + dst_console)
+    return path
+
+
+def test_a_tcg_crash_is_named_with_its_side(tmp_path: Path) -> None:
+    crashed = run_dir(tmp_path, "a", "tcg", OOPS)
+    assert tcg_guest_crash(crashed) == "dst: kernel BUG at lib/list_debug.c:59!"
+
+
+@pytest.mark.parametrize(("accel", "console"), [("kvm", OOPS), ("tcg", "all well\n")])
+def test_no_retry_on_kvm_or_without_a_crash(tmp_path: Path, accel: str, console: str) -> None:
+    first = run_dir(tmp_path, "first", accel, console)
+    attempts: list[int] = []
+
+    def attempt(number: int) -> Path:
+        attempts.append(number)
+        return first
+
+    assert once_more_if_tcg_crashed(attempt, lambda path: path) == first
+    assert attempts == [0]
+
+
+def test_one_retry_after_a_tcg_crash_with_a_warning(tmp_path: Path) -> None:
+    runs = [run_dir(tmp_path, "first", "tcg", OOPS), run_dir(tmp_path, "second", "tcg", OOPS)]
+    with pytest.warns(TcgGuestCrash, match="first: the guest kernel crashed under TCG"):
+        result = once_more_if_tcg_crashed(lambda number: runs[number], lambda path: path)
+    # The second run is returned as it is: crashing again fails the test that reads it.
+    assert result == runs[1]
