@@ -85,6 +85,25 @@ def run_migration(spec: Scenario, runs_root: Path) -> RunDir:
     return result
 
 
+def bench_once_more_if_tcg_crashed(
+    bench: Callable[[list[str]], subprocess.CompletedProcess[str]], out: Path,
+) -> subprocess.CompletedProcess[str]:
+    """``bench([])``, then ``bench(["--resume"])`` if a failed run's guest crashed under TCG.
+
+    The resumed suite runs its failed runs again (see :func:`once_more_if_tcg_crashed`).
+    """
+    def crashed(done: subprocess.CompletedProcess[str]) -> Path | None:
+        if done.returncode == 0 or not (out / "suite.json").exists():
+            return None
+        runs = json.loads((out / "suite.json").read_text())["runs"].values()
+        failed = [out / run["run_dir"] for run in runs
+                  if run["status"] == "failed" and run["run_dir"]]
+        return next((path for path in failed if tcg_guest_crash(path)), None)
+
+    return once_more_if_tcg_crashed(lambda number: bench(["--resume"] if number else []),
+                                    crashed)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.path):

@@ -20,7 +20,7 @@ from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.qemu.probe import probe_qemu
 from migrator.runner import run_scenario
-from tests.integration.conftest import run_migration, scenario
+from tests.integration.conftest import bench_once_more_if_tcg_crashed, run_migration, scenario
 
 
 def test_probe_reports_11_1_from_the_root(qemu_11_root: Path) -> None:
@@ -111,8 +111,11 @@ def test_bench_compares_the_hosts_qemu_with_the_roots(qemu_11_root: Path,
     suite = tmp_path / "suite.toml"
     suite.write_text(SUITE.format(root=qemu_11_root))
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "migrator", "bench", str(suite), "--out",
-                           str(out)], capture_output=True, text=True, timeout=900, check=False)
+    done = bench_once_more_if_tcg_crashed(
+        lambda extra: subprocess.run(
+            [sys.executable, "-m", "migrator", "bench", str(suite), "--out", str(out), *extra],
+            capture_output=True, text=True, timeout=900, check=False),
+        out)
     state = json.loads((out / "suite.json").read_text())
     outcomes = {run_id: (record["status"], record["error"])
                 for run_id, record in state["runs"].items()}

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TcgGuestCrash, once_more_if_tcg_crashed, tcg_guest_crash
+from tests.integration.conftest import (
+    TcgGuestCrash,
+    bench_once_more_if_tcg_crashed,
+    once_more_if_tcg_crashed,
+    tcg_guest_crash,
+)
 
 RECORDED = Path(__file__).parents[1] / "data" / "recovery" / "link-down-twice"
 OOPS = "[    9.120000] kernel BUG at lib/list_debug.c:59!\n"
@@ -48,3 +54,21 @@ def test_one_retry_after_a_tcg_crash_with_a_warning(tmp_path: Path) -> None:
         result = once_more_if_tcg_crashed(lambda number: runs[number], lambda path: path)
     # The second run is returned as it is: crashing again fails the test that reads it.
     assert result == runs[1]
+
+
+def test_a_bench_is_resumed_once_after_a_tcg_crash(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    crashed = run_dir(out / "runs", "crashed", "tcg", OOPS)
+    state = {"runs": {"a": {"status": "done", "run_dir": "runs/fine"},
+                      "b": {"status": "failed", "run_dir": str(crashed.relative_to(out))}}}
+    (out / "suite.json").write_text(json.dumps(state))
+    calls: list[list[str]] = []
+
+    def bench(extra: list[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(extra)
+        return subprocess.CompletedProcess([], 1 if len(calls) == 1 else 0, "", "")
+
+    with pytest.warns(TcgGuestCrash, match="crashed: the guest kernel crashed"):
+        done = bench_once_more_if_tcg_crashed(bench, out)
+    assert calls == [[], ["--resume"]]
+    assert done.returncode == 0
