@@ -859,7 +859,9 @@ class TraceAnalyzer:
         g1 = words[name_pos + 8]
         postcopy = g0 == _const(b"postcopy")
 
-        loads: dict[tuple[int, int], U64] = {}
+        # Keyed by id(group); the group is kept in the value so that its id is not
+        # reused by a later group while this cache lives.
+        loads: dict[tuple[int, int], tuple[I64, U64]] = {}
 
         def verify(sel: I64, text: bytes) -> I64:
             """The lines of ``sel`` whose text from the name on starts with ``text``."""
@@ -869,8 +871,8 @@ class TraceAnalyzer:
                     # Candidates of one group share their loads.
                     key = (id(sel), i)
                     if key not in loads:
-                        loads[key] = words[name_pos[sel] + 8 * i]
-                    keep &= (loads[key] & mask) == value
+                        loads[key] = (sel, words[name_pos[sel] + 8 * i])
+                    keep &= (loads[key][1] & mask) == value
             return sel[keep]
 
         place_group = np.flatnonzero(postcopy & (g1 == _const(b"_place_p")))
