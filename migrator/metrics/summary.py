@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from migrator.errors import ArtifactError
 from migrator.metrics.events import MigrationEvents, PhaseTimeline, load_events
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.hgm import hgm_section
+from migrator.metrics.histogram import Histogram
 from migrator.metrics.latency_dist import compare_latency_dist
 from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
@@ -39,6 +41,8 @@ from migrator.rundir import atomic_write
 __all__ = ["build_report", "write_report"]
 
 TRACE_SOURCE = "dst QEMU trace: postcopy_ram_fault_thread_request -> postcopy_place_page"
+BACKLOG_SOURCE = ("dst QEMU trace: placements between postcopy_ram_fault_thread_request and "
+                  "the placement of its page")
 EVENTS_SOURCE = "QMP event timestamps (QEMU, host wall clock)"
 PROBE_SOURCE = "guest probe, guest CLOCK_MONOTONIC"
 OUTSIDE_SOURCE = "heartbeat arrival at the controller, host wall clock"
@@ -51,6 +55,18 @@ def _ms(ns: float | None) -> float | None:
 
 def _metric(value: float | int | None, unit: str, source: str) -> Metric:
     return Metric(value=value, unit=unit, source=source)
+
+
+def _quantiles(hist: Histogram, percentiles: tuple[float, ...], unit: str, source: str,
+               scale: Callable[[float | None], float | None] | None = None) -> dict[str, Metric]:
+    """``p<N>`` for each percentile, then ``max``, of a histogram (values scaled to ``unit``)."""
+    def value(v: int | None) -> float | int | None:
+        return v if scale is None else scale(v)
+
+    out = {f"p{p:g}": _metric(value(v), unit, source)
+           for p, v in hist.percentiles(percentiles).items()}
+    out["max"] = _metric(value(hist.max), unit, source)
+    return out
 
 
 def _compare(quantity: str, a: Metric, b: Metric, note: str = "") -> Comparison:
@@ -66,19 +82,16 @@ def _fetch(analysis: TraceAnalysis) -> list[BlockFetch]:
         if not block.faults and not block.pages_placed:
             continue
         hist = block.latency
-        pct = hist.percentiles((50, 90, 99, 99.9))
-        latency = {
-            f"p{p:g}": _metric(_ms(v), "ms", TRACE_SOURCE) for p, v in pct.items()
-        }
-        latency["max"] = _metric(_ms(hist.max), "ms", TRACE_SOURCE)
+        latency = _quantiles(hist, (50, 90, 99, 99.9), "ms", TRACE_SOURCE, _ms)
         latency["mean"] = _metric(_ms(hist.mean), "ms", TRACE_SOURCE)
+        backlog = _quantiles(block.backlog, (50, 90), "placements", BACKLOG_SOURCE)
         blocks.append(BlockFetch(
             ramblock=block.name, page_size=block.page_size, faults=block.faults,
             resolved=block.resolved, unresolved=block.unresolved,
             pages_placed_requested=block.pages_requested,
             pages_placed_background=block.pages_background, zero_pages=block.zero_pages,
             placement_granularity=block.placement_granularity, latency_ms=latency,
-            histogram=hist.to_dict(),
+            backlog_placements=backlog, histogram=hist.to_dict(),
         ))
     blocks.sort(key=lambda b: -b.faults)
     return blocks

@@ -40,7 +40,11 @@ counted (``late_events``).  A fault request is resolved by the first
 placement, in time order, of the host page that contains its HVA; the host
 page size is the RAMBlock's (from ``info ramblock``), and since QEMU maps every
 RAMBlock at an address aligned to its page size the page is ``HVA`` rounded
-down to it.  Latency is placement time minus request time.  A request whose
+down to it.  Latency is placement time minus request time; the backlog of a
+request is the number of placement lines (of any block known when they are
+matched; placements held back, see below, are not counted) in time order
+strictly between it and the placement that resolved it: pages already queued
+in the migration stream ahead of the requested one.  A request whose
 page was placed before it (the fault raced the page), a second request while
 one is outstanding (a duplicate, still resolved with its own latency), a
 request never resolved (trace cut short) and a placement nobody asked for
@@ -316,7 +320,10 @@ class BlockAnalysis:
     ``placement_granularity`` is the largest power of two dividing every placed
     offset within the block, capped at ``page_size`` (``None`` before any
     placement): a HGM run that fetched 4 KiB pieces of huge pages shows 4096.
-    ``latency`` holds one sample (ns) per resolved request.
+    ``latency`` holds one sample (ns) per resolved request; ``backlog`` one
+    sample per resolved request too: how many placements (of any known block)
+    came between the request and the placement that resolved it, i.e. how much
+    of the migration stream was queued ahead of the requested page.
     ``negative_latencies`` can only come from events later than the reorder
     window (see ``TraceAnalysis.late_events``); they are recorded as 0.
     ``first_event_ns``/``last_event_ns``: earliest and latest time of a request
@@ -342,13 +349,15 @@ class BlockAnalysis:
     duplicate_placements: int
     placement_granularity: int | None
     latency: Histogram
+    backlog: Histogram
     first_event_ns: int | None
     last_event_ns: int | None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        out = {k: v for k, v in self.__dict__.items() if k != "latency"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("latency", "backlog")}
         out["latency"] = self.latency.to_dict()
+        out["backlog"] = self.backlog.to_dict()
         return out
 
 
@@ -446,6 +455,7 @@ class _Block:
     first_ns: int | None = None
     last_ns: int | None = None
     latency: Histogram = field(default_factory=lambda: Histogram("ns"))
+    backlog: Histogram = field(default_factory=lambda: Histogram("placements"))
 
     @property
     def unit(self) -> int:
@@ -492,7 +502,10 @@ class _Lines:
 
 @dataclass
 class _Waiters:
-    """Outstanding fault requests (kind 0) and vCPU blocktime begins (kind 1)."""
+    """Outstanding fault requests (kind 0) and vCPU blocktime begins (kind 1).
+
+    ``placements_before``: how many known placements were matched before each.
+    """
 
     hva: U64
     block: I64
@@ -500,6 +513,7 @@ class _Waiters:
     kind: npt.NDArray[np.int8]
     cpu: I64
     pid: I64
+    placements_before: I64
 
     @classmethod
     def empty(cls) -> _Waiters:
@@ -508,6 +522,7 @@ class _Waiters:
             np.zeros(0, np.int64),
             np.zeros(0, np.int64),
             np.zeros(0, np.int8),
+            np.zeros(0, np.int64),
             np.zeros(0, np.int64),
             np.zeros(0, np.int64),
         )
@@ -611,6 +626,8 @@ class TraceAnalyzer:
         self._reindex()
         self._carry = b""
         self._waiters = _Waiters.empty()
+        # Placements of known blocks matched so far (the backlog's running count).
+        self._placements_matched = 0
         self._buffered: list[tuple[U64, I64, Bools]] = []
         self._buffered_count = 0
         self._dropped_placements = 0
@@ -1251,6 +1268,14 @@ class TraceAnalyzer:
         w_cpu = np.concatenate([carried.cpu, np.full(n_req, -1, np.int64), found.begin_cpu[bok]])
         w_pid = np.concatenate([carried.pid, found.req_pid[ok], np.full(n_beg, -1, np.int64)])
         is_new = w_pos > 0
+        # Backlog ordinals: ahead[x] = known placements of this round ranked at or
+        # before x; on top of self._placements_matched of earlier rounds.
+        ahead = np.zeros(all_ts.size + 1, dtype=np.int64)
+        ahead[p_pos] = 1
+        np.cumsum(ahead, out=ahead)
+        w_before = np.concatenate(
+            [carried.placements_before, self._placements_matched + ahead[w_pos[len(carried) :]]]
+        )
 
         w_units = self._units(w_hva, w_blk) if w_hva.size else np.zeros(0, np.int64)
         # Placed before the request: in an earlier chunk (the map as it is now) ...
@@ -1292,6 +1317,10 @@ class TraceAnalyzer:
         latency = placed_ns - w_ts[r]
         negative = latency < 0
         latency = np.maximum(latency, 0)
+        # Placements strictly between the request and its page: ordinal of the page
+        # (known placements ranked before it) minus those ranked before the request.
+        backlog = self._placements_matched + ahead[p_pos[placed_at]] - 1 - w_before[r]
+        self._placements_matched += int(p_pos.size)
         r_blk = w_blk[r]
         for b in _present(r_blk):
             sel = r_blk == b
@@ -1299,6 +1328,7 @@ class TraceAnalyzer:
             block.resolved += int(np.count_nonzero(sel))
             block.negative_latencies += int(np.count_nonzero(negative & sel))
             block.latency.record_many(latency[sel])
+            block.backlog.record_many(backlog[sel])
         # Pages whose placement resolved at least one request.
         if r.size:
             first_use = np.zeros(p_blk.size, dtype=np.bool_)
@@ -1325,6 +1355,7 @@ class TraceAnalyzer:
             w_kind[pending],
             w_cpu[pending],
             w_pid[pending],
+            w_before[pending],
         )
         return FaultBatch(
             block_names=tuple(b.name for b in self._blocks),
@@ -1479,6 +1510,7 @@ class TraceAnalyzer:
                     duplicate_placements=blk.placements - blk.pages_placed,
                     placement_granularity=gran,
                     latency=blk.latency,
+                    backlog=blk.backlog,
                     first_event_ns=blk.first_ns,
                     last_event_ns=blk.last_ns,
                 )

@@ -643,26 +643,40 @@ def headline_tables(report: Report, sources: Sources) -> list[Table]:
     return tables
 
 
+def _backlog_cell(backlog: dict[str, Metric], sources: Sources) -> Cell:
+    """``p50 / max`` placements queued ahead of a requested page, citing their source."""
+    p50, top = backlog.get("p50"), backlog.get("max")
+    # No faults, or a report written before the backlog existed.
+    if p50 is None or top is None or top.value is None:
+        return Cell("-", numeric=True)
+    return Cell(f"{_value(p50.value)} / {_value(top.value)}", sources.cite(top.source),
+                top.source, numeric=True)
+
+
 def fetch_table(report: Report, sources: Sources) -> Table:
     """Per-RAMBlock fetch latency percentiles and page counts."""
     keys = ("p50", "p90", "p99", "p99.9", "max", "mean")
     table = Table("Fetch latency per RAMBlock, ms", [
         "RAMBlock", "page", "faults", "resolved", "unresolved", *keys,
-        "placed (requested / background / zero)", "placed at", "src"], anchor="fetch")
+        "backlog p50 / max, placements", "placed (requested / background / zero)", "placed at",
+        "src"], anchor="fetch")
     for block in report.fetch:
         any_metric = block.latency_ms.get("max")
+        # Cited before the backlog's source, so the latency's footnote comes first.
+        src = Cell("") if any_metric is None else Cell("", sources.cite(any_metric.source),
+                                                       any_metric.source)
         table.rows.append([
             Cell(block.ramblock), Cell(_size(block.page_size)),
             *(Cell(_value(v), numeric=True)
               for v in (block.faults, block.resolved, block.unresolved)),
             *(Cell(_value(block.latency_ms[k].value if k in block.latency_ms else None),
                    numeric=True) for k in keys),
+            _backlog_cell(block.backlog_placements, sources),
             Cell(f"{block.pages_placed_requested:,} / {block.pages_placed_background:,} / "
                  f"{block.zero_pages:,}", numeric=True),
             Cell("-" if block.placement_granularity is None
                  else _size(block.placement_granularity)),
-            Cell("") if any_metric is None else Cell("", sources.cite(any_metric.source),
-                                                     any_metric.source),
+            src,
         ])
     if not report.fetch:
         table.note = "no destination trace in this run"

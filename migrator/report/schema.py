@@ -77,7 +77,12 @@ class Stall(_Model):
 
 
 class BlockFetch(_Model):
-    """Per-page fetch latency of one RAMBlock (destination QEMU trace)."""
+    """Per-page fetch latency of one RAMBlock (destination QEMU trace).
+
+    ``backlog_placements`` (p50, p90, max) tells queueing from page-size cost:
+    how many pages were placed after a request and before its own page, i.e.
+    were queued ahead of it in the migration stream.
+    """
 
     ramblock: str
     page_size: int
@@ -89,6 +94,10 @@ class BlockFetch(_Model):
     zero_pages: int
     placement_granularity: int | None
     latency_ms: dict[str, Metric]
+    # Optional so that report.json files written before it existed still load.
+    backlog_placements: dict[str, Metric] = Field(
+        default_factory=dict,
+        description="placements between a fault request and the placement of its page")
     histogram: dict[str, Any]
 
 

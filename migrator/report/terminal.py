@@ -87,15 +87,19 @@ def render_report(report: Report, console: Console) -> None:
         cite = sources.cite(report.fetch[0].latency_ms["max"])
         table = Table(title=f"Per-page fetch latency, ms {cite}", title_justify="left",
                       show_edge=False)
+        # Reports written before the backlog existed have none.
+        ahead = report.fetch[0].backlog_placements.get("max")
+        backlog = f"backlog p50/max {sources.cite(ahead)}" if ahead else "backlog p50/max"
         for column in ("ramblock", "page", "faults", "p50", "p90", "p99", "p99.9", "max",
-                       "placed at"):
+                       backlog, "placed at"):
             table.add_column(column, justify="right" if column != "ramblock" else "left")
         faulted = [block for block in report.fetch if block.faults]
         for block in faulted:
-            lat = block.latency_ms
+            lat, queued = block.latency_ms, block.backlog_placements
             table.add_row(
                 block.ramblock, _size(block.page_size), f"{block.faults:,}",
                 *(_num(lat.get(k)) for k in ("p50", "p90", "p99", "p99.9", "max")),
+                f"{_num(queued.get('p50'))} / {_num(queued.get('max'))}",
                 _size(block.placement_granularity) if block.placement_granularity else "-",
             )
         console.print(table)

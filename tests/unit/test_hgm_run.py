@@ -406,10 +406,10 @@ def test_the_terminal_shows_a_short_hgm_block(hgm_1g_run: Path) -> None:
     render_report(build_report(hgm_1g_run), console)
     printed = console.export_text()
     assert "HGM enabled (hgm = require): hgm = require: test" in printed
-    assert ("ram0 (1 GiB pages): whole pages, placed at 1 GiB over 1 placement [2] NOT as "
+    assert ("ram0 (1 GiB pages): whole pages, placed at 1 GiB over 1 placement [3] NOT as "
             "decided") in printed
     # The shifted samples fall into the recorded run's 1.4 s freeze and the settle after it.
-    assert ("guest RAM mapping, 15 of 16 samples [3]: NOT-FOUND (freeze) -> UNMAPPED "
+    assert ("guest RAM mapping, 15 of 16 samples [4]: NOT-FOUND (freeze) -> UNMAPPED "
             "(freeze) -> PUD (freeze) -> UNMAPPED (freeze) -> PTE (freeze->settle) -> "
             "PUD (settle), 1,048,576 KiB mapped at the end") in printed
     assert "split/collapse: collapsed 150.003 ms after completion (+/- 100.002 ms)" in printed

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from migrator.cli.main import app
 from migrator.errors import ArtifactError
 from migrator.guest.crash import kernel_crash
+from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.summary import build_report, write_report
+from migrator.metrics.trace import analyze_trace
+from migrator.report.html import Sources, fetch_table
 from migrator.report.schema import Report
+from migrator.report.terminal import render_report
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 
@@ -61,6 +67,7 @@ def test_every_metric_names_its_source_and_unit() -> None:
     metrics = [*report.timings.values(), *report.transfer.values(), *report.blocktime.values()]
     for block in report.fetch:
         metrics += block.latency_ms.values()
+        metrics += block.backlog_placements.values()
     assert metrics
     for metric in metrics:
         assert metric.unit
@@ -76,6 +83,45 @@ def test_2m_report_resolves_faults_on_2m_pages() -> None:
     p50 = ram.latency_ms["p50"].value
     assert p50 is not None
     assert p50 > 0.1  # a 2 MiB fetch is never sub-100 us here
+
+
+def _terminal(report: Report) -> str:
+    console = Console(record=True, width=140, force_terminal=False)
+    render_report(report, console)
+    return console.export_text()
+
+
+def test_fetch_has_the_backlog_ahead_of_each_request() -> None:
+    """Placements between a request and its page: queueing, told apart from page size."""
+    run = RUNS / "hugetlb-2m"
+    report = build_report(run)
+    ram = next(b for b in report.fetch if b.ramblock == "ram0")
+    backlog = ram.backlog_placements
+    assert list(backlog) == ["p50", "p90", "max"]
+    for metric in backlog.values():
+        assert metric.unit == "placements"
+        assert metric.source.startswith("dst QEMU trace: placements between ")
+    hist = analyze_trace(run / "dst" / "trace.log",
+                         load_ramblocks(run / "dst" / "ramblocks.txt")).block("ram0").backlog
+    assert hist.count == ram.resolved
+    assert (backlog["p50"].value, backlog["max"].value) == (hist.quantile(0.5), hist.max)
+    p50, top = backlog["p50"].value, backlog["max"].value
+    assert "backlog p50/max" in _terminal(report)
+    assert f"{p50} / {top}" in _terminal(report)
+    cells = [cell.text for row in fetch_table(report, Sources()).rows for cell in row]
+    assert f"{p50} / {top}" in cells
+
+
+def test_reports_written_before_the_backlog_still_load_and_render() -> None:
+    old = json.loads(build_report(RUNS / "hugetlb-2m").model_dump_json())
+    for block in old["fetch"]:
+        del block["backlog_placements"]
+    report = Report.model_validate(old)
+    assert all(block.backlog_placements == {} for block in report.fetch)
+    assert "- / -" in _terminal(report)
+    table = fetch_table(report, Sources())
+    column = table.columns.index("backlog p50 / max, placements")
+    assert {row[column].text for row in table.rows} == {"-"}
 
 
 def test_rebuild_is_deterministic_and_round_trips(run_copy: Path) -> None:

@@ -13,7 +13,7 @@ import io
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,7 @@ class RefBlock:
     placed: set[int] = field(default_factory=set)
     c: dict[str, int] = field(default_factory=dict)
     lat: list[int] = field(default_factory=list)
+    backlog: list[int] = field(default_factory=list)
     times: list[int] = field(default_factory=list)
     offsets_or: int = 0
     any_place: bool = False
@@ -169,6 +170,7 @@ class Reference:
             blk = RefBlock(rb.name, rb.page_size, True, rb.hva, rb.used)
             self.blocks[rb.name] = blk
         self.pending: list[dict[str, Any]] = []  # waiters in arrival order
+        self.placed_lines = 0  # placement lines of known blocks so far, in time order
         self.buffered: list[tuple[int, int, bool]] = []
         self.cpu_level: dict[int, int] = {}
         self.cpu_last: dict[int, int] = {}
@@ -211,7 +213,7 @@ class Reference:
             keep = []
             for addr, ts, zero in self.buffered:
                 if self.lookup(addr) is not None:
-                    self.placement(addr, ts, zero)
+                    self.placement(addr, ts, zero, held_back=True)
                 else:
                     keep.append((addr, ts, zero))
             self.buffered = keep
@@ -253,7 +255,9 @@ class Reference:
             for w in self.pending
         ):
             b.inc("duplicate_requests")
-        self.pending.append({"kind": "req", "block": b, "hva": hva, "ts": ts})
+        self.pending.append(
+            {"kind": "req", "block": b, "hva": hva, "ts": ts, "before": self.placed_lines}
+        )
 
     def do_begin(self, addr: int, cpu: int, ts: int) -> None:
         b = self.lookup(addr)
@@ -274,12 +278,15 @@ class Reference:
     def do_placement(self, addr: int, ts: int, zero: bool) -> None:
         self.placement(addr, ts, zero)
 
-    def placement(self, addr: int, ts: int, zero: bool) -> None:
+    def placement(self, addr: int, ts: int, zero: bool, *, held_back: bool = False) -> None:
+        """One placement line; held-back ones (flushed by set_base) are in no backlog."""
         b = self.lookup(addr)
         if b is None:
             self.buffered.append((addr, ts, zero))
             return
         assert b.base is not None
+        ahead = self.placed_lines
+        self.placed_lines += not held_back
         k = self.key(b, addr)
         b.inc("placements")
         b.times.append(ts)
@@ -300,6 +307,7 @@ class Reference:
                     if lat < 0:
                         b.inc("negative")
                     b.lat.append(max(lat, 0))
+                    b.backlog.append(ahead - w["before"])
                     b.requested_pages.add(k)
                 else:
                     self.sweep(w["cpu"], ts, -1)
@@ -376,6 +384,15 @@ class Reference:
                 self.malformed += 1 if rest.startswith(("postcopy_", "mark_postcopy_")) else 0
             else:
                 self.ignored[e[1]] = self.ignored.get(e[1], 0) + 1
+
+    def backlogs(self) -> dict[str, Any]:
+        """Per block, the backlog histogram (placements ahead of each resolved request)."""
+        out = {}
+        for b in self.blocks.values():
+            hist = Histogram("placements")
+            hist.record_many(b.backlog)
+            out[b.name] = hist.to_dict()
+        return out
 
     def summary(self) -> dict[str, Any]:
         blocks = {}
@@ -454,7 +471,12 @@ def summarise(a: TraceAnalysis) -> dict[str, Any]:
     }
 
 
-def reference(text: str, blocks: list[RamBlock], subpage: str = "never") -> dict[str, Any]:
+def backlogs(a: TraceAnalysis) -> dict[str, Any]:
+    """The analyser's backlog histograms in the reference model's shape."""
+    return {b.name: b.backlog.to_dict() for b in a.blocks}
+
+
+def run_reference(text: str, blocks: list[RamBlock], subpage: str = "never") -> Reference:
     ref = Reference(blocks, subpage)
     lines = text.split("\n")
     for line in lines[:-1]:  # the last piece has no newline: torn or empty
@@ -462,14 +484,22 @@ def reference(text: str, blocks: list[RamBlock], subpage: str = "never") -> dict
     if lines[-1].strip():
         ref.malformed += 1
     ref.run()
-    return ref.summary()
+    return ref
+
+
+def reference(text: str, blocks: list[RamBlock], subpage: str = "never") -> dict[str, Any]:
+    return run_reference(text, blocks, subpage).summary()
 
 
 # ---------------------------------------------------------------------------
 # Random traces full of edge cases
 
 
-def random_trace(seed: int, fmt: str, n: int = 3000) -> tuple[str, list[RamBlock]]:
+def random_trace(
+    seed: int, fmt: str, n: int = 3000, *, known_bases: bool = False
+) -> tuple[str, list[RamBlock]]:
+    """A trace and its info ramblock; ``known_bases``: the same trace, every block's
+    address known from the start (info ramblock with HVAs, "ghost" included)."""
     rng = random.Random(seed)
     # ram0 (4 KiB, base from info ramblock HVA), huge (2 MiB, base from a request),
     # vram (4 KiB, base from postcopy_init_range), rom (never known: held back),
@@ -554,6 +584,9 @@ def random_trace(seed: int, fmt: str, n: int = 3000) -> tuple[str, list[RamBlock
     text = t.text()
     if rng.random() < 0.5:
         text += head72(t.us + 1) + "postcopy_place_page host=0x7f00"  # torn last line
+    if known_bases:
+        blocks = [replace(rb, hva=bases[rb.name]) for rb in blocks]
+        blocks.append(RamBlock("ghost", KIB4, 4 << 30, 8 * KIB4, 8 * KIB4, hva=bases["ghost"]))
     return text, blocks
 
 
@@ -584,6 +617,30 @@ def test_matches_reference_model_resolving_4k_pieces(seed: int) -> None:
     text, blocks = random_trace(100 + seed, "72")
     expected = reference(text, blocks, subpage="always")
     assert summarise(analyse(text, blocks, subpage="always")) == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fmt", ["72", "iso"])
+def test_backlog_matches_reference_model(seed: int, fmt: str) -> None:
+    """Backlogs of random traces, whole and in pieces matched over many rounds.
+
+    Every block is known from the start: a placement held back until its block
+    is known is in no backlog, and the analyser knows a block from the chunk of
+    trace that names it, the model only from that line on.  A 20 us reorder
+    window releases events every few lines, so requests wait across rounds.
+    """
+    text, blocks = random_trace(seed, fmt, known_bases=True)
+    ref = run_reference(text, blocks)
+    expected = (ref.summary(), ref.backlogs())
+    whole = analyse(text, blocks, subpage="never")
+    pieces = feed_in_pieces(
+        text, blocks, seed, subpage="never", chunk_size=4096, reorder_window_ns=20_000
+    )
+    for a in (whole, pieces):
+        assert (summarise(a), backlogs(a)) == expected
+    ram0 = whole.block("ram0")
+    assert ram0.backlog.count == ram0.resolved > 0
+    assert ram0.backlog.max
 
 
 def test_random_traces_exercise_the_edge_cases() -> None:
@@ -846,10 +903,63 @@ def test_lines_are_matched_in_time_order() -> None:
     t.add(request(RAM + 0x1000, "ram0", 0x1000, 1), dt=-6)  # ... but stamped 6 us later
     t.add(request(RAM + 0x2000, "ram0", 0x2000, 1), dt=20)
     t.add(place(RAM + 0x2000), dt=-4)  # placed before that request was stamped
+    t.add(request(RAM + 0x3000, "ram0", 0x3000, 1), dt=30)
+    t.add(place(RAM + 0x3000), dt=6)
+    t.add(place(RAM + 0x8000), dt=-3)  # written after that page, stamped before it: ahead
+    t.add(place(RAM + 0x9000), dt=-7)  # stamped before the request: not ahead of it
     ram0 = analyse(t.text(), BLOCKS).block("ram0")
-    assert (ram0.faults, ram0.resolved, ram0.already_placed) == (2, 1, 1)
+    assert (ram0.faults, ram0.resolved, ram0.already_placed) == (3, 2, 1)
     assert ram0.latency.max == 6000
     assert ram0.negative_latencies == 0
+    assert [(b.lower, b.count) for b in ram0.backlog.buckets()] == [(0, 1), (1, 1)]
+
+
+# Blocks with their addresses known from the start (info ramblock of newer QEMU).
+KNOWN = [replace(BLOCKS[0], hva=RAM), replace(BLOCKS[1], hva=HUGE)]
+
+
+def backlog_trace() -> str:
+    """Requests answered after 3, 1 and 0 other placements, one already placed."""
+    t = Trace()
+    t.add(request(RAM + 0x1000, "ram0", 0x1000, 11))
+    t.add(place(RAM + 0x5000), dt=5)
+    t.add(request(RAM + 0x5000, "ram0", 0x5000, 12))  # already placed: no sample
+    t.add(place(HUGE), dt=5)  # a page of another block is ahead too
+    t.add(request(RAM + 0x1000, "ram0", 0x1000, 12))  # a duplicate: 1 placement ahead
+    t.add(place(RAM + 0x6000, zero=True), dt=5)
+    t.add(place(RAM + 0x1000), dt=5)  # 3 placements came before the first request's page
+    t.add(request(RAM + 0x2000, "ram0", 0x2000, 11), dt=5)
+    t.add(place(RAM + 0x2000), dt=5)  # answered at once
+    t.add(place(RAM + 0x7000), dt=5)  # after every page asked for: in no backlog
+    return t.text()
+
+
+def test_backlog_counts_placements_ahead_of_the_page() -> None:
+    a = analyse(backlog_trace(), KNOWN)
+    ram0 = a.block("ram0")
+    assert (ram0.resolved, ram0.already_placed, ram0.duplicate_requests) == (3, 1, 1)
+    assert [(b.lower, b.count) for b in ram0.backlog.buckets()] == [(0, 1), (1, 1), (3, 1)]
+    assert (ram0.backlog.unit, ram0.backlog.min, ram0.backlog.max) == ("placements", 0, 3)
+    assert a.block("mem-huge").backlog.count == 0
+    assert Histogram.from_dict(a.to_dict()["blocks"][0]["backlog"]) == ram0.backlog
+
+
+def test_backlog_of_requests_carried_between_rounds() -> None:
+    """Without a reorder window every piece is matched on its own: requests wait
+    for their pages across rounds and keep the count of placements before them."""
+    text = backlog_trace().encode()
+    whole = analyse(text, KNOWN).block("ram0").backlog
+    an = TraceAnalyzer(KNOWN, reorder_window_ns=0)
+    resolved_at: list[int] = []
+    for i, line in enumerate(text.splitlines(keepends=True)):
+        resolved_at += [i] * len(an.feed(line))
+    assert resolved_at == [6, 6, 8]  # the first request waited 6 rounds
+    assert an.finish().block("ram0").backlog == whole
+    for cut in range(1, len(text)):
+        an = TraceAnalyzer(KNOWN, reorder_window_ns=0)
+        an.feed(text[:cut])
+        an.feed(text[cut:])
+        assert an.finish().block("ram0").backlog == whole, cut
 
 
 def test_events_later_than_the_reorder_window() -> None:
