@@ -91,11 +91,20 @@ def test_samples_cover_both_sides(migrated: MigrateFn) -> None:
 
 
 def test_huge_pages_fetch_slower_than_small_ones(migrated: MigrateFn) -> None:
-    small = ram(migrated("memfd-4k")[1]).latency_ms["p50"].value
-    huge = ram(migrated("hugetlb-2m")[1]).latency_ms["p50"].value
-    assert small is not None
-    assert huge is not None
-    assert huge > small
+    small = ram(migrated("memfd-4k")[1])
+    huge = ram(migrated("hugetlb-2m")[1])
+    small_ms, huge_ms = small.latency_ms["p50"].value, huge.latency_ms["p50"].value
+    queued = small.backlog_placements["p50"].value
+    assert small_ms is not None
+    assert huge_ms is not None
+    assert queued is not None
+    # A request waits behind the pages already queued in the stream. Usually none are
+    # (0-1 placements ahead, p50 ~20 us), but on a busy 2-core host the destination
+    # sometimes falls behind for a whole run and each 4 KiB request waits behind ~1000
+    # pages (measured by hand: p50 4.5 ms and 8.5 ms in 2 of 22 runs, with and without
+    # a post-copy bandwidth cap). Then the latency measures the queue, not the page
+    # size, and the report must say so.
+    assert huge_ms > small_ms or queued >= 64, (small_ms, huge_ms, queued)
 
 
 def test_1g_page_fault_once_and_freeze_dwarfs_downtime(migrated: MigrateFn) -> None:
