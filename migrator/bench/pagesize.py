@@ -83,6 +83,13 @@ def _latency(name: str) -> Callable[[Report, BlockFetch | None], float | None]:
     return read
 
 
+def _backlog(name: str) -> Callable[[Report, BlockFetch | None], float | None]:
+    def read(_report: Report, block: BlockFetch | None) -> float | None:
+        metric = block.backlog_placements.get(name) if block else None
+        return None if metric is None else _number(metric.value)
+    return read
+
+
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
         else None
@@ -109,6 +116,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("fetch_p50_ms", "fetch p50 ms", "fetch\np50", _latency("p50")),
     Column("fetch_p99_ms", "fetch p99 ms", "fetch\np99", _latency("p99")),
     Column("fetch_max_ms", "fetch max ms", "fetch\nmax", _latency("max")),
+    Column("backlog_p50", "backlog p50 (placements)", "back-\nlog p50", _backlog("p50")),
     Column("freeze_ms", "freeze ms (STOP->RESUME)", "freeze",
            lambda r, _b: _number(r.freeze.freeze.value) if r.freeze else None),
     Column("qemu_downtime_ms", "QEMU downtime ms", "QEMU\ndowntime",
@@ -126,6 +134,9 @@ COLUMNS: tuple[Column, ...] = (
 NOTES = (
     "fault count and fetch latency: faults on the guest RAM block (the row's page size), "
     f"{TRACE_SOURCE}, latency from the request to the placement of the page holding it.",
+    "backlog p50: median count of pages placed between a fault request and its own page "
+    "(same trace), i.e. queued ahead of it in the migration stream; hundreds mean the fetch "
+    "latency is mostly queueing, not page size.",
     "freeze: source STOP -> destination RESUME (QMP event timestamps, host clock), next to "
     "QEMU's own `downtime` (source query-migrate), which ends before the destination has "
     "loaded device state.",

@@ -478,6 +478,8 @@ def test_page_size_table_from_recorded_runs(tmp_path: Path) -> None:
     floor_ms = (2 << 20) / bandwidth * 1e3
     assert two.values["wire_floor_ms"] == pytest.approx(floor_ms)
     assert two.values["p50_over_wire_floor"] == pytest.approx(6.8977 / floor_ms)
+    # Pages placed between a request and its own page, median: the queue ahead of it.
+    assert two.values["backlog_p50"] == 4
     assert one.values["faults"] == 1
     assert one.values["fetch_p50_ms"] == pytest.approx(1008.807)
     assert one.values["freeze_ms"] == pytest.approx(1436.122)
@@ -496,7 +498,7 @@ def test_page_size_table_from_recorded_runs(tmp_path: Path) -> None:
     header = next(line for line in lines if line.startswith("| page size"))
     assert "freeze ms (STOP->RESUME) | QEMU downtime ms" in header
     rows = [line for line in lines if line.startswith("| ") and line != header]
-    assert rows[0].startswith("| 2 MiB | 1 | 15 | 6.90 | 144 | 144 | 15.9 | 8 | ")
+    assert rows[0].startswith("| 2 MiB | 1 | 15 | 6.90 | 144 | 144 | 4 | 15.9 | 8 | ")
     assert rows[1].startswith("| 1 GiB | 1 | 1 | 1,009 | ")
     assert rows[2].startswith("| 1 GiB+HGM | 0 | - | ")
     assert rows[2].endswith("| not supported on these hosts: kernel lacks MADV_SPLIT |")
