@@ -100,6 +100,8 @@ DEFAULT_RULES: tuple[MetricRule, ...] = (
     MetricRule("integrity.*", Direction.LOWER, 0.0, "any bad page is a failure"),
     MetricRule("fetch.*.faults", Direction.NEUTRAL, 0.20,
                "fault count follows workload and page size"),
+    MetricRule("fetch.*.backlog_*", Direction.NEUTRAL, 0.20,
+               "pages queued ahead of requests: explains latency, not a goal"),
     MetricRule("fetch.*.max_ms", Direction.LOWER, 0.20, "single worst fault"),
     MetricRule("fetch.*.p999_ms", Direction.LOWER, 0.20, "tail: a handful of faults"),
     MetricRule("fetch.*_ms", Direction.LOWER, 0.10, "per-page fetch latency"),

@@ -214,6 +214,8 @@ def report_metrics(report: Report) -> list[MetricValue]:
             continue
         for stat, metric in block.latency_ms.items():
             _add(out, f"fetch.{block.ramblock}.{stat.replace('.', '')}_ms", metric)
+        for stat, metric in block.backlog_placements.items():
+            _add(out, f"fetch.{block.ramblock}.backlog_{stat}", metric)
         source = block.latency_ms["p50"].source if "p50" in block.latency_ms else "trace"
         _count(out, f"fetch.{block.ramblock}.faults", block.faults, "faults", source)
     if report.freeze is not None:

@@ -179,6 +179,7 @@ def test_metric_patterns_restrict_the_comparison() -> None:
     ("fetch.ram0.p99_ms", Direction.LOWER, 0.10),
     ("fetch.ram0.max_ms", Direction.LOWER, 0.20),
     ("fetch.ram0.faults", Direction.NEUTRAL, 0.20),
+    ("fetch.ram0.backlog_p50", Direction.NEUTRAL, 0.20),
     ("freeze_ms", Direction.LOWER, 0.20),
     ("guest.max_stall_ms", Direction.LOWER, 0.20),
     ("outside.max_gap_ms", Direction.LOWER, 0.20),

@@ -97,6 +97,8 @@ def test_recorded_runs_round_trip(store: ResultsStore) -> None:
     assert stored["fetch.ram0.p50_ms"]["unit"] == "ms"
     assert "postcopy_place_page" in stored["fetch.ram0.p50_ms"]["source"]
     assert stored["fetch.ram0.faults"]["value"] == ram.faults
+    assert stored["fetch.ram0.backlog_p50"]["value"] == ram.backlog_placements["p50"].value
+    assert stored["fetch.ram0.backlog_max"]["unit"] == "placements"
     assert report.freeze is not None
     assert stored["freeze_ms"]["value"] == report.freeze.freeze.value
     assert stored["qemu_downtime_ms"]["value"] == report.freeze.qemu_downtime.value
