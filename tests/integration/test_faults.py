@@ -17,7 +17,12 @@ from typing import Any
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.events import read_jsonl
-from tests.integration.conftest import once_more_if_tcg_crashed, run_migration, scenario
+from tests.integration.conftest import (
+    QEMU_11_SWITCHOVER,
+    once_more_if_tcg_crashed,
+    run_migration,
+    scenario,
+)
 from tests.integration.sshhosts import SSHTestbed
 from tests.integration.test_interrupt import POOL, qemu_processes_mentioning
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
@@ -203,7 +208,8 @@ def test_link_down_is_recovered_on_qemu_11(
 ) -> None:
     # QEMU >= 9.1 reports a failed reconnect (postcopy-recover-setup, then postcopy-paused
     # again) where 7.2 only writes it to stderr: both must recover.
-    spec = ssh_scenario(ssh_testbed, work_root, "it-link-down-11", migration=SLOW_POSTCOPY,
+    spec = ssh_scenario(ssh_testbed, work_root, "it-link-down-11",
+                        migration=SLOW_POSTCOPY | {"switchover": QEMU_11_SWITCHOVER},
                         vm={"qemu_root": str(qemu_11_root)}, faults=[link_down("postcopy")])
     run_dir = run_in_process(spec, runs_root)
     assert_recovered(run_dir, outages=1, faults=[0])

@@ -20,7 +20,12 @@ from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.qemu.probe import probe_qemu
 from migrator.runner import run_scenario
-from tests.integration.conftest import bench_once_more_if_tcg_crashed, run_migration, scenario
+from tests.integration.conftest import (
+    QEMU_11_SWITCHOVER,
+    bench_once_more_if_tcg_crashed,
+    run_migration,
+    scenario,
+)
 
 
 def test_probe_reports_11_1_from_the_root(qemu_11_root: Path) -> None:
@@ -48,7 +53,8 @@ def test_postcopy_on_qemu_11_1_compares_its_latency_buckets_with_the_trace(
     qemu_11_root: Path, runs_root: Path,
 ) -> None:
     run = run_migration(
-        scenario("it-qemu-11", vm={"backing": "hugetlb-2m", "qemu_root": str(qemu_11_root)}),
+        scenario("it-qemu-11", vm={"backing": "hugetlb-2m", "qemu_root": str(qemu_11_root)},
+                 migration={"switchover": QEMU_11_SWITCHOVER}),
         runs_root)
     report = build_report(run.path)
     write_report(run.path, report)
@@ -73,8 +79,10 @@ def test_postcopy_on_qemu_11_1_compares_its_latency_buckets_with_the_trace(
     dist = report.latency_dist_comparison
     assert dist is not None
     assert dist.qemu_total == dist.trace_requests == dist.trace_total == ram.faults
-    # A 2 MiB fetch takes milliseconds; the trace's few tens of us more move few faults.
-    assert dist.faults_in_other_buckets <= max(2, dist.qemu_total // 10), dist
+    # A 2 MiB fetch takes milliseconds; the trace's few tens of us more move few faults
+    # one bucket up: at most 12 % of them in 63 recorded 11.1 runs (6 of 51, 3 of 28).
+    # Wrong re-binning (a bucket off, or us taken for ms) would move nearly all of them.
+    assert dist.faults_in_other_buckets <= max(3, dist.qemu_total // 4), dist
 
 
 SUITE = """
@@ -102,14 +110,16 @@ values = ["hugetlb-2m"]
 name = "qemu"
 [axes.values]
 host = {{ "vm.qemu" = "qemu-system-x86_64" }}
-sid = {{ "vm.qemu_root" = "{root}" }}
+sid = {{ "vm.qemu_root" = "{root}", "migration.switchover" = {switchover} }}
 """
 
 
 def test_bench_compares_the_hosts_qemu_with_the_roots(qemu_11_root: Path,
                                                        tmp_path: Path) -> None:
     suite = tmp_path / "suite.toml"
-    suite.write_text(SUITE.format(root=qemu_11_root))
+    switchover = ", ".join(f"{key} = {json.dumps(value)}"
+                           for key, value in QEMU_11_SWITCHOVER.items())
+    suite.write_text(SUITE.format(root=qemu_11_root, switchover=f"{{ {switchover} }}"))
     out = tmp_path / "out"
     done = bench_once_more_if_tcg_crashed(
         lambda extra: subprocess.run(
