@@ -781,10 +781,8 @@ async def _exited_by_themselves(*qemus: QemuProcess) -> frozenset[str]:
     return frozenset(name for name, check in checks.items() if check.result())
 
 
-def _diagnose(run: RunDir, error: MigratorError) -> MigratorError:
-    """Name a guest kernel crash behind a QEMU that exited or a console that went quiet."""
-    if not isinstance(error, QemuError | GuestError):
-        return error
+def _guest_crash(run: RunDir) -> dict[str, str] | None:
+    """The first guest kernel crash on a console, ``{"side", "line"}``; None if none crashed."""
     for side in ("dst", "src"):
         try:
             text = (run.side(side) / "serial.log").read_text(errors="replace")
@@ -792,12 +790,20 @@ def _diagnose(run: RunDir, error: MigratorError) -> MigratorError:
             continue
         crash = kernel_crash(text)
         if crash:
-            diagnosed = GuestError(
-                f"the guest kernel crashed on {side} ({crash}); see {side}/serial.log"
-            )
-            diagnosed.__cause__ = error
-            return diagnosed
-    return error
+            return {"side": side, "line": crash}
+    return None
+
+
+def _diagnose(error: MigratorError, crash: dict[str, str] | None) -> MigratorError:
+    """Name a guest kernel crash behind a QEMU that exited or a console that went quiet."""
+    if crash is None:
+        return error
+    side = crash["side"]
+    diagnosed = GuestError(
+        f"the guest kernel crashed on {side} ({crash['line']}); see {side}/serial.log"
+    )
+    diagnosed.__cause__ = error
+    return diagnosed
 
 
 async def run_scenario(
@@ -815,7 +821,10 @@ async def run_scenario(
         await state.execute()
         state.conclude(None)
     except MigratorError as caught:
-        error = _diagnose(run, caught)
+        crash = _guest_crash(run) if isinstance(caught, QemuError | GuestError) else None
+        if crash:
+            state.meta["guest_crash"] = crash
+        error = _diagnose(caught, crash)
         outcome = state.conclude(error)
         state.meta["error"] = {"type": type(error).__name__, "message": str(error)}
         if outcome is not Outcome.NOT_STARTED:

@@ -17,7 +17,6 @@ import pytest
 
 from migrator.config import Scenario, parse_scenario
 from migrator.errors import MigratorError
-from migrator.guest.crash import kernel_crash
 from migrator.rundir import RunDir
 from migrator.runner import run_scenario
 from tests.integration.sshhosts import SSHTestbed, make_testbed
@@ -39,21 +38,17 @@ class TcgGuestCrash(UserWarning):
 def tcg_guest_crash(run_dir: Path) -> str | None:
     """"SIDE: first crash line" when the guest kernel of a TCG run crashed, else None."""
     try:
-        decision = json.loads((run_dir / "run.json").read_text()).get("accel") or {}
+        meta = json.loads((run_dir / "run.json").read_text())
     except FileNotFoundError:
         return None
-    if decision.get("accel") != "tcg":
+    crash = meta.get("guest_crash")
+    if crash is None or (meta.get("accel") or {}).get("accel") != "tcg":
         return None
-    for side in ("dst", "src"):
-        log = run_dir / side / "serial.log"
-        crash = kernel_crash(log.read_text(errors="replace")) if log.exists() else None
-        if crash:
-            return f"{side}: {crash}"
-    return None
+    return f"{crash['side']}: {crash['line']}"
 
 
 def once_more_if_tcg_crashed(attempt: Callable[[int], T],
-                                crashed: Callable[[T], Path | None]) -> T:
+                             crashed: Callable[[T], Path | None]) -> T:
     """``attempt(0)``, then ``attempt(1)`` if ``crashed`` names the run dir of a TCG crash.
 
     QEMU's TCG loses dirty-page tracking now and then, so a guest kernel may crash on the

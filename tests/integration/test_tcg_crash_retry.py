@@ -16,28 +16,30 @@ from tests.integration.conftest import (
 )
 
 RECORDED = Path(__file__).parents[1] / "data" / "recovery" / "link-down-twice"
-OOPS = "[    9.120000] kernel BUG at lib/list_debug.c:59!\n"
+CRASH = {"side": "dst", "line": "kernel BUG at lib/list_debug.c:59!"}
 
 
-def run_dir(tmp_path: Path, name: str, accel: str, dst_console: str) -> Path:
+def run_dir(tmp_path: Path, name: str, accel: str, crash: dict[str, str] | None) -> Path:
+    """A real run's run.json, with its accelerator and guest crash (as the runner records it)."""
     path = tmp_path / name
-    (path / "dst").mkdir(parents=True)
-    # A real run's run.json, with the accelerator it ran under replaced.
+    path.mkdir(parents=True)
     meta = json.loads((RECORDED / "run.json").read_text())
     meta["accel"]["accel"] = accel
+    if crash:
+        meta["guest_crash"] = crash
     (path / "run.json").write_text(json.dumps(meta))
-    (path / "dst" / "serial.log").write_text("@MIG heartbeat 1\n" + dst_console)
     return path
 
 
 def test_a_tcg_crash_is_named_with_its_side(tmp_path: Path) -> None:
-    crashed = run_dir(tmp_path, "a", "tcg", OOPS)
+    crashed = run_dir(tmp_path, "a", "tcg", CRASH)
     assert tcg_guest_crash(crashed) == "dst: kernel BUG at lib/list_debug.c:59!"
 
 
-@pytest.mark.parametrize(("accel", "console"), [("kvm", OOPS), ("tcg", "all well\n")])
-def test_no_retry_on_kvm_or_without_a_crash(tmp_path: Path, accel: str, console: str) -> None:
-    first = run_dir(tmp_path, "first", accel, console)
+@pytest.mark.parametrize(("accel", "crash"), [("kvm", CRASH), ("tcg", None)])
+def test_no_retry_on_kvm_or_without_a_crash(tmp_path: Path, accel: str,
+                                            crash: dict[str, str] | None) -> None:
+    first = run_dir(tmp_path, "first", accel, crash)
     attempts: list[int] = []
 
     def attempt(number: int) -> Path:
@@ -49,7 +51,7 @@ def test_no_retry_on_kvm_or_without_a_crash(tmp_path: Path, accel: str, console:
 
 
 def test_one_retry_after_a_tcg_crash_with_a_warning(tmp_path: Path) -> None:
-    runs = [run_dir(tmp_path, "first", "tcg", OOPS), run_dir(tmp_path, "second", "tcg", OOPS)]
+    runs = [run_dir(tmp_path, "first", "tcg", CRASH), run_dir(tmp_path, "second", "tcg", CRASH)]
     with pytest.warns(TcgGuestCrash, match="first: the guest kernel crashed under TCG"):
         result = once_more_if_tcg_crashed(lambda number: runs[number], lambda path: path)
     # The second run is returned as it is: crashing again fails the test that reads it.
@@ -58,7 +60,7 @@ def test_one_retry_after_a_tcg_crash_with_a_warning(tmp_path: Path) -> None:
 
 def test_a_bench_is_resumed_once_after_a_tcg_crash(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    crashed = run_dir(out / "runs", "crashed", "tcg", OOPS)
+    crashed = run_dir(out / "runs", "crashed", "tcg", CRASH)
     state = {"runs": {"a": {"status": "done", "run_dir": "runs/fine"},
                       "b": {"status": "failed", "run_dir": str(crashed.relative_to(out))}}}
     (out / "suite.json").write_text(json.dumps(state))
