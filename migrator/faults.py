@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +30,12 @@ from migrator.config.models import (
     MigratePauseFault,
     PoolExhaustedFault,
     StopFault,
+    fault_role,
 )
 from migrator.errors import HostError, MigrationError
 from migrator.guest.console import Side
 from migrator.hosts.base import Host
+from migrator.hosts.hugepages import read_pool
 from migrator.hosts.ssh import SSHHost
 from migrator.qemu.monitor import status_in
 from migrator.qemu.process import QemuProcess
@@ -82,6 +84,17 @@ async def _signal(qemu: QemuProcess, name: str) -> None:
                        f"sending SIG{name} to {qemu.name} QEMU (pid {qemu.pid})")
 
 
+async def _for_duration(strike: Awaitable[None], undo: Callable[[], Awaitable[None]],
+                        seconds: float, cleared: Callable[[], None]) -> None:
+    """``strike``, hold for ``seconds``, then ``undo`` even if cancelled, and mark it cleared."""
+    try:
+        await strike
+        await asyncio.sleep(seconds)
+    finally:
+        await finish_even_if_cancelled(undo())
+        cleared()
+
+
 async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
     """Inject one fault now (marked just before), and undo it after its duration.
 
@@ -91,30 +104,26 @@ async def _strike(index: int, fault: FaultSpec, targets: FaultTargets) -> None:
     """
     details = fault.model_dump(mode="json")
     targets.mark("fault-injected", index=index, **details)
+    side = SIDE_OF_ROLE[fault_role(fault)]
+    host, qemu = targets.hosts[side], targets.qemus[side]
+
+    def cleared() -> None:
+        targets.mark("fault-cleared", index=index, kind=fault.kind)
+
     if isinstance(fault, LinkDownFault):
-        host = targets.hosts[SIDE_OF_ROLE[fault.host]]
         link = ["ip", "link", "set", "dev", fault.interface]
-        try:
-            await _run_checked(host, [*link, "down"], f"taking {fault.interface} down")
-            await asyncio.sleep(fault.duration_s)
-        finally:
-            await finish_even_if_cancelled(
-                _run_checked(host, [*link, "up"], f"bringing {fault.interface} up"))
-            targets.mark("fault-cleared", index=index, kind=fault.kind)
+        await _for_duration(
+            _run_checked(host, [*link, "down"], f"taking {fault.interface} down"),
+            lambda: _run_checked(host, [*link, "up"], f"bringing {fault.interface} up"),
+            fault.duration_s, cleared)
     elif isinstance(fault, StopFault):
-        qemu = targets.qemus[SIDE_OF_ROLE[fault.side]]
-        try:
-            await _signal(qemu, "STOP")
-            await asyncio.sleep(fault.duration_s)
-        finally:
-            await finish_even_if_cancelled(_signal(qemu, "CONT"))
-            targets.mark("fault-cleared", index=index, kind=fault.kind)
+        await _for_duration(_signal(qemu, "STOP"), lambda: _signal(qemu, "CONT"),
+                            fault.duration_s, cleared)
     elif isinstance(fault, KillFault):
-        await _signal(targets.qemus[SIDE_OF_ROLE[fault.side]], "KILL")
+        await _signal(qemu, "KILL")
     elif isinstance(fault, MigratePauseFault):
-        await targets.qemus[SIDE_OF_ROLE[fault.side]].monitor.migrate_pause()
+        await qemu.monitor.migrate_pause()
     elif isinstance(fault, ConnectionLossFault):
-        host = targets.hosts[SIDE_OF_ROLE[fault.side]]
         if not isinstance(host, SSHHost):
             raise MigrationError(f"faults.{index}: connection-loss needs an SSH host")
         await host.sever()
@@ -150,10 +159,8 @@ async def exhaust_hugepage_pool(host: Host, directory: Path, page_kib: int) -> P
     The file (returned) holds the pages until it is removed.  :class:`HostError`
     when the pages cannot be taken.
     """
-    pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{page_kib}kB")
     # Free pages include those reserved by mappings not yet touched (the source QEMU's).
-    free = (int((await host.read_text(pool / "free_hugepages")).strip())
-            - int((await host.read_text(pool / "resv_hugepages")).strip()))
+    free = (await read_pool(host, page_kib)).available
     hog = directory / "pool-exhausted"
     if free:
         try:

@@ -19,10 +19,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from migrator.config.models import (
     Accel,
-    FaultSpec,
     LinkDownFault,
-    PoolExhaustedFault,
     Scenario,
+    fault_role,
 )
 from migrator.errors import HostError, HugepageShortfall, MigratorError, PreflightError
 from migrator.hgm import HgmSupport, detect_hgm
@@ -276,20 +275,11 @@ _FAULT_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _fault_role(fault: FaultSpec) -> Role:
-    """The role of the host a fault acts on."""
-    if isinstance(fault, PoolExhaustedFault):
-        return "destination"
-    if isinstance(fault, LinkDownFault):
-        return fault.host
-    return fault.side
-
-
 async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
     """What the scenario's faults run on this host: each command, and a link's interface."""
     needs = []
     for index, fault in enumerate(scenario.faults):
-        if _fault_role(fault) not in roles:
+        if fault_role(fault) not in roles:
             continue
         what = f"faults.{index} ({fault.kind})"
         command = _FAULT_COMMANDS.get(fault.kind)

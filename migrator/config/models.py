@@ -38,6 +38,7 @@ __all__ = [
     "TlsSpec",
     "VmSpec",
     "WorkloadSpec",
+    "fault_role",
 ]
 
 
@@ -512,6 +513,15 @@ FaultSpec = Annotated[
     | PoolExhaustedFault,
     Field(discriminator="kind"),
 ]
+
+
+def fault_role(fault: FaultSpec) -> Side:
+    """The role of the host a fault acts on."""
+    if isinstance(fault, PoolExhaustedFault):
+        return "destination"
+    if isinstance(fault, LinkDownFault):
+        return fault.host
+    return fault.side
 
 
 class Scenario(_Model):
