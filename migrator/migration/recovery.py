@@ -172,6 +172,11 @@ class PostcopyRecovery:
             if now - progress >= self.spec.stall_timeout_s:
                 return now - progress
 
+    async def _back_off(self, delay: float, deadline: float) -> float:
+        """Wait ``delay`` s (never past ``deadline``); returns the next, doubled delay."""
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        return min(delay * 2, self.spec.backoff_max_s)
+
     async def _recover(self) -> None:
         """Re-establish the stream, retrying with backoff until the deadline.
 
@@ -193,8 +198,7 @@ class PostcopyRecovery:
                 except (QmpCommandError, QmpTimeout) as error:
                     last_error = f"the destination could not listen on {uri}: {error}"
                     self._mark("recover-failed", attempt=attempt, error=last_error)
-                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                    delay = min(delay * 2, self.spec.backoff_max_s)
+                    delay = await self._back_off(delay, deadline)
                     continue
                 listening_since = self.destination.event_count
                 self._mark("recover-listening", uri=uri)
@@ -210,8 +214,7 @@ class PostcopyRecovery:
                 return
             last_error = failed
             self._mark("recover-failed", attempt=attempt, error=failed)
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, self.spec.backoff_max_s)
+            delay = await self._back_off(delay, deadline)
         raise MigrationError(
             f"post-copy recovery gave up after {self.spec.deadline_s:g} s "
             f"(migration.recovery.deadline_s) and {attempt} attempts; last: {last_error}")
