@@ -29,13 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from migrator.errors import GuestError, IntegrityError, MigratorError, QemuError
 
 __all__ = [
     "EXIT_CODES", "Outcome", "RunFailed", "Situation", "describe", "last_source_ram",
-    "switched_over",
+    "severity", "switched_over",
 ]
 
 MIB = 1 << 20
@@ -50,6 +50,18 @@ class Outcome(StrEnum):
     FAILED_AFTER_SWITCHOVER = "failed-after-switchover"
     NOT_STARTED = "not-started"
     INTERRUPTED = "interrupted"
+
+
+def severity(outcome: str) -> Literal["ok", "warn", "bad"]:
+    """How reports show an outcome: ``ok``, ``warn`` (completed after recovery) or ``bad``.
+
+    Takes the string a report or the results store holds (older runs may hold others).
+    """
+    if outcome == Outcome.COMPLETED:
+        return "ok"
+    if outcome == Outcome.COMPLETED_AFTER_RECOVERY:
+        return "warn"
+    return "bad"
 
 
 EXIT_CODES: dict[Outcome, int] = {

@@ -73,6 +73,7 @@ from migrator.dashboard.prometheus import (
     write_textfile,
 )
 from migrator.errors import ConfigError
+from migrator.outcome import severity
 from migrator.report.html import (
     PLOT_CONFIG,
     Cell,
@@ -670,6 +671,7 @@ def render_run_page(env: Environment, row: Mapping[str, Any], document: Mapping[
                   comparison_table(report, sources)]
     return env.get_template("run_page.html.j2").render(
         row=row, report=report, problem=problem, tables=tables,
+        badge=severity(str(row["outcome"])),
         dimensions=_dimension_table(row),
         # The report's tables show the same numbers; only without them are these needed.
         metrics=_metric_table(sample, units) if report is None else None,

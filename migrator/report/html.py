@@ -51,6 +51,7 @@ from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report
+from migrator.outcome import severity
 from migrator.report.schema import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
 from migrator.rundir import atomic_write
 
@@ -71,7 +72,6 @@ PASS_COLOURS = ("#0d47a1", "#90caf9")
 # Post-copy pauses, drawn over the phases (see add_pauses).
 PAUSE_COLOUR = "#6a1b9a"
 # The header badge of each outcome (migrator.outcome.Outcome); any other is "bad".
-OUTCOME_BADGES = {"completed": "ok", "completed-after-recovery": "warn"}
 PLOT_CONFIG = {
     "displaylogo": False,
     "responsive": True,
@@ -915,7 +915,7 @@ def render_run_html(run_path: Path) -> str:
     template = _environment().get_template("run.html.j2")
     return template.render(
         report=report, report_origin=report_origin, plots=plots, recovery=recovery,
-        badge=OUTCOME_BADGES.get(report.outcome, "bad"),
+        badge=severity(report.outcome),
         plotly_js=Markup(get_plotlyjs()), headline=tables_main, fetch=fetch, stalls=stalls,
         comparisons=comparisons, phases=phase_table(report, clock),
         facts=facts_table(meta), scenario_text=scenario_text,

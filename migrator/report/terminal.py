@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from migrator.outcome import severity
 from migrator.report.schema import (
     FaultRecord,
     HgmSection,
@@ -15,10 +16,10 @@ from migrator.report.schema import (
     Report,
 )
 
-__all__ = ["OUTCOME_STYLES", "render_report"]
+__all__ = ["render_report"]
 
-#: How each outcome (migrator.outcome.Outcome) is coloured; any other is red.
-OUTCOME_STYLES = {"completed": "green", "completed-after-recovery": "yellow"}
+#: The colour of each outcome severity (migrator.outcome.severity).
+SEVERITY_STYLES = {"ok": "green", "warn": "yellow", "bad": "red"}
 
 
 def fmt(metric: Metric | None, digits: int = 3) -> str:
@@ -60,7 +61,7 @@ def render_report(report: Report, console: Console) -> None:
     """Print the whole report."""
     sources = Sources()
     env = report.environment
-    outcome_style = OUTCOME_STYLES.get(report.outcome, "red")
+    outcome_style = SEVERITY_STYLES[severity(report.outcome)]
     console.print(
         f"[bold]{escape(report.scenario)}[/bold]  run {escape(report.run_id)}  outcome "
         f"[{outcome_style}]{escape(report.outcome)}[/{outcome_style}]",

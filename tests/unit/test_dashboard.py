@@ -21,7 +21,12 @@ from typer.testing import CliRunner
 
 from migrator.cli.dashboard import dashboard as dashboard_command
 from migrator.dashboard import DashboardOptions, DashboardResult, build_dashboard, night_of
-from migrator.dashboard.build import DEFAULT_NIGHT_START, DEFAULT_NIGHTS
+from migrator.dashboard.build import (
+    DEFAULT_NIGHT_START,
+    DEFAULT_NIGHTS,
+    _environment,
+    render_run_page,
+)
 from migrator.dashboard.prometheus import (
     LatestSummary,
     prometheus_name,
@@ -485,3 +490,13 @@ def test_cli_on_the_recorded_runs(tmp_path: Path, runner: CliRunner) -> None:
                                    str(tmp_path / "runs"), "--jobs", "1"])
     assert result.exit_code == 0, result.output
     assert "1 run pages written" in result.output
+
+
+@pytest.mark.parametrize(("outcome", "badge"), [
+    ("completed", "ok"), ("completed-after-recovery", "warn"),
+    ("failed-after-switchover", "bad"), ("error", "bad")])
+def test_run_page_badge_follows_the_outcome_severity(outcome: str, badge: str) -> None:
+    row = {"scenario": "s", "run_id": "r", "outcome": outcome, "origin": None, "error": None}
+    page = render_run_page(_environment(), row, {}, {"freeze_ms": 1.0}, {"freeze_ms": "ms"},
+                           "../s.html")
+    assert f'<span class="badge {badge}">{outcome}</span>' in page
