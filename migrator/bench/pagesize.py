@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ValidationError
 from rich import box
@@ -76,16 +77,12 @@ class Column:
     read: Callable[[Report, BlockFetch | None], float | None]
 
 
-def _latency(name: str) -> Callable[[Report, BlockFetch | None], float | None]:
+def _block_metric(
+    field: Literal["latency_ms", "backlog_placements"], name: str,
+) -> Callable[[Report, BlockFetch | None], float | None]:
+    """Reads metric ``name`` of the row's RAM block's ``field`` (None when absent)."""
     def read(_report: Report, block: BlockFetch | None) -> float | None:
-        return _number(block.latency_ms[name].value) if block and name in block.latency_ms \
-            else None
-    return read
-
-
-def _backlog(name: str) -> Callable[[Report, BlockFetch | None], float | None]:
-    def read(_report: Report, block: BlockFetch | None) -> float | None:
-        metric = block.backlog_placements.get(name) if block else None
+        metric = getattr(block, field).get(name) if block else None
         return None if metric is None else _number(metric.value)
     return read
 
@@ -113,10 +110,11 @@ def _metric(section: str, key: str) -> Callable[[Report, BlockFetch | None], flo
 COLUMNS: tuple[Column, ...] = (
     Column("faults", "faults", "faults",
            lambda _r, block: float(block.faults) if block is not None else None),
-    Column("fetch_p50_ms", "fetch p50 ms", "fetch\np50", _latency("p50")),
-    Column("fetch_p99_ms", "fetch p99 ms", "fetch\np99", _latency("p99")),
-    Column("fetch_max_ms", "fetch max ms", "fetch\nmax", _latency("max")),
-    Column("backlog_p50", "backlog p50 (placements)", "back-\nlog p50", _backlog("p50")),
+    Column("fetch_p50_ms", "fetch p50 ms", "fetch\np50", _block_metric("latency_ms", "p50")),
+    Column("fetch_p99_ms", "fetch p99 ms", "fetch\np99", _block_metric("latency_ms", "p99")),
+    Column("fetch_max_ms", "fetch max ms", "fetch\nmax", _block_metric("latency_ms", "max")),
+    Column("backlog_p50", "backlog p50 (placements)", "back-\nlog p50",
+           _block_metric("backlog_placements", "p50")),
     Column("freeze_ms", "freeze ms (STOP->RESUME)", "freeze",
            lambda r, _b: _number(r.freeze.freeze.value) if r.freeze else None),
     Column("qemu_downtime_ms", "QEMU downtime ms", "QEMU\ndowntime",
