@@ -57,10 +57,9 @@ class GuestObservations:
     errors: list[str] = field(default_factory=list)
     malformed: int = 0
 
-    def heartbeat_gaps_ns(self) -> np.ndarray:
-        """Host-clock gaps between consecutive heartbeat arrivals (both consoles merged)."""
-        arrivals = np.array(sorted(h.host_ns for h in self.heartbeats), dtype=np.int64)
-        return np.diff(arrivals)
+    def heartbeat_arrivals_ns(self) -> np.ndarray:
+        """Host-clock arrival times of every heartbeat, both consoles merged, in order."""
+        return np.array(sorted(h.host_ns for h in self.heartbeats), dtype=np.int64)
 
     def lost_heartbeats(self) -> int:
         """Heartbeats whose sequence number never arrived on either console."""

@@ -201,8 +201,8 @@ class _Window:
     def __init__(self, guest: GuestObservations) -> None:
         # The same series as the report's outside view: both consoles merged (the last
         # heartbeat before the switch comes from the source, the next from the destination).
-        self.arrivals = np.array(sorted(h.host_ns for h in guest.heartbeats), dtype=np.int64)
-        self.gaps = guest.heartbeat_gaps_ns()
+        self.arrivals = guest.heartbeat_arrivals_ns()
+        self.gaps = np.diff(self.arrivals)
         self.stalls = [s for s in guest.stalls if s.host_start_ns is not None]
 
     def longest_gap(self, start: int, end: int) -> tuple[int, int, bool] | None:

@@ -144,7 +144,7 @@ def _outside(guest: GuestObservations, phases: PhaseTimeline,
              threshold_ms: float) -> OutsideStalls | None:
     if len(guest.heartbeats) < 2:
         return None
-    arrivals = np.array(sorted(h.host_ns for h in guest.heartbeats), dtype=np.int64)
+    arrivals = guest.heartbeat_arrivals_ns()
     gaps = np.diff(arrivals)
     period = float(np.median(gaps)) / MS
     worst_idx = np.argsort(gaps)[::-1][:10]

@@ -394,7 +394,7 @@ def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock
         ))
     outside = report.outside_stalls
     if outside is not None and len(guest.heartbeats) > 1:
-        arrivals = np.array(sorted(h.host_ns for h in guest.heartbeats), dtype=np.int64)
+        arrivals = guest.heartbeat_arrivals_ns()
         gaps_ms = np.diff(arrivals) / MS
         cut = outside.period_ms + threshold_ms
         over = np.flatnonzero(gaps_ms > cut)
