@@ -51,12 +51,6 @@ def complete(src: ScriptedMonitor, dst: ScriptedMonitor, delay: float = 0.05) ->
     later(delay, done)
 
 
-@pytest.fixture
-def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter]:
-    return (ScriptedMonitor("src", tmp_path), ScriptedMonitor("dst", tmp_path),
-            JsonlWriter(tmp_path / "timeline.jsonl"))
-
-
 def driver_for(migration: dict[str, object], src: Monitor, dst: Monitor,
                timeline: JsonlWriter) -> MigrationDriver:
     scenario = parse_scenario({"name": "t", "migration": migration})

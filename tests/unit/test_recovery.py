@@ -11,15 +11,7 @@ import pytest
 from migrator.errors import GuestError, IntegrityError, MigrationError, QemuExitedError
 from migrator.migration import recovery
 from migrator.outcome import Outcome, Situation, describe, last_source_ram, switched_over
-from migrator.rundir import JsonlWriter
-from tests.unit.test_driver import ScriptedMonitor, driver_for, later
-
-
-@pytest.fixture
-def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter]:
-    """Scripted source and destination monitors and a timeline."""
-    return (ScriptedMonitor("src", tmp_path), ScriptedMonitor("dst", tmp_path),
-            JsonlWriter(tmp_path / "timeline.jsonl"))
+from tests.unit.test_driver import ScriptedMonitor, complete, driver_for, later
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +48,6 @@ def pause_after_switch(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
     src.reactions["migrate-start-postcopy"] = switch
 
 
-def finish(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
-    dst.emit("MIGRATION", status="completed")
-    src.emit("MIGRATION", status="completed")
-
-
 def reconnects(src: ScriptedMonitor, dst: ScriptedMonitor, failures: int = 0) -> list[str]:
     """Script ``migrate resume``: fail silently ``failures`` times (as QEMU 7.2), then work."""
     uris: list[str] = []
@@ -75,7 +62,7 @@ def reconnects(src: ScriptedMonitor, dst: ScriptedMonitor, failures: int = 0) ->
                 side.emit("MIGRATION", status="postcopy-recover")
             for side in (dst, src):
                 side.emit("MIGRATION", status="postcopy-active")
-            later(0.02, lambda: finish(src, dst))
+            complete(src, dst, 0.02)
 
         later(0.01, connected)
 
@@ -146,7 +133,7 @@ async def test_nothing_left_to_send_is_not_a_stall(sides: Any) -> None:
 
     def switch(m: ScriptedMonitor, a: object) -> None:
         enter_postcopy(src, dst)
-        later(0.4, lambda: finish(src, dst))  # four stall timeouts of idling
+        complete(src, dst, 0.4)  # four stall timeouts of idling
 
     src.reactions["migrate-start-postcopy"] = switch
     result = await driver_for(FAST, src, dst, writer).run("tcp:x")
@@ -208,6 +195,7 @@ def test_every_outcome_has_its_statement() -> None:
     assert "died with its source QEMU" in said
     assert "killed by SIGKILL" in said
     outcome, said = describe(Situation(switched=False, recoveries=0, error=dead_dst))
+    assert outcome is Outcome.FAILED_BEFORE_SWITCHOVER
     assert "still running on the source" in said
     outcome, said = describe(Situation(switched=True, recoveries=0, error=dead_dst,
                                        destination_received_bytes=300 << 20))
@@ -217,6 +205,7 @@ def test_every_outcome_has_its_statement() -> None:
     assert "amounts: the source's last query-migrate" in said  # each number names its source
     outcome, said = describe(Situation(switched=True, recoveries=1, error=dead_src,
                                        source_remaining_bytes=64 << 20))
+    assert outcome is Outcome.FAILED_AFTER_SWITCHOVER
     assert "64 MiB of guest memory not yet sent" in said
 
 
@@ -273,7 +262,7 @@ async def test_a_handshake_that_breaks_again_is_listened_for_and_retried(sides: 
                 return
             for side in (dst, src):
                 side.emit("MIGRATION", status="postcopy-active")
-            later(0.02, lambda: finish(src, dst))
+            complete(src, dst, 0.02)
 
         later(0.01, handshake)
 
