@@ -8,6 +8,7 @@ recorded ones.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,7 +105,14 @@ def test_huge_pages_fetch_slower_than_small_ones(migrated: MigrateFn) -> None:
     # pages (measured by hand: p50 4.5 ms and 8.5 ms in 2 of 22 runs, with and without
     # a post-copy bandwidth cap). Then the latency measures the queue, not the page
     # size, and the report must say so.
-    assert huge_ms > small_ms or queued >= 64, (small_ms, huge_ms, queued)
+    if huge_ms > small_ms:
+        return
+    huge_queued = huge.backlog_placements["p50"].value
+    assert queued >= 64, (small_ms, huge_ms, queued)
+    assert huge_queued is not None
+    assert queued > huge_queued, (queued, huge_queued)
+    warnings.warn(f"4 KiB fetches (p50 {small_ms} ms) were not faster than 2 MiB ones "
+                  f"({huge_ms} ms): they queued behind {queued} pages (p50)", stacklevel=1)
 
 
 def test_1g_page_fault_once_and_freeze_dwarfs_downtime(migrated: MigrateFn) -> None:
