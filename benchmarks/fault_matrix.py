@@ -50,14 +50,12 @@ from migrator.config import Scenario, dump_scenario  # noqa: E402
 from migrator.metrics.summary import build_report  # noqa: E402
 from tests.integration.conftest import scenario  # noqa: E402
 from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
+
+# As the fault tests: post-copy still running when a fault strikes, a stall noticed in 1 s.
+from tests.integration.test_faults import SLOW_POSTCOPY, STALL_TIMEOUT_S, link_down, strike  # noqa: E402
 from tests.integration.test_interrupt import qemu_processes_mentioning  # noqa: E402
 from tests.integration.test_ssh_migration import leftovers, qemus_in, ssh_scenario  # noqa: E402
 
-# As tests/integration/test_faults.py: post-copy still running when a fault strikes, and
-# a stalled stream noticed after 1 s (the default, 10 s, is for 1 GiB pages on busy hosts).
-STALL_TIMEOUT_S = 1.0
-SLOW_POSTCOPY: dict[str, object] = {"max_postcopy_bandwidth_mib_s": 32,
-                                    "recovery": {"stall_timeout_s": STALL_TIMEOUT_S}}
 # A kill "in pre-copy" must land before the switch: switch late (as test_faults.py does).
 LATE_SWITCH: dict[str, object] = {"switchover": {"policy": "after-seconds", "seconds": 30}}
 # A 3 s outage wholly inside pre-copy: the first pass throttled to 32 MiB/s (256 MiB to
@@ -89,18 +87,6 @@ class Row:
     """Words the run's statement (run.json) must hold: which side holds what."""
     local_hugetlb: bool = False
     """Both QEMUs on this machine, on 2 MiB hugetlb pages (not the SSH hosts)."""
-
-
-def link_down(at: str, after_ms: int = 300, seconds: float = 3.0) -> dict[str, object]:
-    """The destination's migration link (``mig0``) down for ``seconds``."""
-    return {"kind": "link-down", "host": "destination", "interface": "mig0",
-            "duration_s": seconds, "at": at, "after_ms": after_ms}
-
-
-def strike(kind: str, side: str, at: str, after_ms: int = 300,
-           **more: object) -> dict[str, object]:
-    """A fault aimed at one side's QEMU (or its host's connection)."""
-    return {"kind": kind, "side": side, "at": at, "after_ms": after_ms, **more}
 
 
 RECOVERED, BEFORE, AFTER = "completed-after-recovery", "failed-before-switchover", \

@@ -29,14 +29,21 @@ from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenari
 
 # Post-copy throttled so that it is still running when a fault strikes, and a stalled
 # stream is noticed after 1 s (the default, 10 s, is for 1 GiB pages on busy hosts).
+STALL_TIMEOUT_S = 1.0
 SLOW_POSTCOPY: dict[str, object] = {"max_postcopy_bandwidth_mib_s": 32,
-                                    "recovery": {"stall_timeout_s": 1.0}}
+                                    "recovery": {"stall_timeout_s": STALL_TIMEOUT_S}}
 
 
 def link_down(at: str, after_ms: int = 300, seconds: float = 3.0) -> dict[str, object]:
     """The destination's migration link down for ``seconds``."""
     return {"kind": "link-down", "host": "destination", "interface": "mig0",
             "duration_s": seconds, "at": at, "after_ms": after_ms}
+
+
+def strike(kind: str, side: str, at: str, after_ms: int = 300,
+           **more: object) -> dict[str, object]:
+    """A fault aimed at one side's QEMU (or its host's connection)."""
+    return {"kind": kind, "side": side, "at": at, "after_ms": after_ms, **more}
 
 
 def statuses(run_dir: Path, side: str) -> list[str]:
@@ -128,8 +135,7 @@ def test_destination_killed_in_postcopy_fails_after_switchover(
     ssh_testbed: SSHTestbed, work_root: Path, tmp_path: Path,
 ) -> None:
     spec = ssh_scenario(ssh_testbed, work_root, "it-kill-dst", migration=SLOW_POSTCOPY,
-                        faults=[{"kind": "kill", "side": "destination", "at": "postcopy",
-                                 "after_ms": 300}])
+                        faults=[strike("kill", "destination", "postcopy")])
     done, run_dir = run_cli(tmp_path, spec)
     assert done.returncode == 5, done.stderr
     line = one_error_line(done.stderr)
@@ -152,7 +158,7 @@ def test_source_killed_before_switchover_fails_before_switchover(
     spec = ssh_scenario(
         ssh_testbed, work_root, "it-kill-src",
         migration={"switchover": {"policy": "after-seconds", "seconds": 30}},
-        faults=[{"kind": "kill", "side": "source", "at": "precopy", "after_ms": 100}])
+        faults=[strike("kill", "source", "precopy", after_ms=100)])
     done, run_dir = run_cli(tmp_path, spec)
     assert done.returncode == 4, done.stderr
     line = one_error_line(done.stderr)
@@ -171,8 +177,7 @@ def test_migrate_pause_of_the_source_in_postcopy_is_recovered(
     ssh_testbed: SSHTestbed, work_root: Path, runs_root: Path,
 ) -> None:
     spec = ssh_scenario(ssh_testbed, work_root, "it-migrate-pause", migration=SLOW_POSTCOPY,
-                        faults=[{"kind": "migrate-pause", "side": "source", "at": "postcopy",
-                                 "after_ms": 300}])
+                        faults=[strike("migrate-pause", "source", "postcopy")])
     run_dir = run_in_process(spec, runs_root)
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["outcome"] == "completed-after-recovery", meta.get("statement")
