@@ -9,7 +9,7 @@ clock.  Both are the same clock on one host.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from migrator.report.schema import Phase
 from migrator.rundir import SIDES
 
-__all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl"]
+__all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl", "time_zero"]
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -74,6 +74,20 @@ class MigrationEvents:
         """(pass number, QEMU ns) of each MIGRATION_PASS on the source."""
         return [(int(e.data.get("pass", 0)), e.qemu_ns) for e in self.events
                 if e.side == "src" and e.name == "MIGRATION_PASS"]
+
+
+def time_zero(marks: Mapping[str, int], phases: Sequence[Phase],
+              started_ns: int) -> tuple[int, str | None]:
+    """t = 0 of a run's report times and plots (host ns), and the phase it starts.
+
+    The ``migrate`` mark; without one the start of the first phase (named); without
+    phases the start of the run (``None``).
+    """
+    if "migrate" in marks:
+        return marks["migrate"], "migrate"
+    if phases:
+        return phases[0].start_ns, phases[0].name
+    return started_ns, None
 
 
 def load_events(run_path: Path) -> MigrationEvents:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from migrator.metrics.events import MigrationEvents
+from migrator.metrics.events import MigrationEvents, PhaseTimeline, time_zero
 from migrator.metrics.guest import GuestObservations
 from migrator.report.schema import FaultRecord, Metric, PauseRecord
 from migrator.rundir import SIDE_OF_ROLE
@@ -302,9 +302,11 @@ def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
     ``scenario`` is the parsed ``scenario.toml``, ``meta`` the parsed ``run.json``.
     """
     marks, events = _items(ev)
-    migrate = next((item.ns for item in marks if item.what == "migrate"), None)
-    origin = migrate if migrate is not None else int(meta.get("started_ns") or 0)
-    since = "the migrate mark" if migrate is not None else "the start of the run"
+    # The HTML plots' t = 0, so that these seconds and their axes agree.
+    origin, start = time_zero(ev.marks, PhaseTimeline.from_events(ev).phases,
+                              int(meta.get("started_ns") or 0))
+    since = ("the migrate mark" if start == "migrate"
+             else f"the start of {start}" if start else "the start of the run")
     run_end = max([int(meta.get("finished_ns") or 0), *(item.ns for item in marks),
                    *(item.ns for item in events)])
 

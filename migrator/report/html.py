@@ -47,7 +47,7 @@ from plotly.subplots import make_subplots  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from migrator.errors import ArtifactError
-from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl
+from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time_zero
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report
@@ -195,15 +195,14 @@ class Clock:
 def run_clock(run_path: Path, report: Report, meta: Mapping[str, Any],
               guest: GuestObservations) -> Clock:
     """The :class:`Clock` of one run (see there)."""
-    marks = load_events(run_path).marks
-    started = int(meta.get("started_ns") or 0)
-    if "migrate" in marks:
-        t0, what, axis = marks["migrate"], "the migrate command", "s since migrate"
-    elif report.phases:
-        first = report.phases[0]
-        t0, what, axis = first.start_ns, f"the start of {first.name}", f"s since {first.name}"
+    t0, start = time_zero(load_events(run_path).marks, report.phases,
+                          int(meta.get("started_ns") or 0))
+    if start == "migrate":
+        what, axis = "the migrate command", "s since migrate"
+    elif start is not None:
+        what, axis = f"the start of {start}", f"s since {start}"
     else:
-        t0, what, axis = started, "the start of the run", "s since the run started"
+        what, axis = "the start of the run", "s since the run started"
     seen = ([p.end_ns or p.start_ns for p in report.phases]
             + [h.host_ns for h in guest.heartbeats]
             + [st.host_start_ns + st.gap_ns for st in guest.stalls if st.host_start_ns])

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from migrator.metrics.events import load_events, read_jsonl
+from migrator.metrics.events import load_events, read_jsonl, time_zero
 from migrator.metrics.guest import GuestObservations, HeartbeatArrival, ProbeStall
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.html import render_run_html
-from migrator.report.schema import Metric, Report
+from migrator.report.schema import Metric, Phase, Report
 from migrator.report.terminal import render_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -403,3 +403,10 @@ def test_recovery_disabled_and_pool_exhausted(tmp_path: Path) -> None:
     assert (fault.kind, fault.status, fault.at, fault.injected.value) == (
         "pool-exhausted", "injected", None, -3.0)
     assert fault.target == "destination hugepages"
+
+
+def test_pause_times_and_plots_share_one_time_zero() -> None:
+    boot = Phase(name="boot", start_ns=50, end_ns=90)
+    assert time_zero({"migrate": 100}, [boot], 10) == (100, "migrate")
+    assert time_zero({}, [boot], 10) == (50, "boot")
+    assert time_zero({}, [], 10) == (10, None)
