@@ -173,12 +173,20 @@ def _safe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The file of a file-backed SQLite ``url`` (not in memory, not a ``file:`` URI)."""
+    database = url.database
+    if (url.get_backend_name() != "sqlite" or not database or database == ":memory:"
+            or database.startswith("file:")):
+        return None
+    return Path(database)
+
+
 def _require_existing(url: URL) -> None:
     """:class:`ConfigError` (``--db``) when ``url`` is a SQLite file that does not exist."""
-    database = url.database
-    if (url.get_backend_name() == "sqlite" and database and database != ":memory:"
-            and not database.startswith("file:") and not Path(database).exists()):
-        raise ConfigError(f"{database}: no such results store; check the path (only "
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
+        raise ConfigError(f"{path}: no such results store; check the path (only "
                           "'migrator results import' creates a store)", field="--db")
 
 
@@ -188,8 +196,9 @@ def _engine(url: URL) -> Engine:
     except (ArgumentError, NoSuchModuleError) as error:
         raise ConfigError(f"{_safe(url)}: {error}", field="--db") from None
     if engine.dialect.name == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
         @sa.event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:
