@@ -31,6 +31,14 @@ T = TypeVar("T")
 QEMU_11_SWITCHOVER: dict[str, object] = {"policy": "after-passes", "passes": 4}
 
 
+def one_error_line(stderr: str) -> str:
+    """The one ``error:`` line a failed migrator command printed (and no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 class TcgGuestCrash(UserWarning):
     """A guest kernel crashed under TCG and the test ran its migration once more."""
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from migrator.config import dump_scenario
-from tests.integration.conftest import scenario
+from tests.integration.conftest import one_error_line, scenario
 from tests.integration.test_interrupt import qemu_processes_mentioning
 
 POOL_1G = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")
@@ -27,11 +27,9 @@ def run_expecting_failure(tmp_path: Path, spec_file: Path) -> tuple[str, Path | 
     runs = tmp_path / "runs"
     done = migrator("run", str(spec_file), "--runs-dir", str(runs))
     assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, done.stderr
+    error = one_error_line(done.stderr)
     run_dirs = list(runs.iterdir()) if runs.exists() else []
-    return f"{done.returncode} {error_lines[0]}", (run_dirs[0] if run_dirs else None)
+    return f"{done.returncode} {error}", (run_dirs[0] if run_dirs else None)
 
 
 def write(tmp_path: Path, **sections: dict[str, object]) -> Path:

@@ -20,6 +20,7 @@ from migrator.metrics.events import read_jsonl
 from tests.integration.conftest import (
     QEMU_11_SWITCHOVER,
     once_more_if_tcg_crashed,
+    one_error_line,
     run_migration,
     scenario,
 )
@@ -75,13 +76,6 @@ def run_cli(tmp_path: Path, spec: Scenario) -> tuple[subprocess.CompletedProcess
         return done, run_dir
 
     return once_more_if_tcg_crashed(attempt, lambda result: result[1])
-
-
-def one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 def assert_recovered(run_dir: Path, outages: int, faults: Sequence[int]) -> dict[str, Any]:
