@@ -316,9 +316,12 @@ def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
         return None if at is None else round((at - origin) / S, 3)
 
     clock = f"controller host wall clock, t = 0 at {since}"
-    pause_source = f"recovery marks (timeline.jsonl) and MIGRATION events; {clock}"
-    if not any(item.what in _RECOVERY_MARKS for item in marks):
+    if any(item.what in _RECOVERY_MARKS for item in marks):  # as _pauses decides
+        pause_source = f"recovery marks (timeline.jsonl) and MIGRATION events; {clock}"
+        attempts_source = "recover-attempt marks (timeline.jsonl)"
+    else:
         pause_source = f"MIGRATION events, postcopy-paused -> postcopy-active; {clock}"
+        attempts_source = "src MIGRATION events entering postcopy-recover"
     gap_source = ("gaps between guest heartbeat arrivals (host wall clock), the longest "
                   "overlapping the pause")
     stall_source = ("guest probe stalls (guest CLOCK_MONOTONIC), the longest overlapping "
@@ -343,7 +346,7 @@ def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
             recovered=Metric(value=seconds(pause.recovered_ns), unit="s", source=pause_source),
             duration=Metric(value=duration, unit="s",
                             source="pause began -> recovered, controller host wall clock"),
-            attempts=pause.attempts,
+            attempts=Metric(value=pause.attempts, unit="attempts", source=attempts_source),
             result="recovered" if pause.recovered_ns is not None else "not recovered",
             note=_note(pause),
             guest_gap=Metric(value=None if gap is None else round(gap[1] / S, 3), unit="s",

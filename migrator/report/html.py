@@ -761,7 +761,9 @@ def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
             _at(clock, pause.recovered_ns, pause.recovered, sources),
             Cell(_value(pause.duration.value), sources.cite(pause.duration.source),
                  pause.duration.source, numeric=True),
-            Cell(str(pause.attempts), numeric=True), Cell(pause.result), *stalls,
+            Cell(_value(pause.attempts.value), sources.cite(pause.attempts.source),
+                 pause.attempts.source, numeric=True),
+            Cell(pause.result), *stalls,
             Cell(pause.note)])
     return table
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -276,7 +276,7 @@ class PauseRecord(_Model):
     recovered_ns: int | None = None
     recovered: Metric
     duration: Metric
-    attempts: int = Field(description="resume attempts (migrate with resume) made")
+    attempts: Metric = Field(description="resume attempts (migrate with resume) made")
     result: Literal["recovered", "not recovered"]
     note: str = ""
     guest_gap: Metric
@@ -286,6 +286,15 @@ class PauseRecord(_Model):
     probe_stall: Metric
     probe_stall_start_ns: int | None = None
     probe_stall_vcpu: int | None = None
+
+    @field_validator("attempts", mode="before")
+    @classmethod
+    def _attempts_of_older_reports(cls, value: object) -> object:
+        # report.json written before attempts named their source held a bare count.
+        if isinstance(value, int):
+            return {"value": value, "unit": "attempts",
+                    "source": "not recorded (report written before attempts had a source)"}
+        return value
 
 
 class FaultRecord(_Model):

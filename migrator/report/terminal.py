@@ -192,10 +192,11 @@ def _render_pauses(report: Report, console: Console, sources: Sources) -> None:
     # One-word headers, sources in the title: 80 columns hold the table uncut.
     table = Table(title=f"Post-copy pauses and recoveries, s since migrate "
                         f"{sources.cite(first.began)}; gap {sources.cite(first.guest_gap)}, "
-                        f"stall {sources.cite(first.probe_stall)}",
+                        f"stall {sources.cite(first.probe_stall)}, "
+                        f"tries {sources.cite(first.attempts)}",
                   title_justify="left", show_edge=False)
     rows = [[str(pause.number), _seconds(pause.began), _seconds(pause.both_paused),
-             _seconds(pause.recovered), _seconds(pause.duration), str(pause.attempts),
+             _seconds(pause.recovered), _seconds(pause.duration), _num(pause.attempts),
              pause.result, (">" if pause.guest_gap_open else "") + _seconds(pause.guest_gap),
              _seconds(pause.probe_stall)]
             for pause in pauses]
