@@ -222,8 +222,8 @@ class PostcopyRecovery:
     @staticmethod
     def _paused_since(monitor: Monitor, since: int) -> bool:
         """Whether ``monitor`` announced ``postcopy-paused`` after event ``since``."""
-        return any(record.name == "MIGRATION" and record.data.get("status") == "postcopy-paused"
-                   for record in monitor.events[since:])
+        index = monitor.last_event_index("MIGRATION", status_in("postcopy-paused"))
+        return index is not None and index >= since
 
     async def _attempt(self, uri: str, wait_s: float) -> str | None:
         """One ``migrate resume``; None when the source reconnected, else why not."""
@@ -278,9 +278,5 @@ class PostcopyRecovery:
 
 def _since_active(monitor: Monitor) -> int:
     """The event count just after ``monitor`` last announced ``postcopy-active`` (0 if never)."""
-    events = monitor.events
-    for index in range(len(events) - 1, -1, -1):
-        record = events[index]
-        if record.name == "MIGRATION" and record.data.get("status") == "postcopy-active":
-            return index + 1
-    return 0
+    index = monitor.last_event_index("MIGRATION", status_in("postcopy-active"))
+    return 0 if index is None else index + 1

@@ -147,6 +147,14 @@ class Monitor:
                 self._arrived.clear()
                 await self._arrived.wait()
 
+    def last_event_index(self, name: str, predicate: EventPredicate | None = None) -> int | None:
+        """Index in :attr:`events` of the latest event ``name`` matching ``predicate``, or None."""
+        for index in range(len(self._history) - 1, -1, -1):
+            record = self._history[index]
+            if record.name == name and (predicate is None or predicate(record)):
+                return index
+        return None
+
     def find_events(self, name: str) -> list[EventRecord]:
         """Every recorded event with this name."""
         return [record for record in self._history if record.name == name]

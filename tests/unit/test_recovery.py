@@ -11,6 +11,8 @@ import pytest
 from migrator.errors import GuestError, IntegrityError, MigrationError, QemuExitedError
 from migrator.migration import recovery
 from migrator.outcome import Outcome, Situation, describe, last_source_ram, switched_over
+from migrator.qemu.monitor import status_in
+from migrator.rundir import JsonlWriter
 from tests.unit.test_driver import ScriptedMonitor, complete, driver_for, later
 
 
@@ -313,3 +315,16 @@ async def test_the_watchdog_reads_the_samplers_replies_when_fresh(tmp_path: Path
     assert source.commands == ["query-migrate"]  # served from the sampler's reply
     await source.fresh_query_migrate(0.0, timeout=1.0)
     assert source.commands == ["query-migrate", "query-migrate"]  # too old: asked anew
+
+
+def test_the_latest_matching_event_is_found_without_copying_the_history(
+    sides: tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter],
+) -> None:
+    src, _, _ = sides
+    assert src.last_event_index("MIGRATION", status_in("postcopy-active")) is None
+    for status in ("postcopy-active", "postcopy-paused", "postcopy-active", "completed"):
+        src.emit("MIGRATION", status=status)
+    assert src.last_event_index("MIGRATION", status_in("postcopy-active")) == 2
+    assert src.last_event_index("MIGRATION", status_in("postcopy-paused")) == 1
+    assert src.last_event_index("MIGRATION") == 3
+    assert src.last_event_index("STOP") is None
