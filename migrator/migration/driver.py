@@ -118,9 +118,7 @@ class MigrationDriver:
             source_end = await source_done
             self.mark("source-finished", status=source_end.data["status"])
             if source_end.data["status"] != "completed":
-                destination_done.cancel()
-                if recovering is not None:
-                    recovering.cancel()
+                # Raising out of the group cancels its other tasks (the waits, recovery).
                 raise MigrationError(
                     f"migration {source_end.data['status']} on the source: "
                     f"{await self._error_desc(self.source)}"
