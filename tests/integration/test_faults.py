@@ -25,7 +25,7 @@ from tests.integration.conftest import (
     scenario,
 )
 from tests.integration.sshhosts import SSHTestbed
-from tests.integration.test_interrupt import POOL, qemu_processes_mentioning
+from tests.integration.test_interrupt import POOL, assert_released
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
 
 # Post-copy throttled so that it is still running when a fault strikes, and a stalled
@@ -194,12 +194,7 @@ def test_exhausted_destination_pool_fails_before_switchover(tmp_path: Path) -> N
     assert "Cannot allocate memory" in line  # QEMU's own reason, from its stderr
     assert "still running on the source" in line
     assert [m["kind"] for m in marks(run_dir, "fault-injected")] == ["pool-exhausted"]
-    assert POOL.read_text() == pool
-    assert qemu_processes_mentioning(run_dir.name) == []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[2] == "hugetlbfs":
-            assert not list(Path(fields[1]).glob(f"migrator-{run_dir.name}*"))
+    assert_released(run_dir, pool)
 
 
 def test_link_down_is_recovered_on_qemu_11(

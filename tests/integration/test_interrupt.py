@@ -102,8 +102,8 @@ def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path
     return strike_mid_postcopy(tmp_path, spec, strike, holds=holds)
 
 
-def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
-    """No QEMU, socket, hugetlbfs file or extra hugepage outlives the run; artifacts stay."""
+def assert_released(run_dir: Path, pool_before: str) -> None:
+    """No QEMU, socket, mount, hugetlbfs file or extra hugepage outlives the run."""
     assert qemu_processes_mentioning(run_dir.name) == []
     assert not list(run_dir.glob("**/*.sock"))
     assert POOL.read_text() == pool_before
@@ -113,6 +113,11 @@ def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
         fields = line.split()
         if fields[2] == "hugetlbfs":
             assert not list(Path(fields[1]).glob(f"migrator-{run_dir.name}*"))
+
+
+def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
+    """:func:`assert_released`, and the raw artifacts collected so far are kept."""
+    assert_released(run_dir, pool_before)
     assert (run_dir / "dst" / "trace.log").stat().st_size > 0
     assert (run_dir / "src" / "events.jsonl").stat().st_size > 0
     assert os.path.getsize(run_dir / "samples.jsonl") > 0
