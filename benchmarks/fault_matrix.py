@@ -165,6 +165,8 @@ class Result:
     """The statement names what the row's ``says`` expects."""
     injected_all: bool = True
     """Every fault of the row struck (a timeline ``fault-injected`` mark each)."""
+    stderr_ok: bool = True
+    """No traceback and at most one ``error:`` line on stderr."""
 
     @property
     def left_count(self) -> int:
@@ -174,7 +176,7 @@ class Result:
     def ok(self) -> bool:
         return (self.exit_code == self.row.expected_exit and self.outcome == self.row.expected
                 and self.left_count == 0 and self.injected_all and self.statement_ok
-                and not any("traceback" in n for n in self.notes))
+                and self.stderr_ok)
 
 
 def migration_section(row: Row) -> dict[str, object]:
@@ -310,9 +312,11 @@ def run_row(row: Row, bed: SSHTestbed | None, out: Path) -> Result:
             result.notes.append(f"hung: killed after {RUN_TIMEOUT_S:g} s")
         if "Traceback" in stderr:
             result.notes.append("traceback on stderr")
+            result.stderr_ok = False
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         if len(errors) > 1:
             result.notes.append(f"{len(errors)} error lines")
+            result.stderr_ok = False
         run_dirs = sorted((row_dir / "runs").glob("*"))
         if len(run_dirs) != 1:
             result.notes.append(f"{len(run_dirs)} run directories")
