@@ -774,11 +774,10 @@ def fault_table(report: Report, sources: Sources, clock: Clock) -> Table:
         "#", "kind", "target", "due", "duration, s", "injected, s", "cleared, s", "status"],
         anchor="faults", note="due: the phase the fault waited for, plus after_ms")
     for fault in report.faults:
-        due = "-" if fault.at is None else f"{fault.at} + {fault.after_ms or 0:,} ms"
         status = fault.status if fault.reason is None else f"{fault.status}: {fault.reason}"
         table.rows.append([
             Cell(str(fault.index), numeric=True), Cell(fault.kind), Cell(fault.target),
-            Cell(due), Cell(_value(fault.duration_s), numeric=True),
+            Cell(fault.due), Cell(_value(fault.duration_s), numeric=True),
             _at(clock, fault.injected_ns, fault.injected, sources),
             _at(clock, fault.cleared_ns, fault.cleared, sources), Cell(status)])
     return table

@@ -319,6 +319,11 @@ class FaultRecord(_Model):
     cleared: Metric
     reason: str | None = None
 
+    @property
+    def due(self) -> str:
+        """When the fault was due: its phase plus ``after_ms`` ("-" for a fault with none)."""
+        return "-" if self.at is None else f"{self.at} + {self.after_ms or 0:,} ms"
+
 
 class Report(_Model):
     """Everything derived from one run directory."""

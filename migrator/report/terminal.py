@@ -245,11 +245,10 @@ def _render_faults(faults: list[FaultRecord], console: Console, sources: Sources
                          else "left")
     for fault in faults:
         kind = fault.kind if fault.duration_s is None else f"{fault.kind} {fault.duration_s:g} s"
-        due = "-" if fault.at is None else f"{fault.at} + {fault.after_ms or 0:,} ms"
         status = escape(fault.status)
         if fault.status in ("not injected", "not recorded"):
             status = f"[yellow]{status}[/yellow]"
-        table.add_row(str(fault.index), escape(kind), escape(fault.target), escape(due),
+        table.add_row(str(fault.index), escape(kind), escape(fault.target), escape(fault.due),
                       _seconds(fault.injected), _seconds(fault.cleared), status)
     console.print(table)
     for fault in faults:
