@@ -12,6 +12,10 @@ completed                      0     the guest runs on the destination, every pa
                                      it wrote verified
 completed-after-recovery       6     the same, after post-copy paused and was
                                      recovered at least once
+completed-without-postcopy     7     post-copy was asked for, but pre-copy completed
+                                     first: the guest runs on the destination and
+                                     verified, yet no page was fetched post-copy, so
+                                     the run did not measure what it was asked to
 failed-before-switchover       4     the guest never left the source (it was still
                                      running there, unless the source QEMU died)
 failed-after-switchover        5     the switch happened and the run failed after
@@ -46,6 +50,7 @@ class Outcome(StrEnum):
 
     COMPLETED = "completed"
     COMPLETED_AFTER_RECOVERY = "completed-after-recovery"
+    COMPLETED_WITHOUT_POSTCOPY = "completed-without-postcopy"
     FAILED_BEFORE_SWITCHOVER = "failed-before-switchover"
     FAILED_AFTER_SWITCHOVER = "failed-after-switchover"
     NOT_STARTED = "not-started"
@@ -69,6 +74,7 @@ EXIT_CODES: dict[Outcome, int] = {
     Outcome.FAILED_BEFORE_SWITCHOVER: 4,
     Outcome.FAILED_AFTER_SWITCHOVER: 5,
     Outcome.COMPLETED_AFTER_RECOVERY: 6,
+    Outcome.COMPLETED_WITHOUT_POSTCOPY: 7,
 }
 
 
@@ -102,6 +108,9 @@ class Situation:
     """The source's last ``ram.transferred``: what the destination had been sent."""
     exited: frozenset[str] = frozenset()
     """Sides (``src``, ``dst``) whose QEMU had exited by itself when the run failed."""
+    postcopy_missed: str | None = None
+    """Why a run that asked for post-copy fetched no page post-copy (None: it did, or
+    it did not ask)."""
 
 
 class RunFailed(MigratorError):
@@ -117,8 +126,9 @@ def _mib(value: int | None) -> str:
     return "an unknown amount" if value is None else f"{value / MIB:.0f} MiB"
 
 
-# Where the amounts in a statement come from.
-_AMOUNTS = " (amounts: the source's last query-migrate, ram.transferred and ram.remaining)"
+# Where the amounts in a statement come from, and what they count.
+_AMOUNTS = (" (amounts from the source's last query-migrate: memory sent is ram.transferred, "
+            "resent pages included; not yet sent is ram.remaining)")
 
 
 def _dead_side(error: MigratorError | None) -> str | None:
@@ -132,6 +142,11 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
     """The outcome and its one-line statement (which side holds what)."""
     error = situation.error
     if error is None:
+        if situation.postcopy_missed is not None:
+            return Outcome.COMPLETED_WITHOUT_POSTCOPY, (
+                f"completed without post-copy: {situation.postcopy_missed}; the guest runs "
+                "on the destination and every page it wrote verified, but no page was "
+                "fetched post-copy, so this run measured no post-copy")
         if situation.recoveries:
             plural = "y" if situation.recoveries == 1 else "ies"
             return Outcome.COMPLETED_AFTER_RECOVERY, (
@@ -165,7 +180,7 @@ def describe(situation: Situation) -> tuple[Outcome, str]:
                  "the guest wrote")
     elif dead == "dst":
         where = (f"the destination QEMU, which ran the guest (its CPU and device state and "
-                 f"{_mib(received)} of memory received), is gone; the source holds only a "
+                 f"{_mib(received)} of memory sent to it), is gone; the source holds only a "
                  "copy of memory as it was at the switch: the VM is lost" + _AMOUNTS)
     elif situation.completed:
         where = ("the migration had completed and the guest ran on the destination with all "

@@ -409,7 +409,15 @@ class MigrationSpec(_Model):
         None, ge=1, le=1 << 20,
         description="post-copy background bandwidth cap; unset = QEMU's default",
     )
-    downtime_limit_ms: int | None = Field(None, ge=1, le=2000000)
+    downtime_limit_ms: int | None = Field(
+        None, ge=1, le=2000000,
+        description="QEMU's downtime-limit on the source: pre-copy completes once what is left "
+                    "fits in this much time at the measured bandwidth. Unset with postcopy = "
+                    "true: held at 0 until the switch, so pre-copy cannot complete first; a "
+                    "value lets it complete if it can (the run then ends "
+                    "completed-without-postcopy, exit 7). Unset without post-copy: QEMU's "
+                    "default (300 ms)",
+    )
     transport: Literal["tcp", "unix"] = "tcp"
     timeout_s: float = Field(600.0, gt=0, le=86400)
     tls: TlsSpec | None = Field(

@@ -10,12 +10,14 @@ from migrator.hgm.detect import DOUBLEMAP_CAPABILITY
 from migrator.qemu.probe import QemuFacts
 
 __all__ = [
+    "POSTCOPY_HOLD_DOWNTIME_MS",
     "TLS_CREDS_ID",
     "UNLIMITED_BANDWIDTH",
     "MigrationPlan",
     "check_capabilities",
     "destination_address",
     "plan_migration",
+    "source_downtime_limit_ms",
     "tls_hostname",
 ]
 
@@ -66,6 +68,21 @@ def tls_hostname(scenario: Scenario) -> str:
     return destination_address(scenario)
 
 
+# With post-copy asked for and no downtime_limit_ms given, the source's downtime-limit is 0:
+# QEMU completes pre-copy only when what is left fits in bandwidth x downtime-limit, so with
+# 0 it cannot complete before the switchover policy fires while the guest dirties any page
+# (QEMU's own post-copy tests hold it at 1 ms for the same reason). It plays no part once
+# post-copy runs: the switch to post-copy does not consult it.
+POSTCOPY_HOLD_DOWNTIME_MS = 0
+
+
+def source_downtime_limit_ms(spec: MigrationSpec) -> int | None:
+    """The ``downtime-limit`` the source gets: the scenario's, else the post-copy hold."""
+    if spec.downtime_limit_ms is not None:
+        return spec.downtime_limit_ms
+    return POSTCOPY_HOLD_DOWNTIME_MS if spec.postcopy else None
+
+
 def _parameters(spec: MigrationSpec) -> dict[str, int | str]:
     parameters: dict[str, int | str] = {
         "max-bandwidth": spec.max_bandwidth_mib_s * MIB
@@ -74,8 +91,9 @@ def _parameters(spec: MigrationSpec) -> dict[str, int | str]:
     }
     if spec.max_postcopy_bandwidth_mib_s:
         parameters["max-postcopy-bandwidth"] = spec.max_postcopy_bandwidth_mib_s * MIB
-    if spec.downtime_limit_ms:
-        parameters["downtime-limit"] = spec.downtime_limit_ms
+    downtime = source_downtime_limit_ms(spec)
+    if downtime is not None:
+        parameters["downtime-limit"] = downtime
     return parameters
 
 

@@ -10,7 +10,14 @@ import pytest
 
 from migrator.errors import GuestError, IntegrityError, MigrationError, QemuExitedError
 from migrator.migration import recovery
-from migrator.outcome import Outcome, Situation, describe, last_source_ram, switched_over
+from migrator.outcome import (
+    EXIT_CODES,
+    Outcome,
+    Situation,
+    describe,
+    last_source_ram,
+    switched_over,
+)
 from migrator.qemu.monitor import status_in
 from migrator.rundir import JsonlWriter
 from tests.unit.test_driver import ScriptedMonitor, complete, driver_for, later
@@ -204,11 +211,23 @@ def test_every_outcome_has_its_statement() -> None:
     assert outcome is Outcome.FAILED_AFTER_SWITCHOVER
     assert "300 MiB" in said
     assert "the VM is lost" in said
-    assert "amounts: the source's last query-migrate" in said  # each number names its source
+    # Each number names its source and what it counts: ram.transferred includes resends,
+    # so it can exceed the guest's memory and must not read as "memory received".
+    assert "300 MiB of memory sent to it" in said
+    assert "received" not in said
+    assert "memory sent is ram.transferred, resent pages included" in said
     outcome, said = describe(Situation(switched=True, recoveries=1, error=dead_src,
                                        source_remaining_bytes=64 << 20))
     assert outcome is Outcome.FAILED_AFTER_SWITCHOVER
     assert "64 MiB of guest memory not yet sent" in said
+    assert "not yet sent is ram.remaining" in said
+    outcome, said = describe(Situation(
+        switched=True, recoveries=0,
+        postcopy_missed="pre-copy completed before the switchover policy fired"))
+    assert outcome is Outcome.COMPLETED_WITHOUT_POSTCOPY
+    assert EXIT_CODES[outcome] == 7
+    assert "no page was fetched post-copy" in said
+    assert "pre-copy completed before the switchover policy fired" in said
 
 
 def test_a_dead_source_is_named_whichever_failure_was_noticed_first() -> None:
@@ -296,16 +315,23 @@ async def test_a_clean_up_error_never_replaces_the_error_that_ended_the_run() ->
     async def failing_cleanup() -> None:
         raise HostError("not connected")
 
+    problems: list[str] = []
+    teardowns: list[str] = []
+
     async def run(failure: Exception | None) -> None:
-        async with _exit_stack_keeping_first_error() as stack:
+        async with _exit_stack_keeping_first_error(
+                problems, lambda: teardowns.append("begun")) as stack:
             stack.push_async_callback(failing_cleanup)
             if failure is not None:
                 raise failure
 
     with pytest.raises(QemuExitedError, match="killed"):
         await run(QemuExitedError("killed", name="dst"))
+    # Kept for run.json's teardown record, so no one claims a clean teardown.
+    assert problems == ["clean-up: not connected"]
     with pytest.raises(HostError, match="not connected"):  # alone, it is the error
         await run(None)
+    assert teardowns == ["begun", "begun"]
 
 
 async def test_the_watchdog_reads_the_samplers_replies_when_fresh(tmp_path: Path) -> None:
