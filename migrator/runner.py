@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -31,7 +32,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 from migrator import __version__
 from migrator.aio import background, first_error, guarded
@@ -68,10 +70,18 @@ from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, destination_address, plan_migration
 from migrator.migration.tls import enable_tls
-from migrator.outcome import Outcome, RunFailed, Situation, describe, last_source_ram, switched_over
+from migrator.outcome import (
+    Outcome,
+    RunFailed,
+    Situation,
+    describe,
+    last_source_ram,
+    switched_over,
+)
 from migrator.preflight import Role, check_hosts, raise_unmet
 from migrator.qemu.accel import AccelDecision, decide_accel, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
+from migrator.qemu.known_issues import tcg_dirty_tracking_refusal
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 from migrator.rundir import SIDES, JsonlWriter, RunDir
@@ -87,6 +97,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migrator"))
 # sun_path holds 108 bytes.  Longer socket paths move to a private temp dir on a
@@ -315,6 +326,7 @@ class _Run:
         self.timeline = run.jsonl("timeline.jsonl")
         self.hgm: HgmDecision | None = None
         self.booted = False
+        self.teardown_problems: list[str] = []
         self.recoveries = 0
         self.exited: frozenset[str] = frozenset()
 
@@ -334,13 +346,66 @@ class _Run:
             switched=switched_over(statuses), completed=("dst", "completed") in statuses,
             recoveries=self.recoveries, error=error,
             booted=self.booted, source_remaining_bytes=remaining,
-            destination_received_bytes=transferred, exited=self.exited))
+            destination_received_bytes=transferred, exited=self.exited,
+            postcopy_missed=self._postcopy_missed(statuses) if error is None else None))
         self.meta.update(outcome=outcome.value, statement=statement, recoveries=self.recoveries)
         return outcome
+
+    def _postcopy_missed(self, statuses: list[tuple[str, str]]) -> str | None:
+        """Why a run that asked for post-copy fetched nothing post-copy; None if it did.
+
+        From the raw artifacts: the MIGRATION events (did either side ever
+        enter post-copy) and the source's final ``query-migrate``
+        (``ram.postcopy-bytes``, where the QEMU reports it).
+        """
+        if not self.scenario.migration.postcopy:
+            return None
+        try:
+            final = json.loads((self.run.path / "final-query-migrate.json").read_text())
+            ram = final.get("src", {}).get("ram", {})
+        except (FileNotFoundError, ValueError, AttributeError):
+            ram = {}
+        passes = ram.get("dirty-sync-count", "unknown")
+        if not any(status.startswith("postcopy") for _side, status in statuses):
+            return ("pre-copy completed before the switchover policy fired (source "
+                    f"dirty-sync-count {passes}); migration.downtime_limit_ms, if set, let it "
+                    "converge, or the guest dirtied too little memory")
+        if ram.get("postcopy-bytes") == 0:
+            return ("post-copy began but the source sent no byte in it (ram.postcopy-bytes 0, "
+                    f"dirty-sync-count {passes})")
+        return None
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
         self.observer.phase(what, ", ".join(f"{k}={v}" for k, v in details.items()))
+
+    async def teardown_step(self, stack: AsyncExitStack, step: str,
+                            resource: AbstractAsyncContextManager[T]) -> T:
+        """Enter ``resource`` on ``stack``; its release is marked on the timeline as ``step``.
+
+        A release that fails is also kept in :attr:`teardown_problems` (run.json's
+        ``teardown``), so nothing claims a clean teardown that did not happen.
+        """
+        return await stack.enter_async_context(_RecordedRelease(self, step, resource))
+
+    def released(self, step: str, error: BaseException | None) -> None:
+        """Record one teardown step (see :meth:`teardown_step`)."""
+        if error is None:
+            self.mark("teardown-step", step=step, ok=True)
+        else:
+            problem = f"{step}: {error}"
+            self.teardown_problems.append(problem)
+            self.mark("teardown-step", step=step, ok=False, error=str(error))
+
+    def refuse_known_bad(self, facts: QemuFacts, accel: AccelDecision) -> None:
+        """:class:`PreflightError` for a QEMU and accelerator known to corrupt this plan.
+
+        Only the source's QEMU tracks dirty pages, so only its version matters.
+        """
+        reason = tcg_dirty_tracking_refusal(facts.version, accel.accel, self.scenario.migration)
+        if reason is not None:
+            self.mark("refused", reason=reason)
+            raise PreflightError(f"vm.qemu: {reason}")
 
     async def preflight(self, hosts: dict[Side, Host]) -> dict[Side, QemuFacts]:
         """The hosts preflight (as ``migrator hosts check``), then the QEMU facts to launch."""
@@ -457,7 +522,8 @@ class _Run:
             if isinstance(spec, SSHHostSpec):
                 root = spec.work_dir / self.run.run_id
                 if host not in staged:
-                    await stack.enter_async_context(remote_run_dir(host, root, self.run))
+                    await self.teardown_step(stack, f"work directory removed on {host.name}",
+                                             remote_run_dir(host, root, self.run))
                     staged[host] = await stage_guest(host, guest, root / "guest")
                 directory = root / side
                 await host.make_private_dir(directory)
@@ -505,13 +571,18 @@ class _Run:
         async with scenario_hosts(scenario) as (source, destination):
             hosts: dict[Side, Host] = {"src": source, "dst": destination}
             facts = await self.preflight(hosts)
-            async with _exit_stack_keeping_first_error() as stack:
+            async with _exit_stack_keeping_first_error(
+                    self.teardown_problems, lambda: self.mark("teardown")) as stack:
+                # Pushed first, so it runs last: every release has been tried by then.
+                stack.callback(lambda: self.mark("teardown-done",
+                                                 clean=not self.teardown_problems))
                 # Memory first: a hugepage shortfall must stop the run before anything boots.
                 mem_paths = await self.reserve_memory(stack, source, destination)
                 self.mark("guest-build")
                 guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
                 self.meta["guest"] = {k: str(v) for k, v in asdict(guest).items()}
                 accel = await self.choose_accel(hosts, facts, guest)
+                self.refuse_known_bad(facts["src"], accel)
                 places = await self.place(stack, hosts, guest)
 
                 src, src_console = await self.start_vm(
@@ -546,7 +617,8 @@ class _Run:
         host = place.host
         # QEMU removes its listening sockets when it exits, but not when it is killed.
         stack.push_async_callback(host.remove_tree, place.serial_socket)
-        qemu = await stack.enter_async_context(
+        qemu = await self.teardown_step(
+            stack, f"{side} QEMU stopped",
             QemuProcess.from_spec(host, spec, self.run.side(side), host_dir=place.host_dir))
         self.booted = True
         serial = await stack.enter_async_context(host.forward_unix_socket(place.serial_socket))
@@ -563,15 +635,23 @@ class _Run:
             return mem_paths
         size_kib, per_vm = _pages_needed(self.scenario)
         if source is destination:
-            await stack.enter_async_context(reserve_hugepages(source, size_kib, 2 * per_vm))
-            shared = await stack.enter_async_context(
+            added = await self.teardown_step(
+                stack, f"hugepages given back on {source.name}",
+                reserve_hugepages(source, size_kib, 2 * per_vm))
+            shared = await self.teardown_step(
+                stack, f"hugetlbfs directory removed on {source.name}",
                 hugetlbfs_dir(source, size_kib, self.run.run_id))
             mem_paths = {"src": shared, "dst": shared}
+            self.mark("hugepages-added", host=source.name, page_kib=size_kib, pages=added)
         else:
             for side, host in (("src", source), ("dst", destination)):
-                await stack.enter_async_context(reserve_hugepages(host, size_kib, per_vm))
-                mem_paths[side] = await stack.enter_async_context(
+                added = await self.teardown_step(
+                    stack, f"hugepages given back on {host.name}",
+                    reserve_hugepages(host, size_kib, per_vm))
+                mem_paths[side] = await self.teardown_step(
+                    stack, f"hugetlbfs directory removed on {host.name}",
                     hugetlbfs_dir(host, size_kib, self.run.run_id))
+                self.mark("hugepages-added", host=host.name, page_kib=size_kib, pages=added)
         self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
         return mem_paths
 
@@ -739,11 +819,15 @@ async def _heartbeats_continue(console: GuestConsole) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _exit_stack_keeping_first_error() -> AsyncIterator[AsyncExitStack]:
+async def _exit_stack_keeping_first_error(
+    problems: list[str], begin_teardown: Callable[[], None],
+) -> AsyncIterator[AsyncExitStack]:
     """An exit stack whose clean-up errors never replace the error that ended its block.
 
-    They are logged instead: the outcome must state what went wrong (or that the
-    run was interrupted), not what failed afterwards while tidying up.
+    They are logged and kept in ``problems`` instead: the outcome must state what
+    went wrong (or that the run was interrupted), not what failed afterwards
+    while tidying up.  ``begin_teardown`` is called as the block ends, however
+    it ends, before the first resource is released.
     """
     failure: BaseException | None = None
     try:
@@ -753,11 +837,40 @@ async def _exit_stack_keeping_first_error() -> AsyncIterator[AsyncExitStack]:
             except BaseException as error:
                 failure = error
                 raise
+            finally:
+                begin_teardown()
     except Exception as cleanup_error:
         if failure is None or cleanup_error is failure:
             raise
         log.warning("clean-up after the failure also failed: %s", cleanup_error)
+        if not any(str(cleanup_error) in problem for problem in problems):
+            problems.append(f"clean-up: {cleanup_error}")
         raise failure from failure.__cause__
+
+
+class _RecordedRelease(AbstractAsyncContextManager[T]):
+    """A resource whose release is reported to the run (see :meth:`_Run.teardown_step`)."""
+
+    def __init__(self, run: _Run, step: str, resource: AbstractAsyncContextManager[T]) -> None:
+        self.run = run
+        self.step = step
+        self.resource = resource
+
+    async def __aenter__(self) -> T:
+        return await self.resource.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> bool | None:
+        try:
+            suppress = await self.resource.__aexit__(kind, error, trace)
+        except BaseException as failure:
+            if failure is error:
+                self.run.released(self.step, None)
+            else:
+                self.run.released(self.step, failure)
+            raise
+        self.run.released(self.step, None)
+        return suppress
 
 
 async def _exited_by_themselves(*qemus: QemuProcess) -> frozenset[str]:
@@ -819,7 +932,13 @@ async def run_scenario(
     state.save_meta()
     try:
         await state.execute()
-        state.conclude(None)
+        if state.conclude(None) is Outcome.COMPLETED_WITHOUT_POSTCOPY:
+            # It completed, but did not measure what it was asked to: not a success.
+            missed = RunFailed(Outcome.COMPLETED_WITHOUT_POSTCOPY, state.meta["statement"])
+            missed.run_dir = run.path  # type: ignore[attr-defined]
+            raise missed
+    except RunFailed:
+        raise
     except MigratorError as caught:
         crash = _guest_crash(run) if isinstance(caught, QemuError | GuestError) else None
         if crash:
@@ -835,6 +954,8 @@ async def run_scenario(
         state.meta["outcome"] = Outcome.INTERRUPTED.value
         raise
     finally:
+        state.meta["teardown"] = {"clean": not state.teardown_problems,
+                                  "problems": state.teardown_problems}
         state.meta["finished_ns"] = time.time_ns()
         state.timeline.close()
         state.save_meta()
