@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from migrator.cli.console import stdout_console
 from migrator.cli.results import (
     EXIT_BAD_INPUT,
     EXIT_REGRESSION,
@@ -23,7 +24,6 @@ from migrator.cli.results import (
     ThresholdOption,
     _error,
     _open,
-    _stdout,
     _thresholds,
     err,
 )
@@ -96,7 +96,7 @@ def dashboard(
         err.print(f"[bold red]error:[/bold red] cannot write the dashboard: {escape(str(error))}",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    console = _stdout()
+    console = stdout_console()
     console.print(f"dashboard: {result.index} ({len(result.scenarios)} scenarios, "
                   f"{result.run_pages_written} run pages written, {result.run_pages_kept} "
                   f"unchanged, {result.timings['total']:.1f} s)", highlight=False, soft_wrap=True)

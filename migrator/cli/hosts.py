@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from migrator.cli.console import stdout_console
 from migrator.config.loader import load_scenario
 from migrator.config.models import Accel, Scenario
 from migrator.errors import MigratorError, PreflightError
@@ -81,7 +82,7 @@ def check(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON, not tables")] = False,
 ) -> None:
     """Check each host of a scenario; exit 3 when any need is unmet."""
-    out = Console()
+    out = stdout_console()
     err = Console(stderr=True)
     try:
         loaded = load_scenario(scenario)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from migrator.cli.bench import bench
+from migrator.cli.console import stdout_console
 from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
@@ -36,7 +37,7 @@ app.command("bench")(bench)
 app.command("dashboard")(dashboard)
 
 err = Console(stderr=True, log_path=False)
-out = Console()
+out = stdout_console()
 
 
 def _fail(error: MigratorError, exit_code: int | None = None) -> typer.Exit:

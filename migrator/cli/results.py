@@ -21,6 +21,7 @@ from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
+from migrator.cli.console import stdout_console
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 
 if TYPE_CHECKING:
@@ -34,12 +35,6 @@ results_app = typer.Typer(no_args_is_help=True,
 
 err = Console(stderr=True)
 
-
-def _stdout() -> Console:
-    """Console for tables: a terminal's width, or 140 columns when piped."""
-    console = Console()
-    # Piped output (CI logs) has no width; rich's 80 columns would cut every number short.
-    return console if console.is_terminal else Console(width=140)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", metavar="PATH|URL",
@@ -91,7 +86,7 @@ def import_runs(
         _error(error)
         raise typer.Exit(error.exit_code) from None
     status = 0
-    out = _stdout()
+    out = stdout_console()
     with store:
         for run_dir in run_dirs:
             try:
@@ -131,7 +126,7 @@ def list_runs(
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=_iso))
         return
-    out = _stdout()
+    out = stdout_console()
     table = Table(show_edge=False)
     # Run ids are what people copy into selectors: never cut them short.
     table.add_column("run", no_wrap=True, min_width=max((len(r["run_id"]) for r in rows),
@@ -273,7 +268,7 @@ def compare(
         }
         typer.echo(json.dumps(doc, indent=2))
     else:
-        out = _stdout()
+        out = stdout_console()
         for label, selector, run_ids in (("baseline: ", selectors[0], ids[0]),
                                          ("candidate:", selectors[1], ids[1])):
             out.print(f"{label} {selector} ({_runs(len(run_ids))})", highlight=False)
