@@ -86,8 +86,8 @@ async def ensure_guest(
     Builds the initramfs into ``cache_dir`` unless an identical build is
     already there.  Raises :class:`MissingResource` when the kernel, busybox or
     the compiler is absent, :class:`ConfigError` (``guest.kernel``) when a
-    ``kernel`` given is not an x86 bzImage, :class:`GuestBuildError` when a build
-    step fails.
+    ``kernel`` given exists but is not a regular file or not an x86 bzImage,
+    :class:`GuestBuildError` when a build step fails.
     """
     kernel_path, release = await asyncio.to_thread(_locate_kernel, kernel)
     cc_path = await asyncio.to_thread(shutil.which, cc)
@@ -210,7 +210,7 @@ def kernel_release(kernel: Path) -> str:
     with kernel.open("rb") as f:
         head = f.read(0x10000)
     if head[0x202:0x206] != b"HdrS":
-        raise GuestBuildError(f"{kernel} is not an x86 bzImage (no HdrS setup header)")
+        raise GuestBuildError(f"{kernel} is not a Linux kernel image (no x86 bzImage header)")
     (pointer,) = struct.unpack_from("<H", head, 0x20E)
     start = 0x200 + pointer
     end = head.find(b"\0", start)
@@ -227,12 +227,28 @@ def _version_key(release: str) -> tuple[tuple[int, int | str], ...]:
     )
 
 
+# What a path that exists but is not a regular file is, by its stat mode.
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_kernel(problem: str) -> ConfigError:
+    """The scenario's ``guest.kernel`` names something that is not a kernel: bad input."""
+    return ConfigError(f"{problem}; point it at an x86 bzImage such as /boot/vmlinuz-*, or "
+                       "remove it for the newest one", field="guest.kernel")
+
+
 def _locate_kernel(kernel: Path | None) -> tuple[Path, str]:
     given = kernel is not None
     if kernel is None:
         kernel = find_kernel()
-    elif not kernel.is_file():
+    elif not kernel.exists():
         raise MissingResource(f"guest kernel {kernel} does not exist; {KERNEL_FIX}")
+    elif not kernel.is_file():
+        mode = kernel.stat().st_mode
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "another kind of file")
+        raise _not_a_kernel(f"{kernel} is not a regular file (it is {kind})")
     try:
         release = kernel_release(kernel)
     except OSError as exc:
@@ -241,8 +257,7 @@ def _locate_kernel(kernel: Path | None) -> tuple[Path, str]:
         if not given:
             raise
         # The scenario named a file that is not a kernel: its value is what to fix.
-        raise ConfigError(f"{exc}; point it at an x86 bzImage such as /boot/vmlinuz-*, or "
-                          "remove it for the newest one", field="guest.kernel") from None
+        raise _not_a_kernel(str(exc)) from None
     config = kernel.parent / f"config-{release}"
     if config.is_file():
         text = config.read_text(errors="replace")

@@ -443,7 +443,7 @@ def test_kernel_release_reads_the_setup_header(tmp_path: Path) -> None:
     image = fake_bzimage(tmp_path / "bzImage", b"6.18.0-test (builder@host) #1 SMP")
     assert kernel_release(image) == "6.18.0-test"
     (tmp_path / "not-a-kernel").write_bytes(b"\0" * 0x1000)
-    with pytest.raises(GuestBuildError, match="not an x86 bzImage"):
+    with pytest.raises(GuestBuildError, match="not a Linux kernel image"):
         kernel_release(tmp_path / "not-a-kernel")
 
 
@@ -455,10 +455,28 @@ def test_given_kernel_that_is_not_a_kernel_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         asyncio.run(ensure_guest(tmp_path / "cache", text, cc="no-such-cc"))
     message = str(caught.value)
-    assert message.startswith(f"guest.kernel: {text} is not an x86 bzImage")
+    assert message.startswith(f"guest.kernel: {text} is not a Linux kernel image (no x86 "
+                              "bzImage header)")
     assert "/boot/vmlinuz-*" in message
     assert caught.value.exit_code == 2
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("kernel", "says"), [
+    ("/dev/zero", "/dev/zero is not a regular file (it is a character device)"),
+    ("{tmp}", "{tmp} is not a regular file (it is a directory)"),
+])
+def test_given_kernel_that_is_not_a_file_is_bad_input(tmp_path: Path, kernel: str,
+                                                      says: str) -> None:
+    # It exists, so "does not exist" would send the user looking for the wrong problem.
+    path = Path(kernel.format(tmp=tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(ensure_guest(tmp_path / "cache", path, cc="no-such-cc"))
+    message = str(caught.value)
+    assert message.startswith(f"guest.kernel: {says.format(tmp=tmp_path)}; point it at")
+    assert "does not exist" not in message
+    assert "\n" not in message
+    assert caught.value.exit_code == 2
 
 
 def test_missing_kernel_names_path_and_fix(tmp_path: Path) -> None:
@@ -466,7 +484,7 @@ def test_missing_kernel_names_path_and_fix(tmp_path: Path) -> None:
         MissingResource, match=r"vmlinuz-\* does not exist.*linux-image-cloud-amd64"
     ):
         find_kernel(tmp_path)
-    with pytest.raises(MissingResource, match=r"nope.*linux-image-cloud-amd64"):
+    with pytest.raises(MissingResource, match=r"nope does not exist.*linux-image-cloud-amd64"):
         asyncio.run(ensure_guest(tmp_path, tmp_path / "nope"))
 
 
