@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from migrator.config import dump_scenario
+from tests.integration.children import run_migrator
 from tests.integration.conftest import one_error_line, scenario
 from tests.integration.test_interrupt import qemu_processes_mentioning
 
@@ -19,8 +19,7 @@ POOL_1G = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")
 
 
 def migrator(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
+    return run_migrator(args, timeout=120)
 
 
 def run_expecting_failure(tmp_path: Path, spec_file: Path) -> tuple[str, Path | None]:

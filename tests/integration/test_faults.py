@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.events import read_jsonl
+from tests.integration.children import run_migrator
 from tests.integration.conftest import (
+    QEMU_7_SWITCHOVER,
     QEMU_11_SWITCHOVER,
-    once_more_if_tcg_crashed,
     one_error_line,
     run_migration,
     scenario,
@@ -67,15 +67,10 @@ def run_cli(tmp_path: Path, spec: Scenario) -> tuple[subprocess.CompletedProcess
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(dump_scenario(spec))
 
-    def attempt(number: int) -> tuple[subprocess.CompletedProcess[str], Path]:
-        runs = tmp_path / f"runs-{number}"
-        done = subprocess.run(
-            [sys.executable, "-m", "migrator", "run", str(spec_file), "--runs-dir", str(runs)],
-            capture_output=True, text=True, timeout=600, check=False)
-        [run_dir] = runs.iterdir()
-        return done, run_dir
-
-    return once_more_if_tcg_crashed(attempt, lambda result: result[1])
+    runs = tmp_path / "runs"
+    done = run_migrator(["run", str(spec_file), "--runs-dir", str(runs)], timeout=600)
+    [run_dir] = runs.iterdir()
+    return done, run_dir
 
 
 def assert_recovered(run_dir: Path, outages: int, faults: Sequence[int]) -> dict[str, Any]:
@@ -195,6 +190,19 @@ def test_exhausted_destination_pool_fails_before_switchover(tmp_path: Path) -> N
     assert "still running on the source" in line
     assert [m["kind"] for m in marks(run_dir, "fault-injected")] == ["pool-exhausted"]
     assert_released(run_dir, pool)
+
+
+def test_link_down_is_recovered_on_qemu_7_2(
+    ssh_testbed: SSHTestbed, work_root: Path, runs_root: Path, qemu_7_root: Path,
+) -> None:
+    # QEMU 7.2 reports a failed reconnect only on stderr (migration/recovery.py): it must
+    # recover all the same. Post-copy from the start keeps it clear of its TCG bug.
+    spec = ssh_scenario(ssh_testbed, work_root, "it-link-down-7",
+                        migration=SLOW_POSTCOPY | {"switchover": QEMU_7_SWITCHOVER},
+                        vm={"qemu_root": str(qemu_7_root)}, faults=[link_down("postcopy")])
+    run_dir = run_in_process(spec, runs_root)
+    assert_recovered(run_dir, outages=1, faults=[0])
+    assert leftovers(ssh_testbed, work_root) == NOTHING
 
 
 def test_link_down_is_recovered_on_qemu_11(

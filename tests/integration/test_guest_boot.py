@@ -1,4 +1,4 @@
-"""The microguest on a real QEMU 7.2 under TCG: boot, heartbeats, a QMP stop, verify.
+"""The microguest on the host's QEMU under TCG: boot, heartbeats, a QMP stop, verify.
 
 Needs qemu-system-x86_64, a kernel in /boot, gcc and busybox-static.  Uses
 plain anonymous guest RAM (no hugepages) and no network.

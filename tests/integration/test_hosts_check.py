@@ -6,18 +6,17 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 from migrator.config import dump_scenario
+from tests.integration.children import run_migrator
 from tests.integration.conftest import scenario
 
 
 def check(tmp_path: Path, **sections: dict[str, object]) -> subprocess.CompletedProcess[str]:
     spec = tmp_path / "s.toml"
     spec.write_text(dump_scenario(scenario("it-hosts", **sections)))
-    return subprocess.run([sys.executable, "-m", "migrator", "hosts", "check", str(spec),
-                           "--json"], capture_output=True, text=True, timeout=120, check=False)
+    return run_migrator(["hosts", "check", str(spec), "--json"], timeout=120)
 
 
 def test_local_host_facts_and_needs(tmp_path: Path) -> None:
@@ -38,7 +37,8 @@ def test_local_host_facts_and_needs(tmp_path: Path) -> None:
     assert host["userfaultfd"] is True
     assert host["mem_available_mib"] > 0
     assert abs(host["clock_offset_ms"]) <= host["clock_rtt_ms"]
-    # This kernel has no HGM: the real MADV_SPLIT probe says so, and so does QEMU 7.2.
+    # This kernel has no HGM: the real MADV_SPLIT probe says so; the host's QEMU has no
+    # hugetlb-doublemap.
     assert host["hgm"]["supported"] is False
     assert host["hgm"]["madv_split"] == "not supported: EINVAL"
     assert host["hgm"]["qemu_doublemap"] is False

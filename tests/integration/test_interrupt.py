@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from migrator.config import Scenario, dump_scenario
+from tests.integration.children import migrator_child
 from tests.integration.conftest import one_error_line, scenario
 
 POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
@@ -67,11 +67,8 @@ def strike_mid_postcopy(
     scenario_file = tmp_path / "s.toml"
     scenario_file.write_text(dump_scenario(spec))
     runs = tmp_path / "runs"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", str(scenario_file), "--runs-dir", str(runs)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with migrator_child(["run", str(scenario_file), "--runs-dir", str(runs)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
         wait_for(lambda: runs.exists() and any(runs.iterdir()), 60, "the run directory")
         run_dir = next(runs.iterdir())
         wait_for(lambda: dst_in_postcopy(run_dir), postcopy_timeout,
@@ -79,10 +76,6 @@ def strike_mid_postcopy(
         holds(run_dir)
         strike(child, run_dir)
         _, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     return child, stderr, run_dir
 
 

@@ -1,7 +1,9 @@
-"""QEMU 11.1 from a separate root filesystem: probed, migrated, compared with the host's 7.2.
+"""QEMUs from separate root filesystems: probed, migrated, and three generations compared.
 
-The root is the Debian sid root of ``scripts/make-qemu-root`` (fixture
-``qemu_11_root``), run from outside with its own loader (docs/qemu-notes.md, 2A).
+The roots are Debian's sid (QEMU 11.1) and bookworm (Debian 12's own 7.2) made by
+``scripts/make-qemu-root`` (fixtures ``qemu_11_root``, ``qemu_7_root``), run from
+outside with their own loaders (docs/qemu-notes.md, 2A); the host's QEMU is the
+default one scripts/setup installs (10.0 from bookworm-backports on Debian 12).
 """
 
 from __future__ import annotations
@@ -9,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from migrator.config import dump_scenario
 from migrator.errors import PreflightError
 from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.qemu.probe import probe_qemu
 from migrator.runner import run_scenario
+from tests.integration.children import run_migrator
 from tests.integration.conftest import (
+    QEMU_7_SWITCHOVER,
     QEMU_11_SWITCHOVER,
-    bench_once_more_if_tcg_crashed,
+    one_error_line,
     run_migration,
     scenario,
 )
@@ -97,7 +100,6 @@ workload = {{ working_set_mib = 256, write_pct = 50, warmup_s = 0.5, settle_s = 
 
 [base.migration]
 postcopy = true
-downtime_limit_ms = 1
 timeout_s = 300
 switchover = {{ policy = "after-seconds", seconds = 0.3 }}
 
@@ -110,29 +112,68 @@ values = ["hugetlb-2m"]
 name = "qemu"
 [axes.values]
 host = {{ "vm.qemu" = "qemu-system-x86_64" }}
-sid = {{ "vm.qemu_root" = "{root}", "migration.switchover" = {switchover} }}
+bookworm = {{ "vm.qemu_root" = "{root_7}", "migration.switchover" = {switchover_7} }}
+sid = {{ "vm.qemu_root" = "{root_11}", "migration.switchover" = {switchover_11} }}
 """
 
 
-def test_bench_compares_the_hosts_qemu_with_the_roots(qemu_11_root: Path,
-                                                       tmp_path: Path) -> None:
+def _inline(table: dict[str, object]) -> str:
+    return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in table.items()) + " }"
+
+
+
+def test_bench_compares_three_qemu_generations(qemu_7_root: Path, qemu_11_root: Path,
+                                               tmp_path: Path) -> None:
     suite = tmp_path / "suite.toml"
-    switchover = ", ".join(f"{key} = {json.dumps(value)}"
-                           for key, value in QEMU_11_SWITCHOVER.items())
-    suite.write_text(SUITE.format(root=qemu_11_root, switchover=f"{{ {switchover} }}"))
+    suite.write_text(SUITE.format(root_7=qemu_7_root, switchover_7=_inline(QEMU_7_SWITCHOVER),
+                                  root_11=qemu_11_root,
+                                  switchover_11=_inline(QEMU_11_SWITCHOVER)))
     out = tmp_path / "out"
-    done = bench_once_more_if_tcg_crashed(
-        lambda extra: subprocess.run(
-            [sys.executable, "-m", "migrator", "bench", str(suite), "--out", str(out), *extra],
-            capture_output=True, text=True, timeout=900, check=False),
-        out)
+    done = run_migrator(["bench", str(suite), "--out", str(out)], timeout=900)
     state = json.loads((out / "suite.json").read_text())
     outcomes = {run_id: (record["status"], record["error"])
                 for run_id, record in state["runs"].items()}
     assert done.returncode == 0, (outcomes, done.stderr[-3000:])
     rows = {row["qemu"]: row for row in csv.DictReader((out / "page-size.csv").open())}
-    assert sorted(rows) == ["host", "sid"]
-    assert rows["host"]["row"].startswith("2 MiB qemu=host QEMU 7.2.")
+    assert sorted(rows) == ["bookworm", "host", "sid"]
+    assert rows["bookworm"]["row"].startswith("2 MiB qemu=bookworm QEMU 7.2.")
+    assert rows["host"]["row"].startswith("2 MiB qemu=host QEMU 10.0.")
     assert rows["sid"]["row"].startswith("2 MiB qemu=sid QEMU 11.1.")
     assert all(float(row["fetch_p50_ms"]) > 0 for row in rows.values())
     assert "QEMU 11.1." in done.stdout
+
+
+def test_qemu_7_2_under_tcg_refuses_a_plan_past_its_first_round(
+    qemu_7_root: Path, tmp_path: Path,
+) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(dump_scenario(scenario(
+        "it-qemu-7-refused", vm={"qemu_root": str(qemu_7_root), "accel": "tcg"})))
+    pools = {path: path.read_text()
+             for path in Path("/sys/kernel/mm/hugepages").glob("*/nr_hugepages")}
+    runs = tmp_path / "runs"
+    done = run_migrator(["run", str(spec), "--runs-dir", str(runs)], timeout=300)
+    assert done.returncode == 3, done.stderr
+    error = one_error_line(done.stderr)
+    assert "QEMU 7.2." in error, error
+    assert "03bfc2188f" in error, error
+    assert 'policy = "immediately"' in error  # the setting that is safe on this QEMU
+    # Refused before boot: no QEMU ran, nothing is left.
+    [run_dir] = runs.iterdir()
+    assert not (run_dir / "src" / "argv.json").exists()
+    assert {path: path.read_text() for path in pools} == pools
+
+
+def test_postcopy_on_qemu_7_2_switching_immediately(qemu_7_root: Path,
+                                                    runs_root: Path) -> None:
+    run = run_migration(
+        scenario("it-qemu-7", vm={"backing": "hugetlb-2m", "qemu_root": str(qemu_7_root)},
+                 migration={"switchover": QEMU_7_SWITCHOVER}),
+        runs_root)
+    report = build_report(run.path)
+    assert report.outcome == "completed"
+    assert report.environment["qemu_version"].startswith("7.2.")
+    assert report.integrity["bad_pages"] == 0
+    final = json.loads((run.path / "final-query-migrate.json").read_text())["src"]["ram"]
+    assert final["postcopy-bytes"] > 0
+    assert final["dirty-sync-count"] <= 2  # within the bug's safe envelope

@@ -24,6 +24,7 @@ import pytest
 from migrator.config import dump_scenario
 from migrator.metrics.summary import build_report
 from migrator.migration.tls import generate_credentials
+from tests.integration.children import run_migrator
 from tests.integration.conftest import one_error_line, run_migration
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
@@ -186,9 +187,7 @@ def test_untrusted_peer_stops_the_migration(
         migration={"tls": {"source_dir": str(source_dir),
                            "destination_dir": str(destination_dir)}})))
     runs = tmp_path / "runs"
-    done = subprocess.run(
-        [sys.executable, "-m", "migrator", "run", str(spec), "--runs-dir", str(runs)],
-        capture_output=True, text=True, timeout=900, check=False)
+    done = run_migrator(["run", str(spec), "--runs-dir", str(runs)], timeout=900)
     assert done.returncode == 4, done.stderr
     error = one_error_line(done.stderr)
     assert "TLS" in error or "certificate" in error.lower(), error
