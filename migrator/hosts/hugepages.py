@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrator.errors import HugepageShortfall, MissingResource
+from migrator.errors import HostError, HugepageShortfall, MissingResource
 from migrator.hosts.base import Host
 
 __all__ = [
@@ -206,18 +206,29 @@ def _pagesize_kib_of_mount(options: str) -> int | None:
     return None
 
 
+# Where a run mounts a hugetlbfs of its own when the host has none (see hugetlbfs_dir).
+RUN_MOUNTS = Path("/run/migrator")
+
+
 async def find_hugetlbfs_mount(
     host: Host, page_size_kib: int, default_kib: int = 2048
 ) -> Path | None:
-    """A hugetlbfs mount point for this page size, or None if there is none."""
+    """A lasting hugetlbfs mount point for this page size, or None if there is none.
+
+    Another migrator run's own mount (under :data:`RUN_MOUNTS`) does not count: that
+    run unmounts it when it ends, whatever runs beside it still keep there.
+    """
     for line in (await host.read_text(Path("/proc/mounts"))).splitlines():
         fields = line.split()
         if len(fields) < 4 or fields[2] != "hugetlbfs":
             continue
+        # /proc/mounts escapes spaces as \040.
+        mount = Path(fields[1].replace("\\040", " "))
+        if mount.parent == RUN_MOUNTS:
+            continue
         size = _pagesize_kib_of_mount(fields[3]) or default_kib
         if size == page_size_kib:
-            # /proc/mounts escapes spaces as \040.
-            return Path(fields[1].replace("\\040", " "))
+            return mount
     return None
 
 
@@ -233,7 +244,7 @@ async def hugetlbfs_dir(host: Host, page_size_kib: int, run_id: str) -> AsyncIte
     mount = await find_hugetlbfs_mount(host, page_size_kib)
     mounted_here: Path | None = None
     if mount is None:
-        mounted_here = Path("/run/migrator") / f"hugetlbfs-{page_size_kib}k-{run_id}"
+        mounted_here = RUN_MOUNTS / f"hugetlbfs-{page_size_kib}k-{run_id}"
         await host.make_private_dir(mounted_here)
         result = await host.run(
             ["mount", "-t", "hugetlbfs", "-o", f"pagesize={page_size_kib}K", "none",
@@ -253,5 +264,10 @@ async def hugetlbfs_dir(host: Host, page_size_kib: int, run_id: str) -> AsyncIte
     finally:
         await host.remove_tree(directory)
         if mounted_here is not None:
-            await host.run(["umount", str(mounted_here)])
+            unmounted = await host.run(["umount", str(mounted_here)])
+            if unmounted.status != 0:
+                # Never remove a tree across a mount that is still there.
+                raise HostError(f"cannot unmount {mounted_here} on {host.name}",
+                                argv=["umount", str(mounted_here)], status=unmounted.status,
+                                output=unmounted.stderr)
             await host.remove_tree(mounted_here)

@@ -196,6 +196,18 @@ async def test_mount_discovery_and_private_dir() -> None:
     assert not [c for c in host.calls if c[:2] == ("run", "mount")]
 
 
+async def test_another_runs_own_mount_is_not_used() -> None:
+    # That run unmounts it when it ends, under whatever a second run keeps there.
+    host = FakeHost()
+    host.set_text("/proc/mounts",
+                  "none /run/migrator/hugetlbfs-2048k-other-run hugetlbfs rw,pagesize=2M 0 0\n")
+    assert await find_hugetlbfs_mount(host, 2048) is None
+    host.set_text("/proc/mounts",
+                  "none /run/migrator/hugetlbfs-2048k-other-run hugetlbfs rw,pagesize=2M 0 0\n"
+                  "none /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n")
+    assert await find_hugetlbfs_mount(host, 2048) == Path("/dev/hugepages")
+
+
 async def test_mounts_when_missing_and_unmounts() -> None:
     host = FakeHost()
     host.set_text("/proc/mounts", "proc /proc proc rw 0 0\n")
