@@ -1,7 +1,8 @@
 """The page-size table: what post-copy costs per host page size, from a finished suite.
 
-Rows are page sizes (4 KiB, 2 MiB, 1 GiB, and 1 GiB+HGM for runs marked
-``vm.hgm``), split further by the suite's other axes (e.g. ``preempt=true``).
+Rows are page sizes (4 KiB, 2 MiB, 1 GiB, and 1 GiB+HGM for HGM runs, those
+with ``vm.hgm = "require"``), split further by the suite's other axes (e.g.
+``preempt=true``).
 Columns come from each run's ``report.json`` (:class:`Report`): fault count,
 fetch latency p50/p99/max on the guest RAM block, the freeze (source STOP ->
 destination RESUME) next to QEMU's ``downtime``, guest stalls by the guest's

@@ -22,7 +22,7 @@ A suite file is TOML::
     [axes.values]
     4k = { "vm.backing" = "memfd-4k" }
     1g = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024 }
-    1g-hgm = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024, "vm.hgm" = true }
+    1g-hgm = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024, "vm.hgm" = "require" }
 
 ``values`` is a list (each element is the value of ``field``; its label is the
 value as TOML writes it: ``true``, ``512``, ``hugetlb-2m``) or a table keyed by
@@ -42,10 +42,13 @@ repetitions keeps every finished run's id.  Every run is validated with
 :func:`parse_scenario`; errors name the run and the axis value that set the
 offending field.
 
-``vm.hgm`` (HugeTLB high-granularity mapping, true/false) marks a run as an HGM
-run.  The scenario model may not have that field yet: then it is left out of
-the scenario and :mod:`migrator.bench.runner` records the run as not supported
-(it also checks the hosts with :func:`migrator.hgm.detect_hgm`).
+``vm.hgm`` (HugeTLB high-granularity mapping) takes the scenario's words,
+``auto``, ``require`` or ``off``, in ``[base]`` and on axes alike, and reaches
+each run's scenario as written.  A run whose ``vm.hgm`` is ``require`` is an
+HGM run: :mod:`migrator.bench.runner` first checks its hosts with
+:func:`migrator.hgm.detect_hgm` and records it as not supported (rather than
+failed) where they lack HGM, and the page-size table calls its row ``+HGM``.
+An ``auto`` run uses HGM wherever the hosts have it, so it is not marked.
 """
 
 from __future__ import annotations
@@ -146,7 +149,11 @@ class PlannedRun:
     labels: tuple[tuple[str, str], ...]
     repetition: int
     scenario: Scenario
-    hgm: bool
+
+    @property
+    def hgm(self) -> bool:
+        """Whether this is an HGM run: its ``vm.hgm`` is ``require``."""
+        return self.scenario.vm.hgm == "require"
 
     @property
     def combination(self) -> str:
@@ -155,7 +162,9 @@ class PlannedRun:
 
     @property
     def scenario_sha256(self) -> str:
-        """Hash of the resolved scenario (and the HGM mark): what a finished run measured."""
+        """Hash of the resolved scenario: what a finished run measured."""
+        # The HGM mark adds nothing to the scenario now, but it was hashed when it did:
+        # keeping it keeps the hashes of suites already run, so --resume does not redo them.
         text = dump_scenario(self.scenario) + f"\n# hgm={self.hgm}\n"
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -278,10 +287,6 @@ def _axis(raw: _RawAxis, index: int, where: str) -> Axis:
                 "field)", field=where)
         if not overrides:
             raise ConfigError(f"value {label!r} sets nothing", field=where)
-        for path, setting in overrides:
-            if path == HGM_FIELD and not isinstance(setting, bool):
-                raise ConfigError(f"value {label!r}: {HGM_FIELD} must be true or false "
-                                  f"(got {setting!r})", field=where)
         values.append(AxisValue(label, overrides))
     return Axis(name, tuple(values))
 
@@ -296,13 +301,6 @@ def _set_path(data: dict[str, Any], path: str, value: Any, where: str) -> None:
             raise ConfigError(f"cannot set {path}: {above} is not a table", field=where)
         node = child
     node[leaf] = copy.deepcopy(value)
-
-
-def _hgm_setting(enabled: bool) -> Any:
-    """``vm.hgm`` as the scenario model types it (a bool, or the ``HgmMode`` words)."""
-    if VmSpec.model_fields["hgm"].annotation is bool:
-        return enabled
-    return "require" if enabled else "off"
 
 
 def _scenario_name(base: str, labels: Sequence[tuple[str, str]]) -> str:
@@ -324,12 +322,6 @@ def _plan(
         for path, setting in value.overrides:
             _set_path(data, path, setting, f"{where}: axis {axis.name} = {value.label}")
     data["name"] = _scenario_name(str(base["name"]), labels)
-    vm = data.get("vm")
-    hgm = False
-    if isinstance(vm, dict) and "hgm" in vm:
-        hgm = vm.pop("hgm") is True
-        if scenario_has_hgm():
-            vm["hgm"] = _hgm_setting(hgm)
     source = f"{where}: run {run_id}"
     try:
         scenario = parse_scenario(data, source=source)
@@ -339,7 +331,7 @@ def _plan(
                    if any(_related(field, path) for path, _ in value.overrides)]
         origin = f"set by axis {', '.join(setters)}" if setters else "from [base]"
         raise ConfigError(f"{error} ({origin})") from None
-    return PlannedRun(run_id, labels, repetition, scenario, hgm)
+    return PlannedRun(run_id, labels, repetition, scenario)
 
 
 def parse_suite(data: dict[str, Any], *, source: str = "suite") -> Suite:
@@ -357,11 +349,6 @@ def parse_suite(data: dict[str, Any], *, source: str = "suite") -> Suite:
         raise ConfigError(message, field=f"{source}: {field}") from None
     base_data = copy.deepcopy(raw.base)
     base_data.setdefault("name", raw.suite.name)
-    hgm_in_base = isinstance(base_data.get("vm"), dict) and "hgm" in base_data["vm"]
-    if hgm_in_base and not scenario_has_hgm():
-        raise ConfigError(f"set {HGM_FIELD} on an axis, not in [base] (the scenario model has "
-                          "no such field; only axis values can mark runs as HGM runs)",
-                          field=f"{source}: base.vm.hgm")
     base = parse_scenario(base_data, source=f"{source}: [base]")
     axes = [_axis(axis, index, source) for index, axis in enumerate(raw.axes)]
     names = [axis.name for axis in axes]

@@ -57,7 +57,7 @@ PAGE_SIZE_AXIS: dict[str, Any] = {
         "4k": {"vm.backing": "memfd-4k"},
         "2m": {"vm": {"backing": "hugetlb-2m"}},
         "1g": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024},
-        "1g-hgm": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024, "vm.hgm": True},
+        "1g-hgm": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024, "vm.hgm": "require"},
     },
 }
 PREEMPT_AXIS: dict[str, Any] = {"field": "migration.preempt", "values": [False, True]}
@@ -150,6 +150,7 @@ def test_the_page_size_suite_file() -> None:
         ("page-size=1g,rep=1", "hugetlb-1g", 1024, False),
         ("page-size=1g-hgm,rep=1", "hugetlb-1g", 1024, True),
     ]
+    assert [run.scenario.vm.hgm for run in suite.runs] == ["auto", "auto", "auto", "require"]
     for run in suite.runs:
         # QEMU 7.2 + TCG stays within 3 dirty-sync passes only with an early switch.
         assert run.scenario.migration.switchover.model_dump() == {
@@ -157,15 +158,36 @@ def test_the_page_size_suite_file() -> None:
         assert run.scenario.workload.working_set_mib == 256
 
 
-def test_hgm_marks_a_run_and_enters_the_scenario_only_if_the_model_has_it() -> None:
+def test_a_run_that_requires_hgm_is_an_hgm_run() -> None:
+    assert scenario_has_hgm()
     suite = demo_suite(PAGE_SIZE_AXIS)
     hgm_run = suite.runs[3]
     assert hgm_run.hgm
+    assert hgm_run.scenario.vm.hgm == "require"
     assert not any(run.hgm for run in suite.runs[:3])
-    dumped = hgm_run.scenario.model_dump()
-    assert ("hgm" in dumped["vm"]) is scenario_has_hgm()
-    # The mark is part of the hash: the 1g and 1g-hgm runs are different measurements.
+    # The 1g and 1g-hgm runs are different measurements.
     assert hgm_run.scenario_sha256 != suite.runs[2].scenario_sha256
+
+
+@pytest.mark.parametrize("mode", ["auto", "require", "off"])
+def test_a_base_hgm_setting_reaches_every_run_as_written(mode: str) -> None:
+    data = suite_data(PREEMPT_AXIS, vm={"memory_mib": 512, "backing": "hugetlb-2m",
+                                        "hgm": mode})
+    suite = parse_suite(data, source="demo.toml")
+    assert suite.base.vm.hgm == mode
+    assert [run.scenario.vm.hgm for run in suite.runs] == [mode, mode]
+    assert [run.hgm for run in suite.runs] == [mode == "require"] * 2
+
+
+def test_an_hgm_axis_uses_the_scenario_words() -> None:
+    data = suite_data({"field": "vm.hgm", "values": ["auto", "require", "off"]},
+                      vm={"memory_mib": 512, "backing": "hugetlb-2m"})
+    suite = parse_suite(data, source="demo.toml")
+    assert [run.run_id for run in suite.runs] == ["hgm=auto,rep=1", "hgm=require,rep=1",
+                                                  "hgm=off,rep=1"]
+    assert [run.scenario.vm.hgm for run in suite.runs] == ["auto", "require", "off"]
+    assert [run.hgm for run in suite.runs] == [False, True, False]
+    assert suite.page_axes == {"hgm"}
 
 
 # --- validation --------------------------------------------------------------------------
@@ -226,7 +248,13 @@ def test_a_bad_base_is_reported_as_the_base() -> None:
         (lambda d: d["axes"].append({"field": "vm.backing.size", "values": [1]}),
          "axis size = 1: cannot set vm.backing.size: vm.backing is not a table"),
         (lambda d: d["axes"].append({"field": "vm.hgm", "values": ["yes"]}),
-         "vm.hgm must be true or false"),
+         "vm.hgm: Input should be 'auto', 'require' or 'off' (got 'yes') (set by axis "
+         "hgm = yes)"),
+        # A scenario's words, not a boolean, as in a scenario file.
+        (lambda d: d["axes"].append({"name": "h", "values": {"on": {"vm.hgm": True}}}),
+         "vm.hgm: Input should be 'auto', 'require' or 'off' (got True) (set by axis h = on)"),
+        (lambda d: d["base"]["vm"].update(hgm=False),
+         "demo.toml: [base]: vm.hgm: Input should be 'auto', 'require' or 'off' (got False)"),
     ],
 )
 def test_suite_errors(change: Callable[[dict[str, Any]], object], expected: str) -> None:
@@ -435,7 +463,7 @@ def recorded_suite(tmp_path: Path, runs: dict[str, list[tuple[str, Path | None]]
     axis = {"name": "page-size", "values": {
         "2m": {"vm.backing": "hugetlb-2m"},
         "1g": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024},
-        "1g-hgm": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024, "vm.hgm": True}}}
+        "1g-hgm": {"vm.backing": "hugetlb-1g", "vm.memory_mib": 1024, "vm.hgm": "require"}}}
     suite = parse_suite(suite_data(axis, repetitions=repetitions), source="recorded")
     out = tmp_path / "suite"
     out.mkdir()

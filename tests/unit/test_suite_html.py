@@ -39,7 +39,7 @@ name = "page-size"
 4k = { "vm.backing" = "memfd-4k" }
 2m = { "vm.backing" = "hugetlb-2m" }
 1g = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024 }
-1g-hgm = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024, "vm.hgm" = true }
+1g-hgm = { "vm.backing" = "hugetlb-1g", "vm.memory_mib" = 1024, "vm.hgm" = "require" }
 """
 
 # label -> (status, recorded run copied under runs/, error or reason)
