@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.text import Text
 
 from migrator.bench.pagesize import (
@@ -32,6 +33,7 @@ from migrator.bench.runner import (
 )
 from migrator.bench.suite import PlannedRun, Suite, load_suite, parse_only
 from migrator.cli.progress import LiveProgress
+from migrator.cli.teardown import interrupted_statement
 from migrator.config.models import Scenario
 from migrator.errors import ConfigError, MigratorError
 from migrator.rundir import RunDir
@@ -69,6 +71,9 @@ class SuiteProgress(LiveProgress, SuiteObserver):
         self.total = 0
         self.index = 0
         self.run_id = ""
+        # The current run's directory, once it has one: its run.json says how an
+        # interrupt left it.
+        self.run_dir: Path | None = None
         self.durations: list[float] = []
         self.outcomes: dict[RunStatus, int] = {}
         super().__init__(console)
@@ -81,7 +86,7 @@ class SuiteProgress(LiveProgress, SuiteObserver):
         self.live.update(self._render())
 
     def run_started(self, index: int, run: PlannedRun) -> None:
-        self.index, self.run_id = index, run.run_id
+        self.index, self.run_id, self.run_dir = index, run.run_id, None
         self.started = time.monotonic()
         self.phase_name, self.detail, self.latest = "starting", "", {}
         self.console.log(f"[bold][{index}/{self.total}][/bold] {run.run_id}", highlight=False)
@@ -182,9 +187,15 @@ def bench(
                                 field=f"--out {out_dir}")) from None
     _setup_logging(verbose, out_dir / "bench.log")
 
+    progress = SuiteProgress(err)
+
     async def run_one(scenario: Scenario, runs_root: Path, observer: Observer,
                       on_rundir: Callable[[RunDir], None]) -> Path:
-        return await run_and_report(scenario, runs_root, observer, on_rundir, html=html)
+        def remember(run: RunDir) -> None:
+            progress.run_dir = run.path
+            on_rundir(run)
+
+        return await run_and_report(scenario, runs_root, observer, remember, html=html)
 
     async def main(progress: SuiteProgress) -> SuiteState:
         # SIGTERM gets the same orderly teardown as Ctrl-C: cancel, then every finally runs.
@@ -194,15 +205,16 @@ def bench(
         return await run_suite(suite, out_dir, resume=resume, selection=selection,
                                only=only or [], observer=progress, run_fn=run_one)
 
-    progress = SuiteProgress(err)
     try:
         with progress:
             state = asyncio.run(main(progress))
     except MigratorError as error:
         raise _fail(error) from None
     except (KeyboardInterrupt, asyncio.CancelledError) as stop:
-        err.print("[bold red]interrupted[/bold red]: the current run was stopped and recorded "
-                  f"as failed; {out_dir / 'suite.json'} is saved, --resume continues")
+        err.print(interrupted_statement(progress.run_dir), highlight=False, soft_wrap=True)
+        current = f"run {progress.run_id} is recorded as failed; " if progress.run_id else ""
+        err.print(f"{escape(current)}{escape(str(out_dir / 'suite.json'))} is saved, --resume "
+                  "continues", highlight=False, soft_wrap=True)
         raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
 
     if suite.varies_backing:

@@ -18,6 +18,7 @@ from migrator.cli.console import stdout_console
 from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
+from migrator.cli.teardown import interrupted_statement
 from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 from migrator.outcome import EXIT_CODES, Outcome
@@ -109,7 +110,7 @@ def run(
         _report_if_possible(holder.get("path"))
         raise _fail(error) from None
     except (KeyboardInterrupt, asyncio.CancelledError) as stop:
-        err.print("[bold red]interrupted[/bold red]: every QEMU stopped, hugepages given back")
+        err.print(interrupted_statement(holder.get("path")), highlight=False, soft_wrap=True)
         _report_if_possible(holder.get("path"))
         raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
     report = build_report(run_dir.path)
@@ -146,7 +147,8 @@ def _report_if_possible(run_path: Path | None) -> None:
         err.print(f"partial report: {escape(str(run_path / 'report.json'))}", highlight=False,
                   soft_wrap=True)
     except Exception as error:
-        err.print(f"no report could be derived: {escape(str(error))}", highlight=False)
+        err.print(f"no report could be derived: {escape(str(error))}", highlight=False,
+                  soft_wrap=True)
 
 
 HtmlOption = Annotated[bool, typer.Option(
