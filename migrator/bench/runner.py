@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from migrator.bench.suite import HGM_FIELD, PlannedRun, Selection, Suite, scenario_has_hgm
+from migrator.bench.suite import PlannedRun, Selection, Suite
 from migrator.config.models import Scenario
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 from migrator.hgm import detect_hgm
@@ -268,9 +268,6 @@ async def hgm_blocker(scenario: Scenario) -> str | None:
             why = "; ".join(part for part in (support.reason, qemu_error) if part)
             # One machine playing both roles needs no name; two hosts do.
             reasons.append(why if len(hosts) == 1 else f"{host.name}: {why}")
-    if not scenario_has_hgm():
-        reasons.append(f"this migrator's scenario model has no {HGM_FIELD} setting to "
-                       "enable it")
     return "; ".join(reasons) or None
 
 

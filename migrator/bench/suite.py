@@ -65,7 +65,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from migrator.config.loader import dump_scenario, parse_scenario, read_toml
-from migrator.config.models import Scenario, VmSpec
+from migrator.config.models import Scenario
 from migrator.errors import ConfigError
 
 __all__ = [
@@ -78,7 +78,6 @@ __all__ = [
     "load_suite",
     "parse_only",
     "parse_suite",
-    "scenario_has_hgm",
 ]
 
 HGM_FIELD = "vm.hgm"
@@ -87,11 +86,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 AXIS_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]*$"
 # Labels end up in run ids ("a=x,b=y"), file names and --only terms: no ',', '=' or spaces.
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]*$")
-
-
-def scenario_has_hgm() -> bool:
-    """Whether the scenario model can carry :data:`HGM_FIELD` (``vm.hgm``)."""
-    return "hgm" in VmSpec.model_fields
 
 
 class _Model(BaseModel):
