@@ -109,8 +109,16 @@ def assert_released(run_dir: Path, pool_before: str) -> None:
 
 
 def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
-    """:func:`assert_released`, and the raw artifacts collected so far are kept."""
+    """:func:`assert_released`, the raw artifacts collected so far are kept, and the
+    teardown is on record (timeline and run.json), every step of it successful."""
     assert_released(run_dir, pool_before)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["teardown"] == {"clean": True, "problems": []}
+    steps = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    released = {r["step"] for r in steps if r["what"] == "teardown-step" and r["ok"]}
+    assert {"src QEMU stopped", "dst QEMU stopped", "hugepages given back on local",
+            "hugetlbfs directory removed on local"} <= released, released
+    assert [r["what"] for r in steps][-1] == "teardown-done"
     assert (run_dir / "dst" / "trace.log").stat().st_size > 0
     assert (run_dir / "src" / "events.jsonl").stat().st_size > 0
     assert os.path.getsize(run_dir / "samples.jsonl") > 0
@@ -133,7 +141,8 @@ def test_interrupt_mid_postcopy_leaves_nothing(tmp_path: Path, sig: signal.Signa
     pool_before = POOL.read_text()
     child, stderr, run_dir = run_and_strike(tmp_path, lambda proc, _: proc.send_signal(sig))
     assert child.returncode == (130 if sig == signal.SIGINT else 143), stderr
-    assert "interrupted" in stderr
+    # Said only because run.json's teardown record confirms it.
+    assert "interrupted: torn down cleanly" in stderr
     assert "Traceback" not in stderr
     assert_nothing_left(run_dir, pool_before)
     meta = json.loads((run_dir / "run.json").read_text())

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from migrator.config import Scenario
+from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.schema import BlockFetch, Report
-from tests.integration.conftest import run_migration, scenario
+from tests.integration.children import run_migrator
+from tests.integration.conftest import one_error_line, run_migration, scenario
 
 MigrateFn = Callable[[str], tuple[Path, Report]]
 
@@ -157,3 +158,28 @@ def test_postcopy_preempt(migrated: MigrateFn) -> None:
     plan = json.loads((run_dir / "run.json").read_text())["plan"]
     assert plan["source_capabilities"]["postcopy-preempt"] is True
     assert plan["destination_capabilities"]["postcopy-preempt"] is True
+
+
+def test_postcopy_asked_for_but_precopy_converged_is_not_a_success(
+    tmp_path: Path, runs_root: Path,
+) -> None:
+    # A small, quiet working set and a downtime limit that lets pre-copy converge long
+    # before the switch: the migration completes, but nothing post-copy was measured.
+    spec = scenario("it-no-postcopy", workload={"working_set_mib": 16, "write_pct": 10},
+                    migration={"downtime_limit_ms": 2000,
+                               "switchover": {"policy": "after-seconds", "seconds": 60}})
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(dump_scenario(spec))
+    runs = tmp_path / "runs"
+    done = run_migrator(["run", str(spec_file), "--runs-dir", str(runs)], timeout=300)
+    assert done.returncode == 7, done.stderr
+    line = one_error_line(done.stderr)
+    assert "completed without post-copy: pre-copy completed before the switchover policy" \
+           in line
+    assert "no page was fetched post-copy" in line
+    [run_dir] = runs.iterdir()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["outcome"] == "completed-without-postcopy"
+    assert meta["verify"]["bad_pages"] == 0  # the guest itself is fine
+    final = json.loads((run_dir / "final-query-migrate.json").read_text())["src"]["ram"]
+    assert final["postcopy-bytes"] == 0
