@@ -9,6 +9,7 @@
  *   ready   working set allocated and filled, workers about to start
  *   hb      heartbeat every hb_ms (guest CLOCK_MONOTONIC)
  *   stall   a worker saw a gap above stall_us between two consecutive accesses
+ *   clock_step  a worker's CLOCK_MONOTONIC went back between two accesses
  *   stats   about once a second: per-worker access counts
  *   hist    per worker log2 histogram of access-to-access gaps (after verify)
  *   verify  full content check of every page (on the "verify" command)
@@ -17,7 +18,10 @@
  * Every worker reads CLOCK_MONOTONIC after every access, so anything that
  * stops it (the vCPU not being scheduled, a post-copy page fault waiting on
  * the network, the VM being paused while the clock still runs) shows up as a
- * gap in that worker's own timestamp sequence.  Pages are owned by exactly one
+ * gap in that worker's own timestamp sequence.  A clock that goes back (seen
+ * on a destination right after migration) is no gap: it is reported as a
+ * clock_step with its size, counted as a gap of 0 in the histogram and never
+ * as a stall.  Pages are owned by exactly one
  * worker, so no access needs a lock and the per-page generation counter is
  * always exact: "verify" can tell a lost or stale page from a good one.
  *
@@ -329,17 +333,20 @@ static long mem_available_kib(void)
 /* ------------------------------------------------------------------------ */
 /* Workers                                                                   */
 
+/* A stall, or (back) a step back of the clock by gap_ns after the access at start_ns. */
 struct stall {
 	int cpu;
+	bool back;
 	uint64_t start_ns;
 	uint64_t gap_ns;
 };
 
+/* total counts stalls, steps_back clock steps; dropped counts both kinds. */
 static struct {
 	pthread_mutex_t lock;
 	struct stall ring[STALL_RING];
 	unsigned head, count;
-	uint64_t total, dropped;
+	uint64_t total, steps_back, dropped;
 } stalls = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
 struct worker {
@@ -395,19 +402,28 @@ static void pin_to(int cpu)
 	(void)sched_setaffinity(0, sizeof(set), &set);
 }
 
-static void record_stall(struct worker *w, uint64_t start, uint64_t gap)
+static void record_stall(struct worker *w, bool back, uint64_t start, uint64_t gap)
 {
 	pthread_mutex_lock(&stalls.lock);
-	stalls.total++;
+	if (back)
+		stalls.steps_back++;
+	else
+		stalls.total++;
 	if (stalls.count == STALL_RING) {
 		stalls.dropped++;
 	} else {
 		unsigned slot = (stalls.head + stalls.count) % STALL_RING;
 
-		stalls.ring[slot] = (struct stall){ w->cpu, start, gap };
+		stalls.ring[slot] = (struct stall){ w->cpu, back, start, gap };
 		stalls.count++;
 	}
 	pthread_mutex_unlock(&stalls.lock);
+}
+
+/* now - then, or 0 when the clock went back in between (never an unsigned wrap). */
+static inline uint64_t elapsed(uint64_t then, uint64_t now)
+{
+	return now > then ? now - then : 0;
 }
 
 static void *worker_main(void *arg)
@@ -463,12 +479,15 @@ static void *worker_main(void *arg)
 				mismatches++;
 		}
 		now = mono_ns();
-		gap = now - prev;
+		/* A step back is not a stall: reported with its size, a gap of 0 here. */
+		if (now < prev)
+			record_stall(w, true, prev, prev - now);
+		gap = elapsed(prev, now);
 		w->hist[63 - __builtin_clzll(gap | 1)]++;
 		if (gap > max_gap)
 			max_gap = gap;
 		if (gap > stall_ns)
-			record_stall(w, prev, gap);
+			record_stall(w, false, prev, gap);
 		prev = now;
 		__atomic_store_n(&w->ops, ++ops, __ATOMIC_RELAXED);
 	}
@@ -526,27 +545,28 @@ static void emit_stalls(void)
 	pthread_mutex_unlock(&stalls.lock);
 	/* Print outside the lock: the serial write may block. */
 	for (unsigned i = 0; i < n; i++) {
-		line_begin(&out, "stall");
-		line_add(&out, ",\"cpu\":%d,\"g\":%" PRIu64 ",\"gap\":%" PRIu64, batch[i].cpu,
-			 batch[i].start_ns, batch[i].gap_ns);
+		line_begin(&out, batch[i].back ? "clock_step" : "stall");
+		line_add(&out, ",\"cpu\":%d,\"g\":%" PRIu64 ",\"%s\":%" PRIu64, batch[i].cpu,
+			 batch[i].start_ns, batch[i].back ? "back" : "gap", batch[i].gap_ns);
 		line_emit(&out);
 	}
 }
 
 static void emit_stats(void)
 {
-	uint64_t total, dropped;
+	uint64_t total, steps_back, dropped;
 
 	pthread_mutex_lock(&stalls.lock);
 	total = stalls.total;
+	steps_back = stalls.steps_back;
 	dropped = stalls.dropped;
 	pthread_mutex_unlock(&stalls.lock);
 	line_begin(&out, "stats");
 	line_add(&out, ",\"g\":%" PRIu64 ",\"ops\":[", mono_ns());
 	for (unsigned i = 0; i < n_workers; i++)
 		line_add(&out, "%s%" PRIu64, i ? "," : "", __atomic_load_n(&workers[i].ops, __ATOMIC_RELAXED));
-	line_add(&out, "],\"stalls\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"running\":%s", total, dropped,
-		 state == RUNNING ? "true" : "false");
+	line_add(&out, "],\"stalls\":%" PRIu64 ",\"clock_steps\":%" PRIu64 ",\"dropped\":%" PRIu64
+		 ",\"running\":%s", total, steps_back, dropped, state == RUNNING ? "true" : "false");
 	line_emit(&out);
 }
 
@@ -617,7 +637,7 @@ static void finish_verify(void)
 	for (unsigned k = 0; k < n_first; k++)
 		line_add(&out, "%s%" PRIu64, k ? "," : "", first[k]);
 	line_add(&out, "],\"read_mismatches\":%" PRIu64 ",\"g\":%" PRIu64 ",\"ns\":%" PRIu64, mism, now,
-		 now - verify_started_ns);
+		 elapsed(verify_started_ns, now));
 	line_emit(&out);
 	state = IDLE;
 }
@@ -847,7 +867,7 @@ int main(int argc, char **argv)
 	line_begin(&out, "ready");
 	line_add(&out, ",\"pages\":%" PRIu64 ",\"threads\":%u,\"ws_mib\":%u,\"g\":%" PRIu64
 		 ",\"fill_ns\":%" PRIu64 ",\"cpus\":[",
-		 n_pages, n_workers, P.ws_mib, t_ready, t_ready - t0);
+		 n_pages, n_workers, P.ws_mib, t_ready, elapsed(t0, t_ready));
 	for (unsigned i = 0; i < n_workers; i++)
 		line_add(&out, "%s%d", i ? "," : "", workers[i].cpu);
 	line_add(&out, "],\"write_pct\":%u,\"pattern\":\"%s\",\"stall_us\":%u,\"hb_ms\":%u", P.write_pct,

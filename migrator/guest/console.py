@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, overload
 
 from migrator.errors import ArtifactError, GuestError
-from migrator.guest.protocol import GuestEvent, Malformed, ProbeError, parse_line
+from migrator.guest.protocol import ClockStep, GuestEvent, Malformed, ProbeError, parse_line
 
 __all__ = ["ConsoleLine", "GuestConsole", "Side", "read_console_log", "serial_chardev_args"]
 
@@ -224,6 +224,9 @@ class GuestConsole:
             self._log.warning("malformed probe line (%s): %r", event.reason, text)
         elif isinstance(event, ProbeError):
             self._log.warning("guest reported an error: %s", event.msg)
+        elif isinstance(event, ClockStep):
+            self._log.warning("guest clock went back %.3f ms on vCPU %d (not a stall)",
+                              event.back_ns / 1e6, event.cpu)
         line: ConsoleLine[GuestEvent] = ConsoleLine(
             host_ns=host_ns, side=self.side, line=text, event=event, seq=self._seq
         )

@@ -14,11 +14,18 @@ Line types (``g`` is spelled ``guest_ns`` on the models)::
              "write_pct":P,"pattern":"random","stall_us":U,"hb_ms":H}
     hb      {"t":"hb","seq":N,"g":NS}
     stall   {"t":"stall","cpu":C,"g":START_NS,"gap":GAP_NS}
-    stats   {"t":"stats","g":NS,"ops":[per-worker accesses],"stalls":N,"dropped":N,"running":true}
+    clock_step {"t":"clock_step","cpu":C,"g":BEFORE_NS,"back":BACK_NS}
+    stats   {"t":"stats","g":NS,"ops":[per-worker accesses],"stalls":N,"clock_steps":N,
+             "dropped":N,"running":true}
     hist    {"t":"hist","cpu":C,"buckets":[..],"max":GAP_NS,"ops":N}
     verify  {"t":"verify","pages":N,"bad_pages":M,"first_bad":[..<=8],"read_mismatches":K,
              "g":NS,"ns":VERIFY_NS}
     error   {"t":"error","msg":"..","cmd":"..","g":NS}   (cmd and g are optional)
+
+Probes built before ``clock_step`` existed print neither it nor
+``stats.clock_steps``; their ``now - prev`` was unsigned, so a clock that went
+back shows there as a ``stall`` whose gap is close to 2**64 ns (see
+:mod:`migrator.metrics.guest`, which tells such lines from stalls).
 
 Commands go the other way as plain lines: ``verify`` (stop the workers, print
 one ``hist`` per worker, then ``verify``; heartbeats go on), ``poweroff``, and
@@ -38,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 __all__ = [
     "MARKER",
     "Boot",
+    "ClockStep",
     "GuestEvent",
     "Heartbeat",
     "Hist",
@@ -123,6 +131,22 @@ class Stall(_Line):
         return self.start_ns + self.gap_ns
 
 
+class ClockStep(_Line):
+    """A worker's CLOCK_MONOTONIC went back between two consecutive accesses.
+
+    Not a stall: the probe reports the step instead, and counts the sample as a
+    gap of 0 ns in its histogram.
+    """
+
+    kind: ClassVar[str] = "clock_step"
+    t: Literal["clock_step"] = "clock_step"
+    cpu: int
+    #: Guest time of the access before the step.
+    before_ns: int = Field(alias="g")
+    #: How far the clock went back, ns (> 0).
+    back_ns: int = Field(alias="back")
+
+
 class Stats(_Line):
     """About once a second: cumulative accesses per worker and stall counters."""
 
@@ -133,7 +157,9 @@ class Stats(_Line):
     ops: tuple[int, ...]
     #: Stalls detected so far (printed or not).
     stalls: int
-    #: Stalls lost because the guest's stall buffer was full.
+    #: Clock steps back detected so far (printed or not); 0 from probes that predate them.
+    clock_steps: int = 0
+    #: Stall and clock step lines lost because the guest's buffer was full.
     dropped: int
     #: False once ``verify`` has stopped the workers.
     running: bool
@@ -143,7 +169,7 @@ class Hist(_Line):
     """One worker's access-to-access gap histogram (printed before ``verify``).
 
     ``buckets[k]`` counts gaps in ``[2**k, 2**(k+1))`` ns (bucket 0 also holds
-    gaps of 0 ns); the list ends at the last non-empty bucket.
+    gaps of 0 ns, and clock steps back); the list ends at the last non-empty bucket.
     """
 
     kind: ClassVar[str] = "hist"
@@ -202,11 +228,11 @@ class Malformed:
 
 
 ProbeEvent: TypeAlias = Annotated[
-    Boot | Ready | Heartbeat | Stall | Stats | Hist | Verify | ProbeError,
+    Boot | Ready | Heartbeat | Stall | ClockStep | Stats | Hist | Verify | ProbeError,
     Field(discriminator="t"),
 ]
 GuestEvent: TypeAlias = (
-    Boot | Ready | Heartbeat | Stall | Stats | Hist | Verify | ProbeError | Malformed
+    Boot | Ready | Heartbeat | Stall | ClockStep | Stats | Hist | Verify | ProbeError | Malformed
 )
 
 _ADAPTER: TypeAdapter[ProbeEvent] = TypeAdapter(ProbeEvent)
