@@ -28,8 +28,10 @@ from migrator.metrics.trace import TraceAnalysis, analyze_trace
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
 from migrator.report.schema import (
     BlockFetch,
+    ClockStepRecord,
     Comparison,
     Freeze,
+    GuestClockSteps,
     GuestVcpuStalls,
     Metric,
     OutsideStalls,
@@ -45,6 +47,13 @@ BACKLOG_SOURCE = ("dst QEMU trace: placements between postcopy_ram_fault_thread_
                   "the placement of its page")
 EVENTS_SOURCE = "QMP event timestamps (QEMU, host wall clock)"
 PROBE_SOURCE = "guest probe, guest CLOCK_MONOTONIC"
+CLOCK_STEPS_SOURCE = ("guest probe: clock_step lines, and stall lines with an impossible gap "
+                      "(older probes), guest CLOCK_MONOTONIC")
+CLOCK_STEP_SOURCE = {
+    "clock_step": "guest probe clock_step lines, guest CLOCK_MONOTONIC",
+    "stall": "guest probe stall lines with an impossible gap (a probe before clock_step "
+             "lines: unsigned now - prev), guest CLOCK_MONOTONIC",
+}
 OUTSIDE_SOURCE = "heartbeat arrival at the controller, host wall clock"
 MS = 1e6
 
@@ -138,6 +147,39 @@ def _vcpu_stalls(guest: GuestObservations, phases: PhaseTimeline) -> list[GuestV
                        "buckets": list(hist.buckets), "ops": hist.ops} if hist else None,
         ))
     return out
+
+
+def _clock_steps(guest: GuestObservations, phases: PhaseTimeline
+                 ) -> tuple[GuestClockSteps | None, list[str]]:
+    """The guest clock's steps (never stalls) and a warning when there were any."""
+    if guest.ready is None and not guest.clock_steps:
+        return None, []
+    steps = guest.clock_steps
+    back = min((s.step_ns for s in steps if s.step_ns < 0), default=None)
+    largest = sorted(steps, key=lambda s: -abs(s.step_ns))[:10]
+    section = GuestClockSteps(
+        count=_metric(len(steps), "steps", CLOCK_STEPS_SOURCE),
+        largest_back=_metric(None if back is None else _ms(-back), "ms", CLOCK_STEPS_SOURCE),
+        steps=[ClockStepRecord(
+            vcpu=s.vcpu, host_ns=s.host_ns,
+            phase=phases.phase_at(s.host_ns) if s.host_ns else "unknown",
+            step=_metric(_ms(s.step_ns), "ms", CLOCK_STEP_SOURCE[s.reported_as]),
+            reported_as=s.reported_as) for s in largest],
+    )
+    if not steps:
+        return section, []
+    top, record = largest[0], section.steps[0]
+    warning = (f"guest clock: CLOCK_MONOTONIC stepped {len(steps)} time(s), largest "
+               f"{'back' if top.step_ns < 0 else 'ahead'} {abs(top.step_ns) / MS:,.3f} ms on "
+               f"vCPU {top.vcpu} ({record.phase}); counted as clock steps, not as stalls")
+    gaps = [s.line_gap_ns for s in steps if s.line_gap_ns is not None]
+    if gaps:
+        span = "" if guest.console_span_ns is None else (
+            f", longer than the {guest.console_span_ns / MS:,.0f} ms the consoles recorded")
+        warning += (f"; {len(gaps)} of them came as stall lines with an impossible gap (up to "
+                    f"{max(gaps) / MS:,.0f} ms{span}) from a probe that predates clock_step "
+                    "lines")
+    return section, [warning]
 
 
 def _outside(guest: GuestObservations, phases: PhaseTimeline,
@@ -283,6 +325,8 @@ def build_report(run_path: Path) -> Report:
     workload = scenario.get("workload", {})
     threshold_ms = float(workload.get("stall_threshold_us", 2000)) / 1000
     guest_stalls = _vcpu_stalls(guest, phases)
+    clock_steps, clock_warnings = _clock_steps(guest, phases)
+    warnings += clock_warnings
     outside = _outside(guest, phases, threshold_ms)
     worst_guest = sorted(guest.stalls, key=lambda s: -s.gap_ns)[:10]
 
@@ -321,7 +365,7 @@ def build_report(run_path: Path) -> Report:
                   vcpu=s.vcpu,
                   phase=phases.phase_at(s.host_start_ns) if s.host_start_ns else "unknown")
             for s in worst_guest],
-        outside_stalls=outside,
+        guest_clock_steps=clock_steps, outside_stalls=outside,
         integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
         recoveries=recovery.pauses, faults=recovery.faults,

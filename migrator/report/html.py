@@ -433,6 +433,9 @@ def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock
     notes = []
     if not guest.stalls:
         notes.append("the guest probe reported no stalls")
+    if guest.clock_steps:
+        notes.append(f"{len(guest.clock_steps)} guest clock step(s), not stalls, are not "
+                     "drawn: see the clock steps table")
     if unplaced:
         notes.append(f"{unplaced} stall(s) before the first heartbeat cannot be placed on "
                      "the host clock")
@@ -710,7 +713,22 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
             outside.rows.append([
                 Cell(_value(round(clock.s(stall.host_ns), 4)), numeric=True),
                 Cell(_value(stall.duration_ms), numeric=True), Cell(stall.phase)])
-    return [per_vcpu, worst, outside]
+    tables = [per_vcpu, worst, outside]
+    steps = report.guest_clock_steps
+    if steps is not None and steps.steps:
+        table = Table(f"Guest clock steps, not stalls: {_value(steps.count.value)}",
+                      ["t, s", "step, ms", "vCPU", "phase", "reported as", "src"],
+                      note="step < 0: the guest's CLOCK_MONOTONIC went back; largest steps "
+                           "first; t: host wall clock, placed through the heartbeat before it")
+        for step in steps.steps:
+            table.rows.append([
+                Cell(_value(round(clock.s(step.host_ns), 4)) if step.host_ns else "-",
+                     numeric=True),
+                Cell(_value(step.step.value), numeric=True), Cell(str(step.vcpu)),
+                Cell(step.phase), Cell(step.reported_as),
+                Cell("", sources.cite(step.step.source), step.step.source)])
+        tables.append(table)
+    return tables
 
 
 def comparison_table(report: Report, sources: Sources) -> Table:

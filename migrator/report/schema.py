@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "SCHEMA_VERSION",
     "BlockFetch",
+    "ClockStepRecord",
     "Comparison",
     "FaultRecord",
     "Freeze",
+    "GuestClockSteps",
     "GuestVcpuStalls",
     "LatencyBucket",
     "LatencyDistComparison",
@@ -120,6 +122,29 @@ class GuestVcpuStalls(_Model):
     total_stalled_ms: Metric
     by_phase: dict[str, int]
     histogram: dict[str, Any] | None = None
+
+
+class ClockStepRecord(_Model):
+    """One step of a vCPU's guest clock (guest probe): never counted as a stall.
+
+    ``step`` is negative when the clock went back.  ``reported_as``:
+    ``clock_step`` (the probe's own line) or ``stall`` (a stall line whose gap
+    was impossible, from a probe that predates clock_step lines).
+    """
+
+    vcpu: int
+    host_ns: int | None = Field(description="placed through the heartbeat before the step")
+    phase: str
+    step: Metric
+    reported_as: Literal["clock_step", "stall"]
+
+
+class GuestClockSteps(_Model):
+    """Steps of the guest's CLOCK_MONOTONIC the probe saw, apart from its stalls."""
+
+    count: Metric
+    largest_back: Metric = Field(description="None when the clock never went back")
+    steps: list[ClockStepRecord] = Field(description="the largest steps, at most 10")
 
 
 class OutsideStalls(_Model):
@@ -351,6 +376,9 @@ class Report(_Model):
     latency_dist_comparison: LatencyDistComparison | None = None
     guest_stalls: list[GuestVcpuStalls]
     worst_guest_stalls: list[Stall]
+    # Optional so that report.json files written before it existed still load.
+    guest_clock_steps: GuestClockSteps | None = Field(
+        None, description="None when the guest probe never reported ready")
     outside_stalls: OutsideStalls | None
     integrity: dict[str, Any]
     comparisons: list[Comparison]

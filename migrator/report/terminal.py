@@ -9,6 +9,7 @@ from rich.table import Table
 from migrator.outcome import severity
 from migrator.report.schema import (
     FaultRecord,
+    GuestClockSteps,
     HgmSection,
     LatencyDistComparison,
     Metric,
@@ -132,6 +133,8 @@ def render_report(report: Report, console: Console) -> None:
                           _num(vcpu.p99_ms), _num(vcpu.total_stalled_ms),
                           ", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items()))
         console.print(table)
+    if report.guest_clock_steps is not None and report.guest_clock_steps.steps:
+        _render_clock_steps(report.guest_clock_steps, console, sources)
 
     if report.outside_stalls is not None:
         outside = report.outside_stalls
@@ -178,6 +181,22 @@ def render_report(report: Report, console: Console) -> None:
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"[dim]Sources:\n{sources.legend()}[/dim]", highlight=False)
+
+
+def _render_clock_steps(steps: GuestClockSteps, console: Console, sources: Sources) -> None:
+    """The guest clock's steps: not stalls, so apart from the stall table."""
+    # A short title: rich wraps it to the table's width.
+    table = Table(title=f"Guest clock steps, not stalls: {steps.count.value} "
+                        f"{sources.cite(steps.count)}", title_justify="left", show_edge=False)
+    for column in ("vCPU", "step, ms", "phase", "reported as", "src"):
+        table.add_column(column, justify="left" if column in ("phase", "reported as")
+                         else "right")
+    for step in steps.steps:
+        table.add_row(str(step.vcpu), _num(step.step), step.phase, step.reported_as,
+                      sources.cite(step.step))
+    console.print(table)
+    console.print("  [dim]step < 0: the guest's CLOCK_MONOTONIC went back; largest steps "
+                  "first[/dim]", highlight=False)
 
 
 def _seconds(metric: Metric) -> str:
