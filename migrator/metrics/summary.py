@@ -226,7 +226,7 @@ def build_report(run_path: Path) -> Report:
     phases = PhaseTimeline.from_events(ev)
     counters = load_counters(run_path)
     guest = load_guest(run_path)
-    warnings: list[str] = []
+    warnings: list[str] = list(counters.warnings)
 
     analysis: TraceAnalysis | None = None
     trace = run_path / "dst" / "trace.log"

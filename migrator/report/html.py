@@ -598,8 +598,20 @@ def _value(value: object, unit: str = "") -> str:
     return text
 
 
+def _contradiction(metric: Metric) -> str:
+    """`` ⚠ contradicted: VALUE UNIT`` when another source rules the value out, else ''."""
+    other = metric.contradicted_by
+    return "" if other is None else \
+        f" ⚠ contradicted: {_value(other.value, other.unit)} {other.unit}"
+
+
 def _metric_row(name: str, metric: Metric, sources: Sources) -> list[Cell]:
-    return [Cell(name), Cell(_value(metric.value, metric.unit), numeric=True), Cell(metric.unit),
+    # A contradicted value cites what contradicts it; the src column cites the value's own.
+    other = metric.contradicted_by
+    value = Cell(_value(metric.value, metric.unit) + _contradiction(metric),
+                 None if other is None else sources.cite(other.source),
+                 "" if other is None else f"contradicted by {other.source}", numeric=True)
+    return [Cell(name), value, Cell(metric.unit),
             Cell("", source=sources.cite(metric.source), title=metric.source)]
 
 
@@ -737,13 +749,18 @@ def comparison_table(report: Report, sources: Sources) -> Table:
                   ["quantity", "a", "b", "b - a", "note"], anchor="comparisons")
     for comp in report.comparisons:
         table.rows.append([
-            Cell(comp.quantity),
-            Cell(f"{_value(comp.a.value, comp.a.unit)} {comp.a.unit}", sources.cite(comp.a.source),
-                 comp.a.source, numeric=True),
-            Cell(f"{_value(comp.b.value, comp.b.unit)} {comp.b.unit}", sources.cite(comp.b.source),
-                 comp.b.source, numeric=True),
+            Cell(comp.quantity), *(_compared(metric, sources) for metric in (comp.a, comp.b)),
             Cell(_value(comp.difference), numeric=True), Cell(comp.note)])
     return table
+
+
+def _compared(metric: Metric, sources: Sources) -> Cell:
+    """One side of a comparison: value and unit citing its source (and what contradicts it)."""
+    other = metric.contradicted_by
+    return Cell(f"{_value(metric.value, metric.unit)} {metric.unit}{_contradiction(metric)}",
+                sources.cite(metric.source),
+                metric.source + ("" if other is None else f"; contradicted by {other.source}"),
+                numeric=True)
 
 
 def _at(clock: Clock, ns: int | None, metric: Metric, sources: Sources) -> Cell:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -39,11 +46,26 @@ class _Model(BaseModel):
 
 
 class Metric(_Model):
-    """One measured number, with its unit and where it came from."""
+    """One measured number, with its unit and where it came from.
+
+    ``contradicted_by`` is set when another source of the same run rules the
+    value out (a cumulative counter below an earlier sample of itself): the
+    value stays as its source gave it, and the contradicting one, in the same
+    unit, stands beside it.
+    """
 
     value: float | int | None
     unit: str
     source: str
+    contradicted_by: Metric | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_contradiction(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Nearly every metric has none: keep report.json as it was for them.
+        data: dict[str, Any] = handler(self)
+        if data.get("contradicted_by") is None:
+            data.pop("contradicted_by", None)
+        return data
 
 
 class Comparison(_Model):

@@ -24,12 +24,15 @@ SEVERITY_STYLES = {"ok": "green", "warn": "yellow", "bad": "red"}
 
 
 def fmt(metric: Metric | None, digits: int = 3) -> str:
-    """A metric's value with its unit, or '-' when unknown."""
+    """A metric's value with its unit, or '-' when unknown; a contradicted one says by what."""
     if metric is None or metric.value is None:
         return "-"
     value = metric.value
     text = f"{value:,}" if isinstance(value, int) else f"{value:,.{digits}f}"
-    return f"{text} {metric.unit}".rstrip()
+    text = f"{text} {metric.unit}".rstrip()
+    if metric.contradicted_by is not None:
+        text += f" [yellow](contradicted: {fmt(metric.contradicted_by, digits)})[/yellow]"
+    return text
 
 
 class Sources:
@@ -39,9 +42,10 @@ class Sources:
         self.numbers: dict[str, int] = {}
 
     def cite(self, metric: Metric) -> str:
-        """The footnote mark of this metric's source."""
+        """The footnote mark of this metric's source (then of what contradicts it)."""
         number = self.numbers.setdefault(metric.source, len(self.numbers) + 1)
-        return f"[{number}]"
+        against = "" if metric.contradicted_by is None else self.cite(metric.contradicted_by)
+        return f"[{number}]{against}"
 
     def legend(self) -> str:
         """All cited sources, one per line."""

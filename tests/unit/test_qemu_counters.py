@@ -7,9 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters
 from migrator.metrics.summary import build_report
+from migrator.report.html import Sources, comparison_table, headline_tables
+from migrator.report.schema import Metric, Report
+from migrator.report.terminal import render_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RUNS = DATA / "runs"
@@ -61,3 +65,80 @@ def test_last_samples_stand_in_when_the_run_died(tmp_path: Path) -> None:
     assert counters.origin == LAST_SAMPLE
     assert counters.metric("src", "ram.transferred", "bytes").value is not None
     assert counters.metric("src", "no.such.field", "x").value is None
+
+
+def with_final(tmp_path: Path, side: str, path: str, value: int) -> Path:
+    """A copy of the recorded 1 GiB run whose final query-migrate says ``value`` for ``path``."""
+    run = shutil.copytree(RUNS / "hugetlb-1g", tmp_path / "run")
+    final = json.loads((run / "final-query-migrate.json").read_text())
+    *parents, name = path.split(".")
+    node = final[side]
+    for key in parents:
+        node = node[key]
+    node[name] = value
+    (run / "final-query-migrate.json").write_text(json.dumps(final))
+    return run
+
+
+def terminal(report: Report) -> str:
+    console = Console(record=True, width=140, force_terminal=False)
+    render_report(report, console)
+    return console.export_text()
+
+
+SAMPLED_SRC = "QEMU query-migrate, highest earlier sample (samples.jsonl, src)"
+
+
+def test_a_final_counter_below_an_earlier_sample_is_contradicted(tmp_path: Path) -> None:
+    # As after a real after-passes run: total-time 0 after completion, while the last
+    # sample (samples.jsonl, src) said 4,500 ms here.
+    run = with_final(tmp_path, "src", "total-time", 0)
+    clean = build_report(RUNS / "hugetlb-1g")
+    report = build_report(run)
+
+    total = report.timings["total-time"]
+    assert (total.value, total.unit) == (0, "ms")  # QEMU's value is kept...
+    assert total.source == "QEMU query-migrate after completion (src)"
+    # ... beside the sample that contradicts it.
+    assert total.contradicted_by == Metric(value=4500, unit="ms", source=SAMPLED_SRC)
+    assert all(m.contradicted_by is None for name, m in report.timings.items()
+               if name != "total-time")
+    assert all(m.contradicted_by is None for m in report.transfer.values())
+
+    assert [w for w in report.warnings if w not in clean.warnings] == [
+        "QEMU src total-time contradicted: QEMU query-migrate after completion "
+        "(final-query-migrate.json, src) says 0 ms, but the last sample (samples.jsonl, src) "
+        "said 4,500 ms; a cumulative counter cannot go down, so QEMU's final value is shown "
+        "marked as contradicted"]
+
+    row = next(line for line in terminal(report).splitlines()
+               if line.lstrip().startswith("total-time"))
+    assert "0 ms (contradicted: 4,500 ms)" in row
+    cells = [c for t in headline_tables(report, Sources()) for r in t.rows for c in r]
+    assert any(c.text == "0 ⚠ contradicted: 4,500 ms" and SAMPLED_SRC in c.title
+               for c in cells)
+    # report.json keeps the mark; metrics without one are written as before.
+    assert Report.model_validate_json(report.model_dump_json()) == report
+    assert "contradicted_by" not in report.timings["setup-time"].model_dump_json()
+
+
+def test_a_contradicted_counter_is_marked_in_its_comparison(tmp_path: Path) -> None:
+    report = build_report(with_final(tmp_path, "src", "ram.postcopy-requests", 0))
+    assert report.transfer["ram.postcopy-requests"].contradicted_by == Metric(
+        value=1, unit="requests", source=SAMPLED_SRC)
+    compared = {c.quantity: c for c in report.comparisons}["post-copy page requests"]
+    assert compared.a.value == 0
+    assert compared.a.contradicted_by is not None
+    assert any("ram.postcopy-requests contradicted" in w and "says 0 requests" in w
+               and "said 1 requests" in w for w in report.warnings)
+    [cell] = [r[1] for r in comparison_table(report, Sources()).rows
+              if r[0].text == "post-copy page requests"]
+    assert cell.text == "0 requests ⚠ contradicted: 1 requests"
+    assert "post-copy page requests" in terminal(report)
+
+
+@pytest.mark.parametrize("run", ["hugetlb-1g", "hugetlb-2m", "crashed-memfd-4k"])
+def test_recorded_final_counters_agree_with_their_samples(run: str) -> None:
+    counters = load_counters(RUNS / run)
+    assert counters.contradictions == {}
+    assert counters.warnings == []
