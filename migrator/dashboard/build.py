@@ -78,7 +78,6 @@ from migrator.report.html import (
     PLOT_CONFIG,
     Cell,
     Plot,
-    Sources,
     Table,
     _value,
     comparison_table,
@@ -88,6 +87,7 @@ from migrator.report.html import (
 )
 from migrator.report.html import TEMPLATES as REPORT_TEMPLATES
 from migrator.report.schema import SCHEMA_VERSION, Report
+from migrator.report.sources import Sources
 from migrator.results.compare import (
     ALPHA,
     DEFAULT_RULES,

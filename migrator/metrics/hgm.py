@@ -33,6 +33,7 @@ from migrator.report.schema import (
     HgmSection,
     Metric,
 )
+from migrator.units import format_size
 
 __all__ = ["SMAPS_SOURCE", "hgm_section"]
 
@@ -49,13 +50,6 @@ COLLAPSE_SOURCE: Final = (
 )
 SMALL_PAGE: Final = 4096
 NOT_FOUND: Final = "not-found"
-
-
-def _size(size: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
 
 
 def _small_pages(backing: str | None) -> bool:
@@ -98,18 +92,18 @@ def _blocks(analysis: TraceAnalysis, enabled: bool, warnings: list[str]) -> list
         if granularity is None or not block.pages_placed:
             fetched, matches = "nothing placed", None
         elif granularity < block.page_size:
-            fetched, matches = f"{_size(granularity)} pieces", enabled
+            fetched, matches = f"{format_size(granularity)} pieces", enabled
             if not enabled:
                 warnings.append(
-                    f"{block.name}: the destination placed {_size(granularity)} pieces of "
-                    f"{_size(block.page_size)} pages although HGM was not enabled")
+                    f"{block.name}: the destination placed {format_size(granularity)} pieces of "
+                    f"{format_size(block.page_size)} pages although HGM was not enabled")
         else:
             fetched, matches = "whole pages", not enabled
             if enabled:
                 warnings.append(
                     f"{block.name}: HGM was enabled ({DOUBLEMAP_CAPABILITY}) but the "
-                    f"destination placed whole {_size(block.page_size)} pages (every one of "
-                    f"{block.pages_placed:,} placements {_size(block.page_size)}-aligned): "
+                    f"destination placed whole {format_size(block.page_size)} pages (every one of "
+                    f"{block.pages_placed:,} placements {format_size(block.page_size)}-aligned): "
                     "faults were not resolved in 4 KiB pieces")
         out.append(HgmBlock(
             ramblock=block.name, page_size=block.page_size, pages_placed=block.pages_placed,

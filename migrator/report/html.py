@@ -53,7 +53,9 @@ from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report
 from migrator.outcome import severity
 from migrator.report.schema import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
+from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
+from migrator.units import format_size
 
 __all__ = ["MAX_POINTS", "load_run_report", "render_run_html", "write_run_html"]
 
@@ -259,13 +261,6 @@ def _log_axis(title: str) -> dict[str, Any]:
             "ticktext": [f"{v:g}" for v in LOG_TICKS]}
 
 
-def _size(page_size: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if page_size >= 1 << shift and page_size % (1 << shift) == 0:
-            return f"{page_size >> shift} {unit}"
-    return f"{page_size} B"
-
-
 def cdf_trace(hist: Histogram, name: str) -> Any:
     """The step CDF of a non-empty fetch latency histogram (ns) as a trace in ms.
 
@@ -294,7 +289,8 @@ def fetch_cdf_figure(report: Report) -> Any:
     for block in report.fetch:
         hist = Histogram.from_dict(block.histogram)
         if hist.count:
-            fig.add_trace(cdf_trace(hist, f"{block.ramblock} · {_size(block.page_size)} pages · "
+            size = format_size(block.page_size)
+            fig.add_trace(cdf_trace(hist, f"{block.ramblock} · {size} pages · "
                                           f"{hist.count:,} faults"))
     dist = report.qemu_latency_dist
     if dist and any(dist.get("counts", [])):
@@ -553,17 +549,6 @@ def blocktime_figure(report: Report) -> Any:
 # Tables
 
 
-class Sources:
-    """Numbers each distinct metric source once; tables cite ``[n]``."""
-
-    def __init__(self) -> None:
-        self.numbers: dict[str, int] = {}
-
-    def cite(self, source: str) -> int:
-        """The footnote number of ``source``."""
-        return self.numbers.setdefault(source, len(self.numbers) + 1)
-
-
 @dataclass(frozen=True)
 class Cell:
     """A table cell: text, optionally a cited source (footnote number and its text)."""
@@ -609,10 +594,10 @@ def _metric_row(name: str, metric: Metric, sources: Sources) -> list[Cell]:
     # A contradicted value cites what contradicts it; the src column cites the value's own.
     other = metric.contradicted_by
     value = Cell(_value(metric.value, metric.unit) + _contradiction(metric),
-                 None if other is None else sources.cite(other.source),
+                 None if other is None else sources.number(other.source),
                  "" if other is None else f"contradicted by {other.source}", numeric=True)
     return [Cell(name), value, Cell(metric.unit),
-            Cell("", source=sources.cite(metric.source), title=metric.source)]
+            Cell("", source=sources.number(metric.source), title=metric.source)]
 
 
 def headline_tables(report: Report, sources: Sources) -> list[Table]:
@@ -663,7 +648,7 @@ def _backlog_cell(backlog: dict[str, Metric], sources: Sources) -> Cell:
     # No faults, or a report written before the backlog existed.
     if p50 is None or top is None or top.value is None:
         return Cell("-", numeric=True)
-    return Cell(f"{_value(p50.value)} / {_value(top.value)}", sources.cite(top.source),
+    return Cell(f"{_value(p50.value)} / {_value(top.value)}", sources.number(top.source),
                 top.source, numeric=True)
 
 
@@ -677,10 +662,10 @@ def fetch_table(report: Report, sources: Sources) -> Table:
     for block in report.fetch:
         any_metric = block.latency_ms.get("max")
         # Cited before the backlog's source, so the latency's footnote comes first.
-        src = Cell("") if any_metric is None else Cell("", sources.cite(any_metric.source),
+        src = Cell("") if any_metric is None else Cell("", sources.number(any_metric.source),
                                                        any_metric.source)
         table.rows.append([
-            Cell(block.ramblock), Cell(_size(block.page_size)),
+            Cell(block.ramblock), Cell(format_size(block.page_size)),
             *(Cell(_value(v), numeric=True)
               for v in (block.faults, block.resolved, block.unresolved)),
             *(Cell(_value(block.latency_ms[k].value if k in block.latency_ms else None),
@@ -689,7 +674,7 @@ def fetch_table(report: Report, sources: Sources) -> Table:
             Cell(f"{block.pages_placed_requested:,} / {block.pages_placed_background:,} / "
                  f"{block.zero_pages:,}", numeric=True),
             Cell("-" if block.placement_granularity is None
-                 else _size(block.placement_granularity)),
+                 else format_size(block.placement_granularity)),
             src,
         ])
     if not report.fetch:
@@ -708,7 +693,7 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
             Cell(_value(vcpu.p99_ms.value), numeric=True, title=vcpu.p99_ms.source),
             Cell(_value(vcpu.total_stalled_ms.value), numeric=True),
             Cell(", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items())),
-            Cell("", sources.cite(vcpu.max_ms.source), vcpu.max_ms.source),
+            Cell("", sources.number(vcpu.max_ms.source), vcpu.max_ms.source),
         ])
     worst = Table("Worst stalls by the guest clock", ["t, s", "duration, ms", "vCPU", "phase"],
                   note="t: host wall clock, placed through the heartbeat before the stall")
@@ -738,7 +723,7 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
                      numeric=True),
                 Cell(_value(step.step.value), numeric=True), Cell(str(step.vcpu)),
                 Cell(step.phase), Cell(step.reported_as),
-                Cell("", sources.cite(step.step.source), step.step.source)])
+                Cell("", sources.number(step.step.source), step.step.source)])
         tables.append(table)
     return tables
 
@@ -758,7 +743,7 @@ def _compared(metric: Metric, sources: Sources) -> Cell:
     """One side of a comparison: value and unit citing its source (and what contradicts it)."""
     other = metric.contradicted_by
     return Cell(f"{_value(metric.value, metric.unit)} {metric.unit}{_contradiction(metric)}",
-                sources.cite(metric.source),
+                sources.number(metric.source),
                 metric.source + ("" if other is None else f"; contradicted by {other.source}"),
                 numeric=True)
 
@@ -767,7 +752,7 @@ def _at(clock: Clock, ns: int | None, metric: Metric, sources: Sources) -> Cell:
     """An instant in s on the page's time axis, citing the metric's source."""
     if ns is None:
         return Cell("-", numeric=True)
-    return Cell(f"{clock.s(ns):.3f}", sources.cite(metric.source), metric.source, numeric=True)
+    return Cell(f"{clock.s(ns):.3f}", sources.number(metric.source), metric.source, numeric=True)
 
 
 def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
@@ -787,16 +772,16 @@ def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
             text = ("≥ " if open_ else "") + _value(metric.value)
             if metric.value is not None and start is not None:
                 text += f" from {clock.s(start):.3f}"
-            stalls.append(Cell(text, sources.cite(metric.source), metric.source, numeric=True))
+            stalls.append(Cell(text, sources.number(metric.source), metric.source, numeric=True))
         table.rows.append([
             Cell(str(pause.number), numeric=True), Cell(pause.cause),
             Cell("-" if pause.fault is None else str(pause.fault)),
             _at(clock, pause.began_ns, pause.began, sources),
             _at(clock, pause.both_paused_ns, pause.both_paused, sources),
             _at(clock, pause.recovered_ns, pause.recovered, sources),
-            Cell(_value(pause.duration.value), sources.cite(pause.duration.source),
+            Cell(_value(pause.duration.value), sources.number(pause.duration.source),
                  pause.duration.source, numeric=True),
-            Cell(_value(pause.attempts.value), sources.cite(pause.attempts.source),
+            Cell(_value(pause.attempts.value), sources.number(pause.attempts.source),
                  pause.attempts.source, numeric=True),
             Cell(pause.result), *stalls,
             Cell(pause.note)])

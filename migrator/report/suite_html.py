@@ -48,11 +48,11 @@ from migrator.report.html import (
     _log_axis,
     _note,
     _plot,
-    _size,
     cdf_trace,
 )
 from migrator.report.schema import BlockFetch, Report
 from migrator.rundir import atomic_write
+from migrator.units import format_size
 
 __all__ = ["SUITE_HTML", "render_suite_html", "write_suite_html"]
 
@@ -140,7 +140,7 @@ def p50_figure(results: dict[str, RunResult]) -> Any:
         fig.add_trace(go.Scatter(
             x=[group] * len(points), y=[p[1] for p in points], mode="markers",
             marker={"size": 10, "opacity": 0.8}, name=group,
-            text=[f"{p[0]} · {_size(p[2])} pages" for p in points],
+            text=[f"{p[0]} · {format_size(p[2])} pages" for p in points],
             hovertemplate="%{text}<br>p50 %{y:.4g} ms<extra></extra>",
         ))
     _layout(fig, "Fetch latency p50 per run (guest RAM block)", 420)
@@ -160,7 +160,7 @@ def cdf_figure(results: dict[str, RunResult]) -> Any:
             continue
         hist = Histogram.from_dict(result.block.histogram)
         if hist.count:
-            fig.add_trace(cdf_trace(hist, f"{run_id} · {_size(result.block.page_size)} pages "
+            fig.add_trace(cdf_trace(hist, f"{run_id} · {format_size(result.block.page_size)} pages "
                                           f"· {hist.count:,} faults"))
     _layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
     fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))

@@ -16,6 +16,8 @@ from migrator.report.schema import (
     PauseRecord,
     Report,
 )
+from migrator.report.sources import Sources
+from migrator.units import format_size
 
 __all__ = ["render_report"]
 
@@ -33,23 +35,6 @@ def fmt(metric: Metric | None, digits: int = 3) -> str:
     if metric.contradicted_by is not None:
         text += f" [yellow](contradicted: {fmt(metric.contradicted_by, digits)})[/yellow]"
     return text
-
-
-class Sources:
-    """Numbers each distinct metric source once, so tables cite ``[n]`` instead of prose."""
-
-    def __init__(self) -> None:
-        self.numbers: dict[str, int] = {}
-
-    def cite(self, metric: Metric) -> str:
-        """The footnote mark of this metric's source (then of what contradicts it)."""
-        number = self.numbers.setdefault(metric.source, len(self.numbers) + 1)
-        against = "" if metric.contradicted_by is None else self.cite(metric.contradicted_by)
-        return f"[{number}]{against}"
-
-    def legend(self) -> str:
-        """All cited sources, one per line."""
-        return "\n".join(f"[{n}] {source}" for source, n in self.numbers.items())
 
 
 def _metrics_table(title: str, metrics: dict[str, Metric], sources: Sources) -> Table:
@@ -104,10 +89,10 @@ def render_report(report: Report, console: Console) -> None:
         for block in faulted:
             lat, queued = block.latency_ms, block.backlog_placements
             table.add_row(
-                block.ramblock, _size(block.page_size), f"{block.faults:,}",
+                block.ramblock, format_size(block.page_size), f"{block.faults:,}",
                 *(_num(lat.get(k)) for k in ("p50", "p90", "p99", "p99.9", "max")),
                 _num(queued.get("p50")),
-                _size(block.placement_granularity) if block.placement_granularity else "-",
+                format_size(block.placement_granularity) if block.placement_granularity else "-",
             )
         console.print(table)
         quiet = [block for block in report.fetch if not block.faults]
@@ -323,8 +308,9 @@ def _render_hgm(hgm: HgmSection, console: Console, sources: Sources) -> None:
         verdict = {True: "as decided", False: "[red]NOT as decided[/red]", None: ""}[
             block.matches_decision]
         console.print(
-            f"  {block.ramblock} ({_size(block.page_size)} pages): {block.fetched}, placed at "
-            f"{_size(_int(block.placement_granularity))} over {block.pages_placed:,} "
+            f"  {block.ramblock} ({format_size(block.page_size)} pages): {block.fetched}, "
+            f"placed at "
+            f"{_size_of(block.placement_granularity)} over {block.pages_placed:,} "
             f"placement{'' if block.pages_placed == 1 else 's'} "
             f"{sources.cite(block.placement_granularity)} {verdict}".rstrip(),
             highlight=False)
@@ -354,8 +340,9 @@ def _render_hgm(hgm: HgmSection, console: Console, sources: Sources) -> None:
         console.print(f"  [dim]{escape(note)}[/dim]", highlight=False)
 
 
-def _int(metric: Metric) -> int | None:
-    return metric.value if isinstance(metric.value, int) else None
+def _size_of(metric: Metric) -> str:
+    """A size metric's value in binary units, or '-' when it is not a whole byte count."""
+    return format_size(metric.value) if isinstance(metric.value, int) else "-"
 
 
 def _num(metric: Metric | None) -> str:
@@ -369,10 +356,3 @@ def _num(metric: Metric | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def _size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
