@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from migrator.rundir import JsonlWriter
-from tests.unit.test_driver import ScriptedMonitor
+from tests.unit.scripted_monitor import ScriptedMonitor
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from migrator.outcome import (
 )
 from migrator.qemu.monitor import status_in
 from migrator.rundir import JsonlWriter
-from tests.unit.test_driver import ScriptedMonitor, complete, driver_for, later
+from tests.unit.scripted_monitor import ScriptedMonitor, complete, driver_for, later
 
 
 @pytest.fixture(autouse=True)
