@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
@@ -54,8 +54,6 @@ class Expect:
     says: tuple[str, ...]
     hides: tuple[str, ...] = ()
     commands: tuple[str, ...] = DEFAULT_COMMANDS
-    # command ("*" for all) -> why the case fails today and how to fix it
-    xfail: dict[str, str] = field(default_factory=dict)
 
 
 def parse_expect(path: Path) -> Expect:
@@ -65,8 +63,8 @@ def parse_expect(path: Path) -> Expect:
         if not line.strip() or line.startswith("#"):
             continue
         key, sep, value = line.partition(":")
-        if not sep or key not in ("exit", "says", "hides", "commands", "xfail"):
-            raise ValueError(f"{path}:{number}: expected exit|says|hides|commands|xfail: VALUE")
+        if not sep or key not in ("exit", "says", "hides", "commands"):
+            raise ValueError(f"{path}:{number}: expected exit|says|hides|commands: VALUE")
         values.setdefault(key, []).append(value.strip())
     if len(values.get("exit", [])) != 1 or not values.get("says"):
         raise ValueError(f"{path}: needs one 'exit:' line and at least one 'says:' line")
@@ -74,15 +72,8 @@ def parse_expect(path: Path) -> Expect:
     unknown = set(commands) - set(COMMANDS)
     if unknown:
         raise ValueError(f"{path}: unknown commands {sorted(unknown)}; known: {list(COMMANDS)}")
-    xfail: dict[str, str] = {}
-    for reason in values.get("xfail", []):
-        scope, sep, rest = reason.partition(":")
-        if sep and scope in COMMANDS:
-            xfail[scope] = rest.strip()
-        else:
-            xfail["*"] = reason
     return Expect(exit=int(values["exit"][0]), says=tuple(values["says"]),
-                  hides=tuple(values.get("hides", [])), commands=commands, xfail=xfail)
+                  hides=tuple(values.get("hides", [])), commands=commands)
 
 
 def corpus() -> list[object]:
@@ -108,11 +99,8 @@ def corpus() -> list[object]:
                                     for arg in COMMANDS[command]))
                     for command in expect.commands]
         for command, argv in runs:
-            reason = expect.xfail.get(command) or expect.xfail.get("*")
-            marks = [pytest.mark.xfail(reason=reason, raises=AssertionError, strict=True)
-                     ] if reason else []
             case_id = stem if command == "*" else f"{stem}:{command}"
-            params.append(pytest.param(argv, expect, id=case_id, marks=marks))
+            params.append(pytest.param(argv, expect, id=case_id))
     return params
 
 
