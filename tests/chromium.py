@@ -23,23 +23,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pytest
+
 __all__ = ["TIMEOUT_S", "DevTools", "chromium", "screenshot", "wait_for_plots"]
 
 TIMEOUT_S = 45.0
 
 
 def chromium() -> str:
-    """Path of Debian's chromium, installed first when missing (the tests run as root)."""
+    """Path of Debian's chromium, which scripts/setup installs; the test fails without it."""
     found = shutil.which("chromium")
     if found is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, check=False).returncode != 0:
-            # A fresh machine may not have the package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
-            subprocess.run(install, env=env, check=True)
-        found = shutil.which("chromium")
-    assert found, "apt-get installed chromium but it is not on PATH"
+        pytest.fail("chromium is not on PATH: run scripts/setup, which installs it "
+                    "(the HTML rendering tests need it)", pytrace=False)
     return found
 
 
