@@ -1,4 +1,7 @@
-"""Every command the guides show is run here, as written (RUN_DIR: the run just made)."""
+"""Every command the guides show is run here, as written (RUN_DIR: the run just made).
+
+The text-only checks of the guides are tests/unit/test_docs_text.py.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-GUIDES = sorted((ROOT / "docs").glob("*.md"))
-
-
-def documented_commands() -> list[tuple[str, str]]:
-    """(guide, command) for every ``$ `` line in the guides."""
-    found = []
-    for guide in GUIDES:
-        for line in guide.read_text().splitlines():
-            if line.strip().startswith("$ "):
-                found.append((guide.name, line.strip()[2:]))
-    return found
-
-
-def test_guides_have_commands() -> None:
-    assert any(guide == "operator.md" for guide, _ in documented_commands())
+from tests.guides import ROOT, documented_commands
 
 
 def test_operator_guide_commands_work(tmp_path: Path) -> None:
@@ -80,16 +66,6 @@ def test_nightly_guide_commands_work(tmp_path: Path) -> None:
     prom = (site / "metrics.prom").read_text()
     assert 'migrator_freeze_seconds{scenario="rec-hugetlb-2m"' in prom
     assert (tmp_path / "node-exporter" / "migrator.prom").read_text() == prom
-
-
-@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
-def test_guides_only_use_real_subcommands(guide: Path) -> None:
-    known = {"run", "report", "config", "hosts", "bench", "results", "compare", "dashboard"}
-    for line in guide.read_text().splitlines():
-        if line.strip().startswith("$ "):
-            argv = shlex.split(line.strip()[2:])
-            assert argv[0].endswith("migrator"), line
-            assert argv[1] in known, line
 
 
 def test_hosts_guide_commands_work_without_remote_hosts() -> None:
