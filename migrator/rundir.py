@@ -3,7 +3,9 @@
 Layout (every file is written atomically or appended line by line, so a run
 killed at any moment leaves only whole, parseable artifacts)::
 
-    RUN/                      mode 0700 (holds the QMP sockets while running)
+    RUN/                      mode 0700 (holds the QMP sockets while running);
+                              its files get the umask's mode, so a collector
+                              given access to the directory can read them
       scenario.toml           the resolved scenario, every default explicit
       run.json                identity, host and QEMU facts, decisions, outcome
       timeline.jsonl          what the driver did and saw, host wall-clock ns
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,15 +36,31 @@ SIDE_OF_ROLE: dict[str, Literal["src", "dst"]] = {"source": "src", "destination"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` so that readers see the old file or the whole new one."""
+    """Replace ``path`` with ``data`` so that readers see the old file or the whole new one.
+
+    The data goes to a new file in the same directory, which is then renamed over
+    ``path``.  That file is created as any other file of the process (mode 0666
+    less the umask: 0644 under umask 022), not 0600 as a ``mkstemp`` file would
+    be: readers that run as their own users (a collector, a web server) must be
+    able to read it after the rename.  Its name, ``.NAME.RANDOM.tmp``, is hidden
+    and ends in ``.tmp``, so nothing that scans the directory for ``*.json`` or
+    ``*.prom`` (node_exporter's textfile collector) reads it meanwhile.
+    """
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # a name another writer holds: draw another
+            continue
+        break
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(raw)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -1,7 +1,9 @@
-"""Fixtures shared by the unit tests of the migration driver and its recovery."""
+"""Fixtures shared by the unit tests: the migration driver and its recovery, file modes."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,13 @@ def sides(tmp_path: Path) -> tuple[ScriptedMonitor, ScriptedMonitor, JsonlWriter
     """Scripted source and destination monitors and a timeline."""
     return (ScriptedMonitor("src", tmp_path), ScriptedMonitor("dst", tmp_path),
             JsonlWriter(tmp_path / "timeline.jsonl"))
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask (022) for the test, whatever the one pytest runs under."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
