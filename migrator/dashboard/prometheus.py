@@ -17,34 +17,40 @@ themselves: ``migrator_runs`` (runs averaged), ``migrator_last_run_timestamp_sec
 and ``migrator_regressions`` (metrics whose verdict against the baseline is a
 regression: the one to alert on).
 
-Samples carry no timestamps: the textfile collector refuses them.  How old the
-file is, node_exporter exports itself (``node_textfile_mtime_seconds``).  The
-file is replaced atomically (a temporary file in the same directory, renamed
-over it), so the collector, which may read it at any moment, sees the old file
-or the new one, never half of one.
+The text is prometheus_client's (a registry of one collector, rendered by
+``generate_latest``, the text ``write_to_textfile`` writes), so its escaping
+and number formats are the client library's.  Samples carry no timestamps:
+the textfile collector refuses them.  How old the file is, node_exporter
+exports itself (``node_textfile_mtime_seconds``).  The file is replaced
+atomically by :func:`migrator.rundir.atomic_write` (a hidden ``*.tmp`` file in
+the same directory, renamed over it), so the collector, which may read it at
+any moment, sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from migrator.rundir import atomic_write
 
 __all__ = [
     "LABELS",
     "LatestSummary",
     "prometheus_name",
     "render_textfile",
+    "textfile_registry",
     "write_public",
     "write_textfile",
 ]
 
-#: Labels of every sample, in this order.
+#: Labels of every sample (the exposition text orders a sample's labels by name).
 LABELS = ("scenario", "backing", "qemu_version", "host")
 PREFIX = "migrator_"
 _FETCH = re.compile(r"fetch\.(?P<block>.+)\.(?P<stat>[^.]+)")
@@ -88,41 +94,25 @@ def prometheus_name(metric: str, unit: str) -> tuple[str, dict[str, str], float]
     return name, extra, scale
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+@dataclass
+class _Family:
+    """One gauge family being gathered: its help, label names and a value per label set."""
+
+    help: str
+    labels: tuple[str, ...]
+    values: dict[tuple[str, ...], float] = field(default_factory=dict)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    # 15 significant digits: the ms -> s scaling would otherwise print binary noise
-    # (0.0068977000000000005).
-    return f"{value:.15g}"
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items()) + "}"
-
-
-def render_textfile(summaries: Iterable[LatestSummary]) -> str:
-    """The exposition text of ``summaries``: families sorted by name, one HELP/TYPE each.
-
-    Two summaries with the same labels are a caller's error (the collector
-    would reject the whole file), so the later one is dropped here rather than
-    written twice.
-    """
-    families: dict[str, tuple[str, dict[tuple[str, ...], tuple[str, float]]]] = {}
+def _families(summaries: Iterable[LatestSummary]) -> dict[str, _Family]:
+    """The gauge families of ``summaries``, by name (see the module docstring)."""
+    families: dict[str, _Family] = {}
 
     def add(name: str, help_text: str, labels: dict[str, str], value: float) -> None:
-        _, samples = families.setdefault(name, (help_text, {}))
-        key = tuple(f"{k}={v}" for k, v in labels.items())
-        samples.setdefault(key, (_labels(labels), value))
+        family = families.setdefault(name, _Family(help_text, tuple(labels)))
+        if tuple(labels) == family.labels:
+            # The first value of a label set is kept: the collector rejects a whole
+            # file that repeats one.
+            family.values.setdefault(tuple(labels.values()), value)
 
     for summary in summaries:
         base = {k: summary.labels.get(k) or "unknown" for k in LABELS}
@@ -141,38 +131,49 @@ def render_textfile(summaries: Iterable[LatestSummary]) -> str:
             help_text = (f"{what}: mean over the latest night's runs"
                          + (f" (stored in {unit})" if unit else ""))
             add(name, help_text, {**base, **extra}, mean * scale)
-
-    lines = []
-    for name in sorted(families):
-        help_text, samples = families[name]
-        lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        lines.append(f"# TYPE {name} gauge")
-        lines += [f"{name}{labels} {_number(value)}"
-                  for _, (labels, value) in sorted(samples.items())]
-    return "\n".join(lines) + "\n"
+    return families
 
 
-def write_public(path: Path, data: str | bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, readable by every user (mode 0644).
+class _Gauges:
+    """A prometheus_client collector of ready-made metric families."""
 
-    Readers (the textfile collector, a web server serving the site) run as
-    their own users: a ``mkstemp`` file is 0600 and would be unreadable after
-    the rename, so the mode is set before it.  The temporary name starts with
-    a dot and ends in ``.tmp``, so a collector scanning the directory for
-    ``*.prom`` meanwhile ignores it.
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        """The families, as given."""
+        return self.families
+
+
+def textfile_registry(summaries: Iterable[LatestSummary]) -> CollectorRegistry:
+    """A registry of ``summaries``' gauges: families sorted by name, samples by labels.
+
+    Two summaries with the same labels are a caller's error (the collector
+    would reject the whole file), so the later one is left out rather than
+    exported twice.
     """
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(raw)
-            os.fchmod(out.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    gauges: list[Metric] = []
+    for name, family in sorted(_families(summaries).items()):
+        gauge = GaugeMetricFamily(name, family.help, labels=family.labels)
+        for labels, value in sorted(family.values.items()):
+            # 15 significant digits: the ms -> s scaling would otherwise export binary
+            # noise (0.0068977000000000005).
+            gauge.add_metric(labels, float(f"{value:.15g}"))
+        gauges.append(gauge)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Gauges(gauges))
+    return registry
+
+
+def render_textfile(summaries: Iterable[LatestSummary]) -> str:
+    """The exposition text of ``summaries`` (see :func:`textfile_registry`)."""
+    return generate_latest(textfile_registry(summaries)).decode()
+
+
+# The dashboard's pages are written with it too (migrator.dashboard.build imports it here).
+write_public = atomic_write
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Write a textfile for the collector at ``path`` (atomically, see :func:`write_public`)."""
-    write_public(path, text)
+    """Write a textfile for the collector at ``path``, atomically (see the module docstring)."""
+    atomic_write(path, text)

@@ -31,6 +31,7 @@ from migrator.dashboard.prometheus import (
     LatestSummary,
     prometheus_name,
     render_textfile,
+    textfile_registry,
     write_textfile,
 )
 from migrator.errors import ConfigError
@@ -204,6 +205,7 @@ def test_an_empty_store_is_an_error(tmp_path: Path) -> None:
 
 # --- the site --------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("umask_022")
 def test_site_files_exist_and_links_resolve(regressed: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
     result = build(regressed, out)
@@ -237,7 +239,8 @@ def test_site_files_exist_and_links_resolve(regressed: Path, tmp_path: Path) -> 
     assert linked == {f"base-{n}-{r}" for n in range(1, 4) for r in range(2)} | \
         {f"cand-{i}" for i in range(6)}
     for mode in (os.stat(p).st_mode for p in [*pages, out / "metrics.prom"]):
-        assert stat.S_IMODE(mode) == 0o644  # a web server or the collector reads them
+        # 0666 less the umask: a web server or the collector reads them.
+        assert stat.S_IMODE(mode) == 0o644
 
 
 def test_regression_badge_present_for_a_regression(regressed: Path, tmp_path: Path) -> None:
@@ -413,6 +416,25 @@ def test_label_values_are_escaped(tmp_path: Path) -> None:
          0.0125)]
 
 
+def test_the_textfile_is_the_client_librarys_registry() -> None:
+    labels = {"scenario": "s", "backing": "hugetlb-2m", "qemu_version": "10.0.0", "host": "h"}
+    summary = LatestSummary(
+        labels=labels, means={"freeze_ms": 6.8977, "fetch.ram0.p50_ms": 0.25},
+        units={"freeze_ms": "ms", "fetch.ram0.p50_ms": "ms"}, runs=3, last_run=LAST_NIGHT,
+        regressions=1)
+    registry = textfile_registry([summary])
+    assert registry.get_sample_value("migrator_runs", labels) == 3
+    assert registry.get_sample_value("migrator_regressions", labels) == 1
+    assert registry.get_sample_value("migrator_fetch_p50_seconds",
+                                     {**labels, "ramblock": "ram0"}) == 0.00025
+    text = render_textfile([summary])
+    # The ms -> s scaling leaves no binary noise (6.8977 * 1e-3 is 0.0068977000000000005).
+    assert re.search(r"^migrator_freeze_seconds\{[^}]*\} 0\.0068977$", text, re.MULTILINE)
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert names == sorted(names)
+
+
+@pytest.mark.usefixtures("umask_022")
 def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:
     path = tmp_path / "metrics.prom"
     path.write_text("old\n")
