@@ -15,17 +15,16 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from migrator.cli.console import stdout_console
+from migrator.cli.common import VerboseOption, err, fail, setup_logging
+from migrator.cli.common import out as stdout
 from migrator.cli.results import (
     EXIT_BAD_INPUT,
     EXIT_REGRESSION,
     AlphaOption,
     DbOption,
     ThresholdOption,
-    _error,
-    _open,
-    _thresholds,
-    err,
+    open_store,
+    thresholds,
 )
 from migrator.errors import MigratorError
 
@@ -68,6 +67,7 @@ def dashboard(
     fail_on_regression: Annotated[bool, typer.Option(
         "--fail-on-regression", help="exit 1 when any scenario's latest night regressed")
     ] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Write a static dashboard of the results store and DIR/metrics.prom for Prometheus.
 
@@ -80,34 +80,33 @@ def dashboard(
     from migrator.dashboard import DashboardOptions, build_dashboard
     from migrator.results.store import parse_selector
 
+    setup_logging(verbose)
     try:
         options = DashboardOptions(
             candidate=parse_selector(candidate) if candidate else None,
             baseline=parse_selector(baseline) if baseline else None,
             runs_root=runs_root, textfile=textfile, nights=nights, night_start_hour=night_start,
-            rules=_thresholds(threshold or []), alpha=alpha, jobs=jobs)
-        with _open(db) as store:
+            rules=thresholds(threshold or []), alpha=alpha, jobs=jobs)
+        with open_store(db) as store:
             result = build_dashboard(store, out, options)
     except MigratorError as error:
-        _error(error)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise fail(error, EXIT_BAD_INPUT) from None
     except OSError as error:
         # An --out or --textfile that cannot be written: the user's to fix, not a bug.
         err.print(f"[bold red]error:[/bold red] cannot write the dashboard: {escape(str(error))}",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    console = stdout_console()
-    console.print(f"dashboard: {result.index} ({len(result.scenarios)} scenarios, "
-                  f"{result.run_pages_written} run pages written, {result.run_pages_kept} "
-                  f"unchanged, {result.timings['total']:.1f} s)", highlight=False, soft_wrap=True)
+    stdout.print(f"dashboard: {result.index} ({len(result.scenarios)} scenarios, "
+                 f"{result.run_pages_written} run pages written, {result.run_pages_kept} "
+                 f"unchanged, {result.timings['total']:.1f} s)", highlight=False, soft_wrap=True)
     for path in (result.textfile, textfile):
         if path is not None:
-            console.print(f"prometheus textfile: {path}", highlight=False, soft_wrap=True)
+            stdout.print(f"prometheus textfile: {path}", highlight=False, soft_wrap=True)
     for view in result.regressed:
         names = ", ".join(v.metric for v in view.regressions)
         # Escaped: scenario names and selectors are user text that may look like markup.
-        console.print(f"[bold red]regression[/bold red] "
-                      f"{escape(f'{view.name} ({view.candidate_label}): {names}')}",
-                      highlight=False, soft_wrap=True)
+        stdout.print(f"[bold red]regression[/bold red] "
+                     f"{escape(f'{view.name} ({view.candidate_label}): {names}')}",
+                     highlight=False, soft_wrap=True)
     if fail_on_regression and result.regressed:
         raise typer.Exit(EXIT_REGRESSION)

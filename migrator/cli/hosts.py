@@ -1,26 +1,24 @@
-"""``migrator hosts check``: the preflight every operator runs before a migration."""
+"""``migrator hosts check``: the preflight every operator runs before a migration.
+
+The preflight machinery (QEMU probing, the guest build, SSH) is imported when
+the command runs, not with this module.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from migrator.cli.console import stdout_console
-from migrator.config.loader import load_scenario
-from migrator.config.models import Accel, Scenario
+from migrator.cli.common import ScenarioArgument, VerboseOption, err, fail, out, setup_logging
 from migrator.errors import MigratorError, PreflightError
-from migrator.guest.build import ensure_guest
-from migrator.hosts.base import Host
-from migrator.preflight import HostReport, PreflightReport, check_hosts
-from migrator.qemu.accel import decide_accel
-from migrator.qemu.probe import probe_qemu
-from migrator.runner import CACHE_DIR, scenario_hosts
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from migrator.config.models import Scenario
+    from migrator.hosts.base import Host
+    from migrator.preflight import HostReport, PreflightReport
 
 __all__ = ["hosts_app"]
 
@@ -29,6 +27,12 @@ hosts_app = typer.Typer(no_args_is_help=True, help="The hosts a scenario runs on
 
 async def _kvm_verdict(host: Host, scenario: Scenario) -> tuple[bool | None, str]:
     """Whether KVM can really run a guest on ``host`` (booted, not guessed)."""
+    from migrator.config.models import Accel
+    from migrator.guest.build import ensure_guest
+    from migrator.qemu.accel import decide_accel
+    from migrator.qemu.probe import probe_qemu
+    from migrator.runner import CACHE_DIR
+
     try:
         facts = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)
         guest = await ensure_guest(CACHE_DIR / "guest", scenario.guest.kernel)
@@ -40,6 +44,9 @@ async def _kvm_verdict(host: Host, scenario: Scenario) -> tuple[bool | None, str
 
 async def run_checks(scenario: Scenario) -> PreflightReport:
     """The preflight of both hosts, KVM usability included."""
+    from migrator.preflight import check_hosts
+    from migrator.runner import scenario_hosts
+
     async with scenario_hosts(scenario) as (source, destination):
         kvm = {source.name: await _kvm_verdict(source, scenario)}
         if destination is not source:
@@ -48,6 +55,8 @@ async def run_checks(scenario: Scenario) -> PreflightReport:
 
 
 def _host_table(host: HostReport) -> Table:
+    from rich.table import Table
+
     table = Table(title=f"{host.host} ({' + '.join(host.roles)})", title_justify="left",
                   show_header=False, show_edge=False)
     table.add_column("fact", style="bold")
@@ -78,19 +87,21 @@ def _host_table(host: HostReport) -> Table:
 
 @hosts_app.command("check")
 def check(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: ScenarioArgument,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON, not tables")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Check each host of a scenario; exit 3 when any need is unmet."""
-    out = stdout_console()
-    err = Console(stderr=True)
+    import asyncio
+
+    from migrator.config.loader import load_scenario
+
+    setup_logging(verbose)
     try:
         loaded = load_scenario(scenario)
         report = asyncio.run(run_checks(loaded))
     except MigratorError as error:
-        err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
-                  soft_wrap=True)
-        raise typer.Exit(error.exit_code) from None
+        raise fail(error) from None
     if json_out:
         out.print_json(report.model_dump_json())
     else:

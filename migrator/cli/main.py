@@ -1,32 +1,61 @@
-"""``migrator``: run a post-copy migration and read what it cost the guest."""
+"""``migrator``: run a post-copy migration and read what it cost the guest.
+
+Every command module is imported here to register its command, so none of them
+imports anything heavy at module level (the runner, asyncssh, numpy, plotly,
+SQLAlchemy...): each command imports what it needs when it runs, and
+``migrator --help`` stays fast (``benchmarks/cli_startup.py``).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
+import migrator
 from migrator.cli.bench import bench
-from migrator.cli.console import stdout_console
+from migrator.cli.common import (
+    RunDirArgument,
+    ScenarioArgument,
+    VerboseOption,
+    err,
+    fail,
+    interrupted,
+    out,
+    run_until_interrupted,
+    setup_logging,
+)
 from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
-from migrator.cli.teardown import interrupted_statement
-from migrator.config.loader import load_scenario, scenario_schema
 from migrator.errors import ArtifactError, ConfigError, MigratorError
-from migrator.outcome import EXIT_CODES, Outcome
-from migrator.rundir import RunDir
 
-__all__ = ["app"]
+__all__ = ["COMMAND_ORDER", "app"]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+#: ``migrator --help`` lists the commands in the order a user needs them: one run and its
+#: report, the hosts and scenario checks, then suites, the store, CI and the dashboard.
+COMMAND_ORDER = ("run", "report", "hosts", "config", "bench", "results", "compare", "dashboard")
+
+
+class _InOrder(TyperGroup):
+    """A command group that lists its commands in :data:`COMMAND_ORDER`.
+
+    typer lists plain commands before sub-groups (``hosts``, ``config``,
+    ``results``) whatever order they were added in.
+    """
+
+    # ctx is typer's vendored click.Context, a private class: Any keeps the override valid.
+    def list_commands(self, ctx: Any) -> list[str]:
+        """The group's commands, in :data:`COMMAND_ORDER` (any other name last)."""
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda name: (COMMAND_ORDER.index(name)
+                                               if name in COMMAND_ORDER else len(COMMAND_ORDER)))
+
+
+app = typer.Typer(cls=_InOrder, no_args_is_help=True, add_completion=False,
                   help="Orchestrate QEMU post-copy migrations of hugepage-backed VMs and "
                        "measure per-page fetch latency and vCPU stalls.")
 config_app = typer.Typer(no_args_is_help=True, help="Scenario files.")
@@ -37,53 +66,44 @@ app.command("compare")(compare)
 app.command("bench")(bench)
 app.command("dashboard")(dashboard)
 
-err = Console(stderr=True, log_path=False)
-out = stdout_console()
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"migrator {migrator.__version__}")
+        raise typer.Exit
 
 
-def _fail(error: MigratorError, exit_code: int | None = None) -> typer.Exit:
-    """Print a migrator error as one line and give its exit code (or ``exit_code``)."""
-    # Escaped: messages quote user input (names, paths), which may look like rich markup.
-    err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
-              soft_wrap=True)
-    run_dir = getattr(error, "run_dir", None)
-    if run_dir is not None:
-        err.print(f"raw artifacts kept in {escape(str(run_dir))}", highlight=False,
-                  soft_wrap=True)
-    return typer.Exit(error.exit_code if exit_code is None else exit_code)
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print migrator's version and exit")] = False,
+) -> None:
+    """Options of ``migrator`` itself, given before the command (--version acts at once)."""
+    del version  # handled by its callback, which exits
 
 
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = []
-    if log_file is not None:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.DEBUG)
-        handlers.append(handler)
-    if verbose:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setLevel(logging.INFO)
-        handlers.append(stream)
-    logging.basicConfig(level=logging.DEBUG if handlers else logging.WARNING,
-                        handlers=handlers or None, force=True)
-    # qemu.qmp logs every disconnect at INFO; that is noise for a user.
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
-    # asyncssh logs every exec request (with the whole remote supervisor) at INFO.
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+HtmlOption = Annotated[bool, typer.Option(
+    "--html", help="also write RUN_DIR/report.html: a self-contained page with interactive plots")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print report.json, not tables")]
 
 
 @app.command()
 def run(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: ScenarioArgument,
     runs_dir: Annotated[Path, typer.Option(help="where run directories are created")] = Path(
         "runs"),
-    json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+    json_out: JsonOption = False,
     html: HtmlOption = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run one scenario end to end and print its report."""
+    import asyncio
+
     from migrator.cli.progress import LiveProgress
+    from migrator.config.loader import load_scenario
     from migrator.metrics.summary import build_report, write_report
+    from migrator.outcome import EXIT_CODES, Outcome
     from migrator.report.terminal import render_report
     from migrator.runner import run_scenario
 
@@ -91,28 +111,21 @@ def run(
         loaded = load_scenario(scenario)
         _make_runs_dir(runs_dir)
     except MigratorError as error:
-        raise _fail(error) from None
-    _setup_logging(verbose)
+        raise fail(error) from None
+    setup_logging(verbose)
     holder: dict[str, Path] = {}
-
-    async def main() -> RunDir:
-        # SIGTERM gets the same orderly teardown as Ctrl-C: cancel, then every finally runs.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run_scenario(
-            loaded, runs_dir, progress, on_rundir=lambda r: holder.update(path=r.path))
 
     try:
         with LiveProgress(err) as progress:
-            run_dir = asyncio.run(main())
+            run_dir = run_until_interrupted(run_scenario(
+                loaded, runs_dir, progress, on_rundir=lambda r: holder.update(path=r.path)))
     except MigratorError as error:
         _report_if_possible(holder.get("path"))
-        raise _fail(error) from None
+        raise fail(error) from None
     except (KeyboardInterrupt, asyncio.CancelledError) as stop:
-        err.print(interrupted_statement(holder.get("path")), highlight=False, soft_wrap=True)
+        stopped = interrupted(stop, holder.get("path"))
         _report_if_possible(holder.get("path"))
-        raise typer.Exit(130 if isinstance(stop, KeyboardInterrupt) else 143) from None
+        raise stopped from None
     report = build_report(run_dir.path)
     write_report(run_dir.path, report)
     if html:
@@ -151,30 +164,28 @@ def _report_if_possible(run_path: Path | None) -> None:
                   soft_wrap=True)
 
 
-HtmlOption = Annotated[bool, typer.Option(
-    "--html", help="also write RUN_DIR/report.html: a self-contained page with interactive plots")]
-
-
 def _write_html(run_dir: Path) -> None:
     from migrator.report.html import write_run_html
 
     try:
         page = write_run_html(run_dir)  # reads the report.json just written
     except MigratorError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory made by 'migrator run'")],
-    json_out: Annotated[bool, typer.Option("--json", help="print report.json, not tables")] = False,
+    run_dir: RunDirArgument,
+    json_out: JsonOption = False,
     html: HtmlOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Rebuild report.json and the summary offline from a run directory's raw files."""
     from migrator.metrics.summary import build_report, write_report
     from migrator.report.terminal import render_report
 
+    setup_logging(verbose)
     try:
         if not run_dir.is_dir():
             raise ConfigError("not a directory" if run_dir.exists() else "no such directory",
@@ -182,9 +193,9 @@ def report(
         rebuilt = build_report(run_dir)
     except ArtifactError as error:
         # The run directory is this command's input: one it cannot read is bad input.
-        raise _fail(error, exit_code=ConfigError.exit_code) from None
+        raise fail(error, exit_code=ConfigError.exit_code) from None
     except MigratorError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     write_report(run_dir, rebuilt)
     if html:
         _write_html(run_dir)
@@ -194,21 +205,25 @@ def report(
         render_report(rebuilt, out)
 
 
-@config_app.command("schema")
-def config_schema() -> None:
-    """Print the JSON Schema of scenario files."""
-    print(scenario_schema())
-
-
 @config_app.command("check")
 def config_check(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: ScenarioArgument,
+    verbose: VerboseOption = False,
 ) -> None:
     """Validate a scenario file and print it resolved (every default explicit)."""
-    from migrator.config.loader import dump_scenario
+    from migrator.config.loader import dump_scenario, load_scenario
 
+    setup_logging(verbose)
     try:
         loaded = load_scenario(scenario)
     except MigratorError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     print(dump_scenario(loaded), end="")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of scenario files."""
+    from migrator.config.loader import scenario_schema
+
+    print(scenario_schema())

@@ -17,24 +17,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console, JustifyMethod
-from rich.markup import escape
-from rich.table import Table
 
-from migrator.cli.console import stdout_console
+from migrator.cli.common import VerboseOption, err, fail, out, print_error, setup_logging
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 
 if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+    from rich.table import Table
+
     from migrator.results.compare import MetricRule, MetricVerdict
     from migrator.results.store import ResultsStore
 
-__all__ = ["compare", "results_app"]
+__all__ = ["compare", "open_store", "results_app", "thresholds"]
 
 results_app = typer.Typer(no_args_is_help=True,
                           help="The results store: import finished runs, list them.")
-
-err = Console(stderr=True)
-
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", metavar="PATH|URL",
@@ -52,13 +49,7 @@ EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
 
 
-def _error(error: MigratorError) -> None:
-    # Escaped: messages quote user input (paths, selectors) that may look like rich markup.
-    err.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False,
-              soft_wrap=True)
-
-
-def _open(db: str | None, *, create: bool = False) -> ResultsStore:
+def open_store(db: str | None, *, create: bool = False) -> ResultsStore:
     """The store at ``--db``; a missing SQLite file is a ConfigError unless ``create``.
 
     Only ``results import`` creates a store: a command that reads one would otherwise
@@ -71,8 +62,10 @@ def _open(db: str | None, *, create: bool = False) -> ResultsStore:
 
 @results_app.command("import")
 def import_runs(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories made by 'migrator run'")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR", help="run directories made by 'migrator run'")],
     db: DbOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Record finished runs in the store (re-importing a run updates it, never duplicates it).
 
@@ -80,19 +73,18 @@ def import_runs(
     directory is not written).  A directory that is not a finished run is
     refused with an error; the other directories are still imported.
     """
+    setup_logging(verbose)
     try:
-        store = _open(db, create=True)
+        store = open_store(db, create=True)
     except MigratorError as error:
-        _error(error)
-        raise typer.Exit(error.exit_code) from None
+        raise fail(error) from None
     status = 0
-    out = stdout_console()
     with store:
         for run_dir in run_dirs:
             try:
                 result = store.import_run(run_dir)
             except MigratorError as error:
-                _error(error)
+                print_error(error)
                 # A directory that is not a run is bad input, like a bad path.
                 status = status or (EXIT_BAD_INPUT if isinstance(error, ArtifactError)
                                     else error.exit_code)
@@ -112,21 +104,23 @@ def list_runs(
              "ids; default: every completed run")] = None,
     db: DbOption = None,
     json_out: JsonOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """List stored runs with their main dimensions, oldest first."""
+    from rich.table import Table
+
     from migrator.results.store import parse_selector
 
+    setup_logging(verbose)
     try:
         selector = parse_selector(where) if where else None
-        with _open(db) as store:
+        with open_store(db) as store:
             rows = store.select(selector)
     except MigratorError as error:
-        _error(error)
-        raise typer.Exit(error.exit_code) from None
+        raise fail(error) from None
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=_iso))
         return
-    out = stdout_console()
     table = Table(show_edge=False)
     # Run ids are what people copy into selectors: never cut them short.
     table.add_column("run", no_wrap=True, min_width=max((len(r["run_id"]) for r in rows),
@@ -153,7 +147,7 @@ def _flag(value: bool | None) -> str:
     return "-" if value is None else ("on" if value else "off")
 
 
-def _thresholds(specs: list[str]) -> list[MetricRule]:
+def thresholds(specs: list[str]) -> list[MetricRule]:
     """``PATTERN=PERCENT`` overrides, each keeping the direction of the default rule."""
     from migrator.results.compare import DEFAULT_RULES, MetricRule, rule_for
 
@@ -186,6 +180,8 @@ _STYLE = {"regression": "bold red", "improvement": "bold green", "changed": "yel
 
 
 def _table(verdicts: list[MetricVerdict], units: dict[str, str]) -> Table:
+    from rich.table import Table
+
     from migrator.results.compare import Verdict
 
     table = Table(show_edge=False)
@@ -224,6 +220,7 @@ def compare(
     threshold: ThresholdOption = None,
     alpha: AlphaOption = 0.01,
     json_out: JsonOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Compare two sets of stored runs metric by metric; exit 1 if any metric regressed.
 
@@ -236,10 +233,11 @@ def compare(
     from migrator.results.compare import has_regression
     from migrator.results.store import parse_selector
 
+    setup_logging(verbose)
     try:
-        rules = _thresholds(threshold or [])
+        rules = thresholds(threshold or [])
         selectors = parse_selector(baseline), parse_selector(candidate)
-        with _open(db) as store:
+        with open_store(db) as store:
             chosen = [store.select(selector) for selector in selectors]
             for selector, rows in zip(selectors, chosen, strict=True):
                 if not rows:
@@ -253,9 +251,8 @@ def compare(
                                   field="--metric")
             units = store.units([v.metric for v in verdicts])
     except MigratorError as error:
-        _error(error)
         # 1 means "regression" to CI; every failure to compare is bad input.
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise fail(error, EXIT_BAD_INPUT) from None
     overlap = set(ids[0]) & set(ids[1])
     regressed = has_regression(verdicts)
     if json_out:
@@ -268,7 +265,6 @@ def compare(
         }
         typer.echo(json.dumps(doc, indent=2))
     else:
-        out = stdout_console()
         for label, selector, run_ids in (("baseline: ", selectors[0], ids[0]),
                                          ("candidate:", selectors[1], ids[1])):
             out.print(f"{label} {selector} ({_runs(len(run_ids))})", highlight=False)

@@ -109,7 +109,7 @@ def test_bench_says_how_the_current_runs_teardown_went(
         await interrupted_run(meta)(scenario, runs_root, observer, on_rundir)
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr("migrator.cli.bench.run_and_report", run_and_report)
+    monkeypatch.setattr("migrator.bench.runner.run_and_report", run_and_report)
     out = tmp_path / "suite"
     result = CliRunner().invoke(app, ["bench", str(DATA / "suite-valid.toml"), "--out", str(out)])
     assert result.exit_code == 143, result.output

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.cli.console import PIPED_WIDTH, stdout_console
+from migrator.cli.common import PIPED_WIDTH, stdout_console
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 
