@@ -41,7 +41,7 @@ from migrator.bench.runner import RunRecord, RunStatus, SuiteState
 from migrator.bench.suite import PlannedRun, Suite
 from migrator.errors import MigratorError
 from migrator.metrics.summary import TRACE_SOURCE, build_report
-from migrator.report.schema import SCHEMA_VERSION, BlockFetch, Report
+from migrator.model import SCHEMA_VERSION, BlockFetch, Report
 from migrator.rundir import atomic_write
 
 __all__ = [

@@ -73,6 +73,7 @@ from migrator.dashboard.prometheus import (
     write_textfile,
 )
 from migrator.errors import ConfigError
+from migrator.model import SCHEMA_VERSION, Report
 from migrator.outcome import severity
 from migrator.report.html import (
     PLOT_CONFIG,
@@ -86,7 +87,6 @@ from migrator.report.html import (
     headline_tables,
 )
 from migrator.report.html import TEMPLATES as REPORT_TEMPLATES
-from migrator.report.schema import SCHEMA_VERSION, Report
 from migrator.report.sources import Sources
 from migrator.results.compare import (
     ALPHA,

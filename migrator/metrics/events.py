@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrator.report.schema import Phase
+from migrator.model import Phase
 from migrator.rundir import SIDES
 
 __all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl", "time_zero"]

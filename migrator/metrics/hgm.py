@@ -25,7 +25,7 @@ from migrator.hgm import DOUBLEMAP_CAPABILITY, CollapseSummary, SmapsSample, col
 from migrator.hgm import load_samples as load_smaps_samples
 from migrator.metrics.events import PhaseTimeline, read_jsonl
 from migrator.metrics.trace import TraceAnalysis
-from migrator.report.schema import (
+from migrator.model import (
     HgmBlock,
     HgmCollapse,
     HgmMapping,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from migrator.metrics.histogram import Histogram
-from migrator.report.schema import LatencyBucket, LatencyDistComparison
+from migrator.model import LatencyBucket, LatencyDistComparison
 
 __all__ = ["SHIFT_NOTE", "bucket_bounds_us", "compare_latency_dist", "qemu_bucket", "rebin"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.metrics.events import read_jsonl
-from migrator.report.schema import Metric
+from migrator.model import Metric
 
 __all__ = ["CUMULATIVE", "Contradiction", "QemuCounters", "load_counters"]
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from migrator.metrics.events import MigrationEvents, PhaseTimeline, time_zero
 from migrator.metrics.guest import GuestObservations
-from migrator.report.schema import FaultRecord, Metric, PauseRecord
+from migrator.model import FaultRecord, Metric, PauseRecord
 from migrator.rundir import SIDE_OF_ROLE
 
 __all__ = ["RecoveryAnalysis", "analyze_recovery"]

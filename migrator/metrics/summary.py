@@ -25,8 +25,7 @@ from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.trace import TraceAnalysis, analyze_trace
-from migrator.qemu.known_issues import tcg_dirty_tracking_risk
-from migrator.report.schema import (
+from migrator.model import (
     BlockFetch,
     ClockStepRecord,
     Comparison,
@@ -38,6 +37,7 @@ from migrator.report.schema import (
     Report,
     Stall,
 )
+from migrator.qemu.known_issues import tcg_dirty_tracking_risk
 from migrator.rundir import atomic_write
 
 __all__ = ["build_report", "write_report"]

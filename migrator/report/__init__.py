@@ -1,1 +1,1 @@
-"""Reports: the report.json schema and its renderers (terminal, HTML); never live processes."""
+"""Reports: renderers of the report.json model (terminal, HTML); never live processes."""

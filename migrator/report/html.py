@@ -51,8 +51,8 @@ from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report
+from migrator.model import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
 from migrator.outcome import severity
-from migrator.report.schema import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
 from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
 from migrator.units import format_size

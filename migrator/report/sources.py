@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from migrator.report.schema import Metric
+from migrator.model import Metric
 
 __all__ = ["Sources"]
 

@@ -39,6 +39,7 @@ from migrator.bench.runner import RunRecord, RunStatus, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
 from migrator.errors import MigratorError
 from migrator.metrics.histogram import Histogram
+from migrator.model import BlockFetch, Report
 from migrator.report.html import (
     Cell,
     Plot,
@@ -50,7 +51,6 @@ from migrator.report.html import (
     _plot,
     cdf_trace,
 )
-from migrator.report.schema import BlockFetch, Report
 from migrator.rundir import atomic_write
 from migrator.units import format_size
 

@@ -6,8 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from migrator.outcome import severity
-from migrator.report.schema import (
+from migrator.model import (
     FaultRecord,
     GuestClockSteps,
     HgmSection,
@@ -16,6 +15,7 @@ from migrator.report.schema import (
     PauseRecord,
     Report,
 )
+from migrator.outcome import severity
 from migrator.report.sources import Sources
 from migrator.units import format_size
 

@@ -8,7 +8,7 @@ same thing, and a test checks that they agree)::
     reports  the whole report.json of the run, for anything the metrics leave out
 
 A run's dimensions and metrics are pure functions of its run directory and its
-:class:`~migrator.report.schema.Report` (:func:`run_dimensions`,
+:class:`~migrator.model.Report` (:func:`run_dimensions`,
 :func:`report_metrics`), so they are tested without a database.
 """
 
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from migrator.config.models import Backing
-from migrator.report.schema import Metric, Report
+from migrator.model import Metric, Report
 
 __all__ = [
     "DIMENSIONS",

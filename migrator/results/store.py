@@ -38,7 +38,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 from migrator.metrics.summary import build_report
-from migrator.report.schema import SCHEMA_VERSION, Report
+from migrator.model import SCHEMA_VERSION, Report
 from migrator.results.schema import (
     DIMENSIONS,
     MetricValue,

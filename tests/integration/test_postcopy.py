@@ -16,7 +16,7 @@ import pytest
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.schema import BlockFetch, Report
+from migrator.model import BlockFetch, Report
 from tests.integration.children import run_migrator
 from tests.integration.conftest import one_error_line, run_migration, scenario
 

@@ -27,7 +27,7 @@ import pytest
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.schema import Report
+from migrator.model import Report
 from tests.integration.conftest import one_error_line, run_migration, scenario
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 from tests.integration.test_cli_errors import migrator

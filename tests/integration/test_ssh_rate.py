@@ -31,7 +31,7 @@ from migrator.errors import MigratorError
 from migrator.hosts.hugepages import claimed_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.schema import Report
+from migrator.model import Report
 from tests.integration.conftest import run_migration
 from tests.integration.sshhosts import SSHTestbed, shaped_migration_link
 from tests.integration.test_postcopy import ram

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from migrator.metrics.summary import build_report
-from migrator.report.schema import Report
+from migrator.model import Report
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 LATENCY_KEYS = ("p50", "p90", "p99", "p99.9", "max", "mean")

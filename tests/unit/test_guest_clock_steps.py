@@ -30,8 +30,8 @@ from migrator.guest.protocol import (
 )
 from migrator.metrics.guest import WRAPPED, load_guest
 from migrator.metrics.summary import build_report
+from migrator.model import Report
 from migrator.report.html import render_run_html, run_clock, stall_tables
-from migrator.report.schema import Report
 from migrator.report.sources import Sources
 from migrator.report.terminal import render_report
 

@@ -25,7 +25,7 @@ from migrator.hgm.detect import NOT_SUPPORTED, SUPPORTED
 from migrator.hosts.base import Host
 from migrator.metrics.summary import build_report
 from migrator.migration.plan import plan_migration
-from migrator.report.schema import Report
+from migrator.model import Report
 from migrator.report.terminal import render_report
 from migrator.rundir import RunDir
 from migrator.runner import Observer, _Run

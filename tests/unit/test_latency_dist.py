@@ -22,7 +22,7 @@ from migrator.metrics.latency_dist import compare_latency_dist, qemu_bucket, reb
 from migrator.metrics.ramblock import RamBlock, load_ramblocks
 from migrator.metrics.summary import build_report
 from migrator.metrics.trace import TraceAnalysis, analyze_trace, iter_resolved_faults
-from migrator.report.schema import LatencyDistComparison
+from migrator.model import LatencyDistComparison
 from migrator.report.terminal import render_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"

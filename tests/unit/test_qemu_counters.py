@@ -11,8 +11,8 @@ from rich.console import Console
 
 from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters
 from migrator.metrics.summary import build_report
+from migrator.model import Metric, Report
 from migrator.report.html import comparison_table, headline_tables
-from migrator.report.schema import Metric, Report
 from migrator.report.sources import Sources
 from migrator.report.terminal import render_report
 

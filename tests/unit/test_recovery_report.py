@@ -19,8 +19,8 @@ from migrator.metrics.events import load_events, read_jsonl, time_zero
 from migrator.metrics.guest import GuestObservations, HeartbeatArrival, ProbeStall
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.summary import build_report, write_report
+from migrator.model import Metric, Phase, Report
 from migrator.report.html import render_run_html
-from migrator.report.schema import Metric, Phase, Report
 from migrator.report.terminal import render_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"

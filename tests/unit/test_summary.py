@@ -16,8 +16,8 @@ from migrator.guest.crash import kernel_crash
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.summary import build_report, write_report
 from migrator.metrics.trace import analyze_trace
+from migrator.model import Report
 from migrator.report.html import fetch_table
-from migrator.report.schema import Report
 from migrator.report.sources import Sources
 from migrator.report.terminal import render_report
 

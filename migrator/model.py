@@ -1,4 +1,4 @@
-"""The versioned schema of ``report.json``.
+"""The report model: the versioned schema of ``report.json``.
 
 Every number is a :class:`Metric`: a value with its unit and the source it was
 measured from.  Where two sources measure the same thing the report carries a
