@@ -66,9 +66,9 @@ from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.events import load_events, read_jsonl
-from migrator.metrics.sampler import sample_query_migrate
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, destination_address, plan_migration
+from migrator.migration.sampler import sample_query_migrate
 from migrator.migration.tls import enable_tls
 from migrator.outcome import (
     Outcome,

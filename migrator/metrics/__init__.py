@@ -2,7 +2,7 @@
 
 This package's own exports are the streaming pieces for the destination's
 post-copy trace: :class:`Histogram`, the ``info ramblock`` parser and the trace
-analyser.  Other modules (``events``, ``sampler``, ``summary``, ...) are
+analyser.  Other modules (``events``, ``summary``, ...) are
 imported by their full names.
 """
 

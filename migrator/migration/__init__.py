@@ -1,4 +1,4 @@
-"""Migration: plan capabilities/parameters and drive the migration over QMP."""
+"""Migration: plan capabilities/parameters, drive the migration, sample query-migrate (QMP)."""
 
 from migrator.migration.driver import MigrationDriver, MigrationResult
 from migrator.migration.plan import MigrationPlan, check_capabilities, plan_migration
