@@ -142,7 +142,7 @@ def bench(
         render_page_size_table(table, stdout)
         stdout.print(f"table: {markdown} {comma}", highlight=False, soft_wrap=True)
     if html:
-        from migrator.report.suite_html import write_suite_html
+        from migrator.bench.suite_html import write_suite_html
 
         try:
             page = write_suite_html(out_dir)

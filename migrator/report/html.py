@@ -880,8 +880,10 @@ def _plot(div_id: str, title: str, caption: str, fig: Any) -> Plot:
     return Plot(div_id, title, caption, Markup(to_json_plotly(figure)))
 
 
-def _environment() -> Environment:
-    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
+def environment(*template_dirs: Path) -> Environment:
+    """The Jinja environment of the report pages; ``template_dirs`` come before
+    :data:`TEMPLATES`, so a page elsewhere (the suite page) can import ``_macros.html.j2``."""
+    return Environment(loader=FileSystemLoader([*template_dirs, TEMPLATES]), autoescape=True,
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                        keep_trailing_newline=True)
 
@@ -932,7 +934,7 @@ def render_run_html(run_path: Path) -> str:
     fetch = fetch_table(report, sources)
     stalls = stall_tables(report, sources, clock)
     comparisons = comparison_table(report, sources)
-    template = _environment().get_template("run.html.j2")
+    template = environment().get_template("run.html.j2")
     return template.render(
         report=report, report_origin=report_origin, plots=plots, recovery=recovery,
         badge=severity(report.outcome),

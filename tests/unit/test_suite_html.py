@@ -13,8 +13,8 @@ import pytest
 
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState
 from migrator.bench.suite import load_suite
+from migrator.bench.suite_html import SUITE_HTML, render_suite_html, write_suite_html
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.suite_html import SUITE_HTML, render_suite_html, write_suite_html
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 _NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z0-9-]+)", (.*?)\);</script>')

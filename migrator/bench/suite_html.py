@@ -44,12 +44,12 @@ from migrator.report.html import (
     Cell,
     Plot,
     Table,
-    _environment,
     _layout,
     _log_axis,
     _note,
     _plot,
     cdf_trace,
+    environment,
 )
 from migrator.rundir import atomic_write
 from migrator.units import format_size
@@ -57,6 +57,7 @@ from migrator.units import format_size
 __all__ = ["SUITE_HTML", "render_suite_html", "write_suite_html"]
 
 SUITE_HTML = "suite.html"
+TEMPLATES = Path(__file__).parent / "templates"
 _STATUS_BADGE = {RunStatus.DONE: "ok", RunStatus.FAILED: "bad"}
 
 
@@ -215,7 +216,7 @@ def render_suite_html(suite_dir: Path) -> str:
     counts = {status.value: state.count(status) for status in RunStatus if state.count(status)}
     versions = {str(r.report.environment.get("migrator_version") or "") for r in
                 results.values()}
-    return _environment().get_template("suite.html.j2").render(
+    return environment(TEMPLATES).get_template("suite.html.j2").render(
         state=state, runs=_run_rows(state.runs, suite_dir), counts=counts, plots=plots,
         page_size=page_size, page_size_notes=notes, plotly_js=Markup(get_plotlyjs()),
         suite_readable=suite is not None,
