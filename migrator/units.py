@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["format_size"]
+__all__ = ["format_size", "format_value"]
+
+_MIB = float(1 << 20)
 
 
 def format_size(size: int) -> str:
@@ -11,3 +13,18 @@ def format_size(size: int) -> str:
         if size >= factor and size % factor == 0:
             return f"{size // factor} {unit}"
     return f"{size} B"
+
+
+def format_value(value: object, unit: str = "") -> str:
+    """A table cell's text: ``-`` for None, thousands separators, at most three decimals,
+    and bytes of a MiB or more also in MiB."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, int | float):
+        return str(value)
+    text = f"{value:,}" if isinstance(value, int) else f"{value:,.3f}".rstrip("0").rstrip(".")
+    if unit == "bytes" and value >= _MIB:
+        text += f" ({value / _MIB:,.1f} MiB)"
+    return text

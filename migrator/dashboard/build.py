@@ -80,7 +80,6 @@ from migrator.report.html import (
     Cell,
     Plot,
     Table,
-    _value,
     comparison_table,
     environment_line,
     fetch_table,
@@ -98,6 +97,7 @@ from migrator.results.compare import (
 )
 from migrator.results.schema import DIMENSIONS, reports
 from migrator.results.store import ResultsStore, Selector
+from migrator.units import format_value
 
 __all__ = [
     "DEFAULT_NIGHTS",
@@ -554,7 +554,7 @@ def _change(value: float | None) -> str:
 
 
 def _shown(value: float | None, unit: str) -> str:
-    return "-" if value is None else f"{_value(value, unit)} {unit}".strip()
+    return "-" if value is None else f"{format_value(value, unit)} {unit}".strip()
 
 
 def verdict_rows(view: ScenarioView, units: Mapping[str, str],
@@ -637,16 +637,16 @@ def _stored_reports(engine: sa.Engine,
 
 
 def _dimension_table(row: Mapping[str, Any]) -> Table:
-    cells = [[Cell(key), Cell(_value(row.get(key)))] for key in DIMENSIONS if key != "run_id"]
+    cells = [[Cell(key), Cell(format_value(row.get(key)))] for key in DIMENSIONS if key != "run_id"]
     for key in ("origin", "imported_at"):
         if row.get(key) is not None:
-            cells.append([Cell(key), Cell(_value(row[key]))])
+            cells.append([Cell(key), Cell(format_value(row[key]))])
     return Table("Dimensions (results store)", ["dimension", "value"], cells)
 
 
 def _metric_table(sample: Mapping[str, float], units: Mapping[str, str]) -> Table:
     return Table("Stored metrics (what the verdicts compare)", ["metric", "value", "unit"],
-                 [[Cell(name), Cell(_value(sample[name], units.get(name, "")), numeric=True),
+                 [[Cell(name), Cell(format_value(sample[name], units.get(name, "")), numeric=True),
                    Cell(units.get(name, ""))] for name in sorted(sample)])
 
 

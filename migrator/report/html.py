@@ -55,7 +55,7 @@ from migrator.model import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
 from migrator.outcome import severity
 from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
-from migrator.units import format_size
+from migrator.units import format_size, format_value
 
 __all__ = ["MAX_POINTS", "load_run_report", "render_run_html", "write_run_html"]
 
@@ -570,30 +570,17 @@ class Table:
     anchor: str = ""
 
 
-def _value(value: object, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if not isinstance(value, int | float):
-        return str(value)
-    text = f"{value:,}" if isinstance(value, int) else f"{value:,.3f}".rstrip("0").rstrip(".")
-    if unit == "bytes" and value >= MIB:
-        text += f" ({value / MIB:,.1f} MiB)"
-    return text
-
-
 def _contradiction(metric: Metric) -> str:
     """`` ⚠ contradicted: VALUE UNIT`` when another source rules the value out, else ''."""
     other = metric.contradicted_by
     return "" if other is None else \
-        f" ⚠ contradicted: {_value(other.value, other.unit)} {other.unit}"
+        f" ⚠ contradicted: {format_value(other.value, other.unit)} {other.unit}"
 
 
 def _metric_row(name: str, metric: Metric, sources: Sources) -> list[Cell]:
     # A contradicted value cites what contradicts it; the src column cites the value's own.
     other = metric.contradicted_by
-    value = Cell(_value(metric.value, metric.unit) + _contradiction(metric),
+    value = Cell(format_value(metric.value, metric.unit) + _contradiction(metric),
                  None if other is None else sources.number(other.source),
                  "" if other is None else f"contradicted by {other.source}", numeric=True)
     return [Cell(name), value, Cell(metric.unit),
@@ -622,19 +609,19 @@ def headline_tables(report: Report, sources: Sources) -> list[Table]:
     outside = report.outside_stalls
     if outside is not None:
         tables.append(Table("Outside view of the guest (heartbeats)", columns, [
-            [Cell("heartbeats"), Cell(_value(outside.heartbeats), numeric=True), Cell(""),
+            [Cell("heartbeats"), Cell(format_value(outside.heartbeats), numeric=True), Cell(""),
              Cell("")],
-            [Cell("lost"), Cell(_value(outside.lost), numeric=True), Cell(""), Cell("")],
-            [Cell("period"), Cell(_value(outside.period_ms), numeric=True), Cell("ms"),
+            [Cell("lost"), Cell(format_value(outside.lost), numeric=True), Cell(""), Cell("")],
+            [Cell("period"), Cell(format_value(outside.period_ms), numeric=True), Cell("ms"),
              Cell("")],
             _metric_row("max gap", outside.max_gap, sources),
             _metric_row("p99 gap", outside.p99_gap, sources),
-            [Cell("gaps over period + threshold"), Cell(_value(outside.gaps_over_threshold),
+            [Cell("gaps over period + threshold"), Cell(format_value(outside.gaps_over_threshold),
                                                           numeric=True), Cell(""), Cell("")],
         ]))
     if report.integrity:
         tables.append(Table("Memory integrity (guest verify)", ["field", "value"], [
-            [Cell(str(k)), Cell(json.dumps(v) if isinstance(v, list | dict) else _value(v),
+            [Cell(str(k)), Cell(json.dumps(v) if isinstance(v, list | dict) else format_value(v),
                                 numeric=isinstance(v, int | float))]
             # "t" is the probe line's type tag, not a finding.
             for k, v in report.integrity.items() if k != "t"
@@ -648,8 +635,8 @@ def _backlog_cell(backlog: dict[str, Metric], sources: Sources) -> Cell:
     # No faults, or a report written before the backlog existed.
     if p50 is None or top is None or top.value is None:
         return Cell("-", numeric=True)
-    return Cell(f"{_value(p50.value)} / {_value(top.value)}", sources.number(top.source),
-                top.source, numeric=True)
+    return Cell(f"{format_value(p50.value)} / {format_value(top.value)}",
+                sources.number(top.source), top.source, numeric=True)
 
 
 def fetch_table(report: Report, sources: Sources) -> Table:
@@ -666,9 +653,9 @@ def fetch_table(report: Report, sources: Sources) -> Table:
                                                        any_metric.source)
         table.rows.append([
             Cell(block.ramblock), Cell(format_size(block.page_size)),
-            *(Cell(_value(v), numeric=True)
+            *(Cell(format_value(v), numeric=True)
               for v in (block.faults, block.resolved, block.unresolved)),
-            *(Cell(_value(block.latency_ms[k].value if k in block.latency_ms else None),
+            *(Cell(format_value(block.latency_ms[k].value if k in block.latency_ms else None),
                    numeric=True) for k in keys),
             _backlog_cell(block.backlog_placements, sources),
             Cell(f"{block.pages_placed_requested:,} / {block.pages_placed_background:,} / "
@@ -688,10 +675,10 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
         "vCPU", "stalls", "max, ms", "p99, ms", "total, ms", "by phase", "src"])
     for vcpu in report.guest_stalls:
         per_vcpu.rows.append([
-            Cell(str(vcpu.vcpu)), Cell(_value(vcpu.stalls), numeric=True),
-            Cell(_value(vcpu.max_ms.value), numeric=True),
-            Cell(_value(vcpu.p99_ms.value), numeric=True, title=vcpu.p99_ms.source),
-            Cell(_value(vcpu.total_stalled_ms.value), numeric=True),
+            Cell(str(vcpu.vcpu)), Cell(format_value(vcpu.stalls), numeric=True),
+            Cell(format_value(vcpu.max_ms.value), numeric=True),
+            Cell(format_value(vcpu.p99_ms.value), numeric=True, title=vcpu.p99_ms.source),
+            Cell(format_value(vcpu.total_stalled_ms.value), numeric=True),
             Cell(", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items())),
             Cell("", sources.number(vcpu.max_ms.source), vcpu.max_ms.source),
         ])
@@ -699,29 +686,29 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
                   note="t: host wall clock, placed through the heartbeat before the stall")
     for stall in report.worst_guest_stalls:
         worst.rows.append([
-            Cell(_value(round(clock.s(stall.host_ns), 4)) if stall.host_ns else "-",
+            Cell(format_value(round(clock.s(stall.host_ns), 4)) if stall.host_ns else "-",
                  numeric=True),
-            Cell(_value(stall.duration_ms), numeric=True),
+            Cell(format_value(stall.duration_ms), numeric=True),
             Cell("-" if stall.vcpu is None else str(stall.vcpu)), Cell(stall.phase)])
     outside = Table("Worst heartbeat gaps (outside view)", ["t, s", "duration, ms", "phase"],
                     note="t: host wall clock at the heartbeat that opened the gap")
     if report.outside_stalls is not None:
         for stall in report.outside_stalls.worst:
             outside.rows.append([
-                Cell(_value(round(clock.s(stall.host_ns), 4)), numeric=True),
-                Cell(_value(stall.duration_ms), numeric=True), Cell(stall.phase)])
+                Cell(format_value(round(clock.s(stall.host_ns), 4)), numeric=True),
+                Cell(format_value(stall.duration_ms), numeric=True), Cell(stall.phase)])
     tables = [per_vcpu, worst, outside]
     steps = report.guest_clock_steps
     if steps is not None and steps.steps:
-        table = Table(f"Guest clock steps, not stalls: {_value(steps.count.value)}",
+        table = Table(f"Guest clock steps, not stalls: {format_value(steps.count.value)}",
                       ["t, s", "step, ms", "vCPU", "phase", "reported as", "src"],
                       note="step < 0: the guest's CLOCK_MONOTONIC went back; largest steps "
                            "first; t: host wall clock, placed through the heartbeat before it")
         for step in steps.steps:
             table.rows.append([
-                Cell(_value(round(clock.s(step.host_ns), 4)) if step.host_ns else "-",
+                Cell(format_value(round(clock.s(step.host_ns), 4)) if step.host_ns else "-",
                      numeric=True),
-                Cell(_value(step.step.value), numeric=True), Cell(str(step.vcpu)),
+                Cell(format_value(step.step.value), numeric=True), Cell(str(step.vcpu)),
                 Cell(step.phase), Cell(step.reported_as),
                 Cell("", sources.number(step.step.source), step.step.source)])
         tables.append(table)
@@ -735,14 +722,14 @@ def comparison_table(report: Report, sources: Sources) -> Table:
     for comp in report.comparisons:
         table.rows.append([
             Cell(comp.quantity), *(_compared(metric, sources) for metric in (comp.a, comp.b)),
-            Cell(_value(comp.difference), numeric=True), Cell(comp.note)])
+            Cell(format_value(comp.difference), numeric=True), Cell(comp.note)])
     return table
 
 
 def _compared(metric: Metric, sources: Sources) -> Cell:
     """One side of a comparison: value and unit citing its source (and what contradicts it)."""
     other = metric.contradicted_by
-    return Cell(f"{_value(metric.value, metric.unit)} {metric.unit}{_contradiction(metric)}",
+    return Cell(f"{format_value(metric.value, metric.unit)} {metric.unit}{_contradiction(metric)}",
                 sources.number(metric.source),
                 metric.source + ("" if other is None else f"; contradicted by {other.source}"),
                 numeric=True)
@@ -769,7 +756,7 @@ def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
         for metric, start, open_ in ((pause.guest_gap, pause.guest_gap_start_ns,
                                       pause.guest_gap_open),
                                      (pause.probe_stall, pause.probe_stall_start_ns, False)):
-            text = ("≥ " if open_ else "") + _value(metric.value)
+            text = ("≥ " if open_ else "") + format_value(metric.value)
             if metric.value is not None and start is not None:
                 text += f" from {clock.s(start):.3f}"
             stalls.append(Cell(text, sources.number(metric.source), metric.source, numeric=True))
@@ -779,9 +766,9 @@ def pause_table(report: Report, sources: Sources, clock: Clock) -> Table:
             _at(clock, pause.began_ns, pause.began, sources),
             _at(clock, pause.both_paused_ns, pause.both_paused, sources),
             _at(clock, pause.recovered_ns, pause.recovered, sources),
-            Cell(_value(pause.duration.value), sources.number(pause.duration.source),
+            Cell(format_value(pause.duration.value), sources.number(pause.duration.source),
                  pause.duration.source, numeric=True),
-            Cell(_value(pause.attempts.value), sources.number(pause.attempts.source),
+            Cell(format_value(pause.attempts.value), sources.number(pause.attempts.source),
                  pause.attempts.source, numeric=True),
             Cell(pause.result), *stalls,
             Cell(pause.note)])
@@ -797,7 +784,7 @@ def fault_table(report: Report, sources: Sources, clock: Clock) -> Table:
         status = fault.status if fault.reason is None else f"{fault.status}: {fault.reason}"
         table.rows.append([
             Cell(str(fault.index), numeric=True), Cell(fault.kind), Cell(fault.target),
-            Cell(fault.due), Cell(_value(fault.duration_s), numeric=True),
+            Cell(fault.due), Cell(format_value(fault.duration_s), numeric=True),
             _at(clock, fault.injected_ns, fault.injected, sources),
             _at(clock, fault.cleared_ns, fault.cleared, sources), Cell(status)])
     return table
@@ -810,7 +797,7 @@ def phase_table(report: Report, clock: Clock) -> Table:
         table.rows.append([
             Cell(phase.name), Cell(f"{clock.s(phase.start_ns):.4f}", numeric=True),
             Cell("-" if phase.end_ns is None else f"{clock.s(phase.end_ns):.4f}", numeric=True),
-            Cell(_value(None if phase.duration_ms is None else round(phase.duration_ms, 3)),
+            Cell(format_value(None if phase.duration_ms is None else round(phase.duration_ms, 3)),
                  numeric=True)])
     return table
 
@@ -821,12 +808,12 @@ def environment_line(report: Report) -> str:
     switchover = env.get("switchover") or {}
     policy = switchover.get("policy") if isinstance(switchover, dict) else switchover
     parts = [
-        f"QEMU {_value(env.get('qemu_version'))}", f"accel {_value(env.get('accel'))}",
-        f"backing {_value(env.get('backing'))}", f"{_value(env.get('memory_mib'))} MiB",
-        f"{_value(env.get('vcpus'))} vCPU", f"post-copy {_value(env.get('postcopy'))}",
-        f"preempt {_value(env.get('preempt'))}", f"switchover {_value(policy)}",
-        f"host kernel {_value(env.get('host_kernel'))}",
-        f"guest kernel {_value(env.get('guest_kernel'))}",
+        f"QEMU {format_value(env.get('qemu_version'))}", f"accel {format_value(env.get('accel'))}",
+        f"backing {format_value(env.get('backing'))}", f"{format_value(env.get('memory_mib'))} MiB",
+        f"{format_value(env.get('vcpus'))} vCPU", f"post-copy {format_value(env.get('postcopy'))}",
+        f"preempt {format_value(env.get('preempt'))}", f"switchover {format_value(policy)}",
+        f"host kernel {format_value(env.get('host_kernel'))}",
+        f"guest kernel {format_value(env.get('guest_kernel'))}",
     ]
     return " · ".join(parts)
 
@@ -849,7 +836,7 @@ def _flatten(prefix: str, value: Any) -> Iterable[tuple[str, str]]:
             and value > 10**17:
         yield prefix, f"{value} ({_iso(value)})"
     else:
-        yield prefix, _value(value) if isinstance(value, bool) else \
+        yield prefix, format_value(value) if isinstance(value, bool) else \
             "null" if value is None else str(value)
 
 
