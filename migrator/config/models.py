@@ -413,10 +413,10 @@ class MigrationSpec(_Model):
         None, ge=1, le=2000000,
         description="QEMU's downtime-limit on the source: pre-copy completes once what is left "
                     "fits in this much time at the measured bandwidth. Unset with postcopy = "
-                    "true: held at 0 until the switch, so pre-copy cannot complete first; a "
-                    "value lets it complete if it can (the run then ends "
-                    "completed-without-postcopy, exit 7). Unset without post-copy: QEMU's "
-                    "default (300 ms)",
+                    "true: held at 1 ms until the switch (0 would not hold it: see "
+                    "migration/plan.py), so pre-copy cannot complete first; a larger value "
+                    "lets it complete if it can (the run then ends completed-without-postcopy, "
+                    "exit 7). Unset without post-copy: QEMU's default (300 ms)",
     )
     transport: Literal["tcp", "unix"] = "tcp"
     timeout_s: float = Field(600.0, gt=0, le=86400)

@@ -78,7 +78,7 @@ def scenario(name: str, **sections: dict[str, object] | list[dict[str, object]])
         "name": name,
         "vm": {"memory_mib": 512, "vcpus": 1, "backing": "memfd-4k", "accel": "auto"},
         "workload": {"working_set_mib": 256, "write_pct": 50, "warmup_s": 0.5},
-        # migrator holds downtime-limit at 0 until the switch (migration/plan.py), so
+        # migrator holds downtime-limit at 1 ms until the switch (migration/plan.py), so
         # post-copy really happens in every post-copy test; a run that completes without
         # it fails (exit 7).
         "migration": {"postcopy": True, "timeout_s": 300,

@@ -10,7 +10,7 @@ from pathlib import Path
 from migrator.metrics.summary import build_report
 from tests.integration.children import run_migrator
 
-# 512 MiB guests, post-copy 0.3 s after the start; migrator holds downtime-limit at 0 until
+# 512 MiB guests, post-copy 0.3 s after the start; migrator holds downtime-limit at 1 ms until
 # the switch, so every run really is post-copy (a run that is not fails, exit 7).
 SUITE = """
 [suite]

@@ -9,7 +9,7 @@ must grow as the rate falls: without post-copy preempt a requested page waits
 for its own 2 MiB and whatever the stream has queued ahead of it, both of which
 take longer on a slower link.
 
-Every run must really be post-copy (migrator holds downtime-limit at 0 until the
+Every run must really be post-copy (migrator holds downtime-limit at 1 ms until the
 switch); the report's pass count is printed beside each rate.
 """
 

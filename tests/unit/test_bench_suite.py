@@ -155,7 +155,7 @@ def test_the_page_size_suite_file() -> None:
     for run in suite.runs:
         assert run.scenario.migration.switchover.model_dump() == {
             "policy": "after-seconds", "seconds": 0.3}
-        # Unset: migrator holds downtime-limit at 0 until the switch, so every row is
+        # Unset: migrator holds downtime-limit at 1 ms until the switch, so every row is
         # post-copy (a downtime_limit_ms here could let pre-copy complete first).
         assert run.scenario.migration.downtime_limit_ms is None
         assert run.scenario.workload.working_set_mib == 256

@@ -91,6 +91,19 @@ def test_plan_precopy_only_and_limits() -> None:
     assert plan.source_parameters == {"max-bandwidth": 100 << 20, "downtime-limit": 50}
 
 
+def test_postcopy_holds_the_downtime_limit_at_1_ms_unless_the_scenario_sets_one() -> None:
+    # 1 ms, not 0: QEMU 7.2-10.0 would then complete pre-copy at the end of its first
+    # round, whatever the switchover policy (migration/plan.py).
+    held = plan_migration(parse_scenario({"name": "x"}))
+    assert held.source_parameters["downtime-limit"] == 1
+    assert "downtime-limit" not in held.destination_parameters
+    chosen = plan_migration(parse_scenario({"name": "x",
+                                            "migration": {"downtime_limit_ms": 300}}))
+    assert chosen.source_parameters["downtime-limit"] == 300
+    precopy = plan_migration(parse_scenario({"name": "x", "migration": {"postcopy": False}}))
+    assert "downtime-limit" not in precopy.source_parameters  # QEMU's own default
+
+
 def test_missing_capabilities_are_named() -> None:
     plan = plan_migration(parse_scenario({"name": "x", "migration": {"preempt": True}}))
     with pytest.raises(MissingCapability) as caught:
