@@ -74,7 +74,7 @@ def tls_hostname(scenario: Scenario) -> str:
 # the same reason). Not 0: QEMU 7.2 to 10.0 count the dirty pages again only when their
 # running estimate falls below that threshold, so with 0 they never do, the estimate reaches
 # 0 at the end of the first round, and "nothing pending" completes the migration there
-# (measured on 10.0: 31 of 72 runs of a 512 MiB guest switching after 0.3 s; 0 with 1 ms).
+# (on 10.0: 36 of 78 runs of a 512 MiB guest switching after 0.3 s; docs/qemu-notes.md).
 # It plays no part once post-copy runs.
 POSTCOPY_HOLD_DOWNTIME_MS = 1
 
