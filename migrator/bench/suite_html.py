@@ -39,6 +39,7 @@ from migrator.bench.runner import RunRecord, RunStatus, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
 from migrator.errors import MigratorError
 from migrator.metrics.histogram import Histogram
+from migrator.metrics.run_page import histogram_cdf
 from migrator.model import BlockFetch, Report
 from migrator.report.html import (
     Cell,
@@ -161,8 +162,9 @@ def cdf_figure(results: dict[str, RunResult]) -> Any:
             continue
         hist = Histogram.from_dict(result.block.histogram)
         if hist.count:
-            fig.add_trace(cdf_trace(hist, f"{run_id} · {format_size(result.block.page_size)} pages "
-                                          f"· {hist.count:,} faults"))
+            size = format_size(result.block.page_size)
+            fig.add_trace(cdf_trace(histogram_cdf(hist),
+                                    f"{run_id} · {size} pages · {hist.count:,} faults"))
     _layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
     fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))
     fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")

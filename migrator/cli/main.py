@@ -165,10 +165,12 @@ def _report_if_possible(run_path: Path | None) -> None:
 
 
 def _write_html(run_dir: Path) -> None:
+    from migrator.metrics.run_page import load_run_page_data
     from migrator.report.html import write_run_html
 
     try:
-        page = write_run_html(run_dir)  # reads the report.json just written
+        # reads the report.json just written
+        page = write_run_html(run_dir, load_run_page_data(run_dir))
     except MigratorError as error:
         raise fail(error) from None
     err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)

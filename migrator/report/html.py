@@ -1,15 +1,16 @@
 """One run directory as one self-contained HTML page: interactive plots and the report's tables.
 
-Like every renderer this reads a run directory and nothing else: ``report.json``
-(derived again from the raw artifacts with :func:`build_report` when it is
-missing or of another schema) for the derived numbers, and the raw artifacts
-for the series the report only summarises:
+It draws what :func:`migrator.metrics.run_page.load_run_page_data` read from a
+run directory (a :class:`~migrator.pagedata.RunPageData`; this module reads no
+artifact): ``report.json`` (derived again from the raw artifacts with
+``build_report`` when it is missing or of another schema) for the derived
+numbers, and the raw artifacts for the series the report only summarises:
 
 * fetch latency CDF per RAMBlock: ``report.fetch[*].histogram`` (the streaming
   histogram of the destination trace), plus QEMU's ``postcopy-latency-dist``
   when the destination QEMU reported one (>= 10.1);
 * guest stall timeline per vCPU: every stall of ``src|dst/console.jsonl``
-  (:func:`load_guest`), the heartbeat gaps of the same files, the phases of
+  (``load_guest``), the heartbeat gaps of the same files, the phases of
   ``report.phases``;
 * bytes remaining and throughput: ``samples.jsonl`` (``query-migrate`` of both
   sides);
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,20 +44,15 @@ from markupsafe import Markup
 from plotly.io.json import to_json_plotly  # type: ignore[import-untyped]
 from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 from plotly.subplots import make_subplots  # type: ignore[import-untyped]
-from pydantic import ValidationError
 
-from migrator.errors import ArtifactError
-from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time_zero
-from migrator.metrics.guest import GuestObservations, load_guest
-from migrator.metrics.histogram import Histogram
-from migrator.metrics.summary import build_report
-from migrator.model import SCHEMA_VERSION, Metric, PauseRecord, Phase, Report
+from migrator.model import Metric, PauseRecord, Phase, Report
 from migrator.outcome import severity
+from migrator.pagedata import BlockCdf, Cdf, Clock, RunPageData, SideSamples, StallView
 from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
 from migrator.units import format_size, format_value
 
-__all__ = ["MAX_POINTS", "load_run_report", "render_run_html", "write_run_html"]
+__all__ = ["MAX_POINTS", "render_run_html", "write_run_html"]
 
 #: Most markers one series of a plot carries (the largest values are kept).
 MAX_POINTS = 20_000
@@ -83,136 +78,6 @@ _BLOCKTIME_QEMU = re.compile(r"postcopy-vcpu-blocktime\[(\d+)\]")
 _BLOCKTIME_TRACE = re.compile(r"trace blocktime vCPU (\d+)")
 
 F64 = npt.NDArray[np.float64]
-
-
-# ---------------------------------------------------------------------------
-# Inputs
-
-
-def load_run_report(run_path: Path) -> tuple[Report, str]:
-    """The run's report and a sentence saying where it came from.
-
-    ``report.json`` is a cache of :func:`build_report`: when it is absent, or
-    written by another schema version, the report is derived again from the
-    raw artifacts (nothing is written).
-    """
-    path = run_path / "report.json"
-    if path.exists():
-        try:
-            report = Report.model_validate_json(path.read_bytes())
-        except ValidationError as error:
-            why = (f"report.json does not match schema {SCHEMA_VERSION} "
-                   f"({error.error_count()} errors)")
-        else:
-            if report.schema_version == SCHEMA_VERSION:
-                return report, "report.json"
-            why = f"report.json has schema {report.schema_version}, not {SCHEMA_VERSION}"
-    else:
-        why = "no report.json"
-    return build_report(run_path), f"{why}: derived again from the raw artifacts"
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
-
-
-@dataclass(frozen=True)
-class SideSamples:
-    """``query-migrate`` replies of one side that carry ram statistics, as arrays.
-
-    ``t_s`` is the reply time relative to the page's time origin: QEMU fills in
-    the reply when it runs the command, which a busy main loop delays (the
-    destination's replies took up to 0.5 s during the switchover), so the reply
-    time is closer to the moment the numbers describe than the request time.
-    """
-
-    side: str
-    replies: int
-    t_s: F64
-    remaining: F64
-    transferred: F64
-    mbps: F64
-
-
-def load_samples(run_path: Path, clock: Clock) -> dict[str, SideSamples]:
-    """Both sides' ``samples.jsonl`` replies with ``ram`` members (see :class:`SideSamples`)."""
-    rows: dict[str, list[tuple[int, float, float, float]]] = {"src": [], "dst": []}
-    replies = {"src": 0, "dst": 0}
-    for record in read_jsonl(run_path / "samples.jsonl"):
-        side = record.get("side")
-        reply = record.get("reply")
-        if side not in rows or not isinstance(reply, dict):
-            continue
-        replies[side] += 1
-        ram = reply.get("ram")
-        if not isinstance(ram, dict) or "remaining" not in ram or "transferred" not in ram:
-            continue
-        when = record.get("reply_ns") or record.get("host_ns")
-        if not isinstance(when, int):
-            continue
-        rows[side].append((when, float(ram["remaining"]), float(ram["transferred"]),
-                           float(ram.get("mbps", np.nan))))
-    out = {}
-    for side, data in rows.items():
-        data.sort()
-        arr = np.array([r[1:] for r in data], dtype=np.float64).reshape(-1, 3)
-        t_s = np.array([clock.s(int(r[0])) for r in data], dtype=np.float64)
-        out[side] = SideSamples(side, replies[side], t_s, arr[:, 0], arr[:, 1], arr[:, 2])
-    return out
-
-
-@dataclass(frozen=True)
-class Clock:
-    """The host wall clock as the time axes show it.
-
-    ``t0_ns`` is t = 0: the ``migrate`` command when the run got that far, else
-    the first phase, else the run's start.  ``end_ns``: the end of the run, where
-    a phase still open at the end stops.  ``view_ns`` is the initial x range:
-    from the warm-up on (the boot takes seconds and shows nothing about the
-    migration) to the last phase change, heartbeat or stall (a run that waited
-    out a timeout would otherwise be mostly that wait); the autoscale button
-    shows everything.
-    """
-
-    t0_ns: int
-    what: str
-    axis: str
-    end_ns: int
-    view_ns: tuple[int, int]
-
-    def s(self, ns: int) -> float:
-        """Seconds since t = 0 (subtracted in integers: epoch ns overflow a float mantissa)."""
-        return (ns - self.t0_ns) / S
-
-    def view(self) -> list[float]:
-        """The initial x range in seconds, with a small margin."""
-        lo, hi = self.s(self.view_ns[0]), self.s(self.view_ns[1])
-        pad = max((hi - lo) * 0.02, 0.01)
-        return [lo - pad, hi + pad]
-
-
-def run_clock(run_path: Path, report: Report, meta: Mapping[str, Any],
-              guest: GuestObservations) -> Clock:
-    """The :class:`Clock` of one run (see there)."""
-    t0, start = time_zero(load_events(run_path).marks, report.phases,
-                          int(meta.get("started_ns") or 0))
-    if start == "migrate":
-        what, axis = "the migrate command", "s since migrate"
-    elif start is not None:
-        what, axis = f"the start of {start}", f"s since {start}"
-    else:
-        what, axis = "the start of the run", "s since the run started"
-    seen = ([p.end_ns or p.start_ns for p in report.phases]
-            + [h.host_ns for h in guest.heartbeats]
-            + [st.host_start_ns + st.gap_ns for st in guest.stalls if st.host_start_ns])
-    last_seen = max([*seen, t0])
-    end = max(last_seen, int(meta.get("finished_ns") or 0))
-    warmup = next((p.start_ns for p in report.phases if p.name == "warmup"), None)
-    first_seen = min([p.start_ns for p in report.phases] or [t0])
-    return Clock(t0, what, f"{axis} (host wall clock)", end, (warmup or first_seen, last_seen))
 
 
 # ---------------------------------------------------------------------------
@@ -261,37 +126,30 @@ def _log_axis(title: str) -> dict[str, Any]:
             "ticktext": [f"{v:g}" for v in LOG_TICKS]}
 
 
-def cdf_trace(hist: Histogram, name: str) -> Any:
-    """The step CDF of a non-empty fetch latency histogram (ns) as a trace in ms.
-
-    Each step is a bucket's upper bound (clamped to the exact max).
-    """
-    buckets = hist.buckets()
-    assert hist.min is not None
-    assert hist.max is not None
-    x = np.array([hist.min] + [min(b.upper, hist.max) for b in buckets]) / MS
-    cum = np.concatenate(([0], np.cumsum([b.count for b in buckets]))) / hist.count
+def cdf_trace(cdf: Cdf, name: str) -> Any:
+    """The step CDF of a non-empty fetch latency histogram as a trace in ms
+    (:func:`migrator.metrics.run_page.histogram_cdf`)."""
     return go.Scatter(
-        x=x, y=cum, mode="lines+markers", line_shape="hv", marker={"size": 5}, name=name,
+        x=cdf.x_ms, y=cdf.fraction, mode="lines+markers", line_shape="hv", marker={"size": 5},
+        name=name,
         hovertemplate="≤ %{x:.4g} ms: %{y:.1%} of faults<extra>%{fullData.name}</extra>",
     )
 
 
-def fetch_cdf_figure(report: Report) -> Any:
+def fetch_cdf_figure(report: Report, cdfs: Iterable[BlockCdf]) -> Any:
     """(a) Fetch latency CDF per RAMBlock, log x, from each block's histogram buckets.
 
+    ``cdfs``: the blocks' CDFs (:func:`migrator.metrics.run_page.fetch_cdfs`).
     Each step is a bucket's upper bound (clamped to the exact max): the
     fraction of faults whose latency is at most that, within the histogram's
     stated relative error.  QEMU's own ``postcopy-latency-dist`` is added when
     the destination reported it.
     """
     fig = go.Figure()
-    for block in report.fetch:
-        hist = Histogram.from_dict(block.histogram)
-        if hist.count:
-            size = format_size(block.page_size)
-            fig.add_trace(cdf_trace(hist, f"{block.ramblock} · {size} pages · "
-                                          f"{hist.count:,} faults"))
+    for block in cdfs:
+        size = format_size(block.page_size)
+        fig.add_trace(cdf_trace(block.cdf, f"{block.ramblock} · {size} pages · "
+                                           f"{block.cdf.count:,} faults"))
     dist = report.qemu_latency_dist
     if dist and any(dist.get("counts", [])):
         counts = np.array(dist["counts"], dtype=np.float64)
@@ -358,7 +216,7 @@ def add_pauses(fig: Any, pauses: list[PauseRecord], clock: Clock, legend: bool =
         )
 
 
-def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock,
+def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
                           threshold_ms: float) -> Any:
     """(b) Every guest stall per vCPU (host-clock start vs duration, log y), phases shaded.
 
@@ -368,43 +226,35 @@ def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock
     which the guest clock does not.
     """
     fig = go.Figure()
-    timeline = PhaseTimeline(list(report.phases))
-    unplaced = sum(1 for s in guest.stalls if s.host_start_ns is None)
-    for vcpu in sorted({s.vcpu for s in guest.stalls}):
-        mine = [s for s in guest.stalls if s.vcpu == vcpu and s.host_start_ns is not None]
-        if not mine:
-            continue
-        gaps = np.array([s.gap_ns / MS for s in mine])
+    for series in view.series:
+        vcpu = series.vcpu
+        gaps = series.gaps_ms
         keep = _keep_largest(gaps)
-        stall_starts = [mine[i].host_start_ns or 0 for i in keep.tolist()]
+        stall_starts = [series.starts_ns[i] for i in keep.tolist()]
         name = f"vCPU {vcpu}: guest stall (guest clock)"
         if keep.size < gaps.size:
             name += f", {keep.size:,} longest of {gaps.size:,}"
         fig.add_trace(go.Scatter(
             x=np.array([clock.s(ns) for ns in stall_starts]), y=gaps[keep], mode="markers",
             marker={"size": 7, "opacity": 0.8}, name=name,
-            customdata=[timeline.phase_at(ns) for ns in stall_starts],
+            customdata=[series.phases[i] for i in keep.tolist()],
             hovertemplate="t = %{x:.4f} s<br>%{y:.4g} ms<br>phase %{customdata}"
                           f"<extra>vCPU {vcpu}</extra>",
         ))
     outside = report.outside_stalls
-    if outside is not None and len(guest.heartbeats) > 1:
-        arrivals = guest.heartbeat_arrivals_ns()
-        gaps_ms = np.diff(arrivals) / MS
-        cut = outside.period_ms + threshold_ms
-        over = np.flatnonzero(gaps_ms > cut)
-        name = f"outside view: heartbeat gap > {cut:.3g} ms (host clock)"
-        if over.size > MAX_POINTS:
-            name += f", {MAX_POINTS:,} longest of {over.size:,}"
-        over = over[_keep_largest(gaps_ms[over])]
-        starts = arrivals[over]
+    hb = view.heartbeat_gaps
+    if hb is not None:
+        name = f"outside view: heartbeat gap > {hb.cut_ms:.3g} ms (host clock)"
+        if hb.gaps_ms.size > MAX_POINTS:
+            name += f", {MAX_POINTS:,} longest of {hb.gaps_ms.size:,}"
+        over = _keep_largest(hb.gaps_ms)
+        starts = hb.starts_ns[over]
         fig.add_trace(go.Scatter(
-            x=np.array([clock.s(ns) for ns in starts.tolist()]), y=gaps_ms[over],
+            x=np.array([clock.s(ns) for ns in starts.tolist()]), y=hb.gaps_ms[over],
             mode="markers",
             marker={"symbol": "x-thin", "size": 9, "line": {"width": 2, "color": "#212121"}},
             name=name,
-            customdata=[timeline.span(int(a), int(a + g * MS))
-                        for a, g in zip(starts.tolist(), gaps_ms[over].tolist(), strict=True)],
+            customdata=[hb.spans[i] for i in over.tolist()],
             hovertemplate="gap from t = %{x:.4f} s<br>%{y:.4g} ms<br>phase %{customdata}"
                           "<extra>heartbeats</extra>",
         ))
@@ -427,13 +277,13 @@ def stall_timeline_figure(report: Report, guest: GuestObservations, clock: Clock
         margin={"r": 150},
     )
     notes = []
-    if not guest.stalls:
+    if not view.stalls:
         notes.append("the guest probe reported no stalls")
-    if guest.clock_steps:
-        notes.append(f"{len(guest.clock_steps)} guest clock step(s), not stalls, are not "
+    if view.clock_steps:
+        notes.append(f"{view.clock_steps} guest clock step(s), not stalls, are not "
                      "drawn: see the clock steps table")
-    if unplaced:
-        notes.append(f"{unplaced} stall(s) before the first heartbeat cannot be placed on "
+    if view.unplaced:
+        notes.append(f"{view.unplaced} stall(s) before the first heartbeat cannot be placed on "
                      "the host clock")
     if outside is None:
         notes.append("fewer than two heartbeats: no outside view")
@@ -875,38 +725,27 @@ def environment(*template_dirs: Path) -> Environment:
                        keep_trailing_newline=True)
 
 
-def render_run_html(run_path: Path) -> str:
-    """The HTML report of one run directory (see module docstring); writes nothing."""
-    report, report_origin = load_run_report(run_path)
-    meta = json.loads(_read_text(run_path / "run.json"))
-    scenario_text = _read_text(run_path / "scenario.toml")
-    try:
-        scenario = tomllib.loads(scenario_text)
-    except tomllib.TOMLDecodeError as error:
-        raise ArtifactError(f"{run_path / 'scenario.toml'}: {error}") from None
-    # The probe's default threshold when the scenario predates the field (as build_report).
-    threshold_ms = float(scenario.get("workload", {}).get("stall_threshold_us", 2000)) / 1000
-    guest = load_guest(run_path)
-    clock = run_clock(run_path, report, meta, guest)
-    samples = load_samples(run_path, clock)
-
+def render_run_html(data: RunPageData) -> str:
+    """The HTML report of one run directory (see module docstring) from what
+    :func:`migrator.metrics.run_page.load_run_page_data` read there; writes nothing."""
+    report, clock, meta = data.report, data.clock, data.meta
     plots = [
         _plot("plot-fetch-cdf", "Fetch latency",
               "Cumulative distribution of per-page fetch latency per RAMBlock (destination "
               "QEMU trace, report.fetch[*].histogram; steps are histogram bucket bounds).",
-              fetch_cdf_figure(report)),
+              fetch_cdf_figure(report, data.fetch_cdfs)),
         _plot("plot-stall-timeline", "Guest stalls",
               "Each marker is one stall of one vCPU by the guest's clock (src/dst "
               "console.jsonl), placed on the host clock; crosses are gaps between heartbeat "
               "arrivals (host clock), which also count the time the VM was stopped. Bands are "
               "the phases of report.phases; the strip along the top marks pre-copy passes; purple "
               "bands are post-copy pauses (report.recoveries).",
-              stall_timeline_figure(report, guest, clock, threshold_ms)),
+              stall_timeline_figure(report, data.stalls, clock, data.threshold_ms)),
         _plot("plot-transfer", "Transfer",
               "query-migrate sampled on both sides (samples.jsonl), at reply time; throughput "
               "is the mean between two consecutive samples. QEMU's own ram.mbps is in the "
               "legend, hidden by default.",
-              transfer_figure(report, samples, clock)),
+              transfer_figure(report, data.samples, clock)),
         _plot("plot-blocktime", "Blocktime",
               "Time each vCPU spent blocked on post-copy faults: QEMU's postcopy-vcpu-blocktime "
               "(destination query-migrate) next to the trace's (report.blocktime). The guest "
@@ -923,19 +762,20 @@ def render_run_html(run_path: Path) -> str:
     comparisons = comparison_table(report, sources)
     template = environment().get_template("run.html.j2")
     return template.render(
-        report=report, report_origin=report_origin, plots=plots, recovery=recovery,
+        report=report, report_origin=data.report_origin, plots=plots, recovery=recovery,
         badge=severity(report.outcome),
         plotly_js=Markup(get_plotlyjs()), headline=tables_main, fetch=fetch, stalls=stalls,
         comparisons=comparisons, phases=phase_table(report, clock),
-        facts=facts_table(meta), scenario_text=scenario_text,
+        facts=facts_table(meta), scenario_text=data.scenario_text,
         sources=sorted(((n, s) for s, n in sources.numbers.items())),
         t0=f"{_iso(clock.t0_ns)} ({clock.what})", env_line=environment_line(report),
         migrator_version=str(report.environment.get("migrator_version") or ""),
     )
 
 
-def write_run_html(run_path: Path) -> Path:
-    """Write ``RUN/report.html`` atomically; returns its path."""
+def write_run_html(run_path: Path, data: RunPageData) -> Path:
+    """Write ``RUN/report.html`` atomically from ``data`` (what
+    :func:`migrator.metrics.run_page.load_run_page_data` read in ``run_path``); returns its path."""
     target = run_path / "report.html"
-    atomic_write(target, render_run_html(run_path))
+    atomic_write(target, render_run_html(data))
     return target

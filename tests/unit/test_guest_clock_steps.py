@@ -29,9 +29,10 @@ from migrator.guest.protocol import (
     parse_line,
 )
 from migrator.metrics.guest import WRAPPED, load_guest
+from migrator.metrics.run_page import load_run_page_data, run_clock
 from migrator.metrics.summary import build_report
 from migrator.model import Report
-from migrator.report.html import render_run_html, run_clock, stall_tables
+from migrator.report.html import render_run_html, stall_tables
 from migrator.report.sources import Sources
 from migrator.report.terminal import render_report
 
@@ -178,7 +179,7 @@ def test_a_stall_longer_than_the_consoles_recorded_is_a_clock_step(tmp_path: Pat
 def test_the_html_report_lists_the_step_apart_from_the_stalls(tmp_path: Path) -> None:
     run = new_probe_run(tmp_path)
     report = build_report(run)
-    html = render_run_html(run)
+    html = render_run_html(load_run_page_data(run))
     assert "Guest clock steps, not stalls: 1" in html
     assert "18,446,744" not in html
     clock = run_clock(run, report, json.loads((run / "run.json").read_text()), load_guest(run))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from migrator.metrics.guest import load_guest
+from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.html import (
     MAX_POINTS,
@@ -37,7 +38,7 @@ _EXTERNAL = re.compile(
 @pytest.fixture(scope="module")
 def pages() -> dict[str, str]:
     """Each recorded run rendered once (reading only; nothing is written into tests/data)."""
-    return {run: render_run_html(RUNS / run)
+    return {run: render_run_html(load_run_page_data(RUNS / run))
             for run in ("hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k")}
 
 
@@ -149,7 +150,7 @@ def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
     meta = json.loads((run / "run.json").read_text())
     meta["scenario"] = "</script><script>alert(1)</script>"
     (run / "run.json").write_text(json.dumps(meta))
-    html = render_run_html(run)
+    html = render_run_html(load_run_page_data(run))
     assert "<script>alert(1)" not in html
     assert "&lt;/script&gt;&lt;script&gt;alert(1)" in html
 
@@ -157,23 +158,25 @@ def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
 def test_report_json_is_used_when_current_and_rebuilt_when_not(tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(RUNS / "hugetlb-2m", run)
-    assert "no report.json: derived again from the raw artifacts" in render_run_html(run)
+    page = render_run_html(load_run_page_data(run))
+    assert "no report.json: derived again from the raw artifacts" in page
     write_report(run, build_report(run))
-    assert "numbers from report.json</div>" in render_run_html(run)
+    assert "numbers from report.json</div>" in render_run_html(load_run_page_data(run))
     stale = json.loads((run / "report.json").read_text())
     stale["schema_version"] = 0
     (run / "report.json").write_text(json.dumps(stale))
-    assert "report.json has schema 0, not 1: derived again" in render_run_html(run)
+    page = render_run_html(load_run_page_data(run))
+    assert "report.json has schema 0, not 1: derived again" in page
 
 
 def test_write_run_html_writes_report_html_atomically(tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(RUNS / "hugetlb-1g", run)
     before = set(run.iterdir())
-    target = write_run_html(run)
+    target = write_run_html(run, load_run_page_data(run))
     assert target == run / "report.html"
     assert set(run.iterdir()) - before == {target}  # no temporary file left behind
-    assert target.read_text() == render_run_html(run)
+    assert target.read_text() == render_run_html(load_run_page_data(run))
 
 
 def test_long_series_keep_their_largest_points() -> None:
@@ -194,7 +197,7 @@ def test_qemu_latency_dist_and_several_vcpus_are_plotted() -> None:
         "qemu_latency_dist": {"unit": "us", "source": "QEMU", "counts": counts},
         "blocktime": blocktime,
     })
-    cdf = fetch_cdf_figure(report)
+    cdf = fetch_cdf_figure(report, fetch_cdfs(report))
     qemu = cdf.data[-1]
     assert qemu.name.startswith("QEMU postcopy-latency-dist")
     assert list(qemu.y)[-1] == 1.0

@@ -1,0 +1,144 @@
+"""What a run's HTML page shows, as plain data: derived by :mod:`migrator.metrics.run_page`,
+drawn by :mod:`migrator.report.html`.
+
+The renderers and the artifact analysis are siblings that must not import each
+other; this module is the contract between them (dataclasses and numpy arrays,
+no file reading and no plotting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from migrator.model import Report
+
+__all__ = ["BlockCdf", "Cdf", "Clock", "HeartbeatGaps", "RunPageData", "SideSamples",
+           "StallSeries", "StallView"]
+
+F64 = npt.NDArray[np.float64]
+S = 1e9
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The host wall clock as the time axes show it.
+
+    ``t0_ns`` is t = 0: the ``migrate`` command when the run got that far, else
+    the first phase, else the run's start.  ``end_ns``: the end of the run, where
+    a phase still open at the end stops.  ``view_ns`` is the initial x range:
+    from the warm-up on (the boot takes seconds and shows nothing about the
+    migration) to the last phase change, heartbeat or stall (a run that waited
+    out a timeout would otherwise be mostly that wait); the autoscale button
+    shows everything.
+    """
+
+    t0_ns: int
+    what: str
+    axis: str
+    end_ns: int
+    view_ns: tuple[int, int]
+
+    def s(self, ns: int) -> float:
+        """Seconds since t = 0 (subtracted in integers: epoch ns overflow a float mantissa)."""
+        return (ns - self.t0_ns) / S
+
+    def view(self) -> list[float]:
+        """The initial x range in seconds, with a small margin."""
+        lo, hi = self.s(self.view_ns[0]), self.s(self.view_ns[1])
+        pad = max((hi - lo) * 0.02, 0.01)
+        return [lo - pad, hi + pad]
+
+
+@dataclass(frozen=True)
+class SideSamples:
+    """``query-migrate`` replies of one side that carry ram statistics, as arrays.
+
+    ``t_s`` is the reply time relative to the page's time origin: QEMU fills in
+    the reply when it runs the command, which a busy main loop delays (the
+    destination's replies took up to 0.5 s during the switchover), so the reply
+    time is closer to the moment the numbers describe than the request time.
+    """
+
+    side: str
+    replies: int
+    t_s: F64
+    remaining: F64
+    transferred: F64
+    mbps: F64
+
+
+@dataclass(frozen=True)
+class Cdf:
+    """The step CDF of a non-empty fetch latency histogram: ``x_ms`` the step
+    positions (bucket upper bounds clamped to the exact max, in ms), ``fraction``
+    the fraction of the ``count`` faults at most that."""
+
+    count: int
+    x_ms: F64
+    fraction: F64
+
+
+@dataclass(frozen=True)
+class BlockCdf:
+    """The fetch latency CDF of one RAMBlock (``report.fetch[*].histogram``)."""
+
+    ramblock: str
+    page_size: int
+    cdf: Cdf
+
+
+@dataclass(frozen=True)
+class StallSeries:
+    """The stalls of one vCPU that can be placed on the host clock, in probe order:
+    host-clock start, duration by the guest clock (ms) and the phase at the start."""
+
+    vcpu: int
+    starts_ns: list[int]
+    gaps_ms: F64
+    phases: list[str]
+
+
+@dataclass(frozen=True)
+class HeartbeatGaps:
+    """Heartbeat arrival gaps longer than ``cut_ms`` (the outside view): where each
+    opened (host clock, ns), its length (ms) and the phases it spans."""
+
+    cut_ms: float
+    starts_ns: npt.NDArray[np.int64]
+    gaps_ms: F64
+    spans: list[str]
+
+
+@dataclass(frozen=True)
+class StallView:
+    """The guest stall timeline's series and what it cannot show.
+
+    ``stalls``: every stall the probe reported (placed or not); ``unplaced``: those
+    before the first heartbeat; ``clock_steps``: guest clock steps (not stalls);
+    ``heartbeat_gaps``: None with fewer than two heartbeats or no outside view.
+    """
+
+    series: list[StallSeries]
+    stalls: int
+    unplaced: int
+    clock_steps: int
+    heartbeat_gaps: HeartbeatGaps | None
+
+
+@dataclass(frozen=True)
+class RunPageData:
+    """Everything the run page shows, read from one run directory."""
+
+    report: Report
+    report_origin: str
+    meta: dict[str, Any]
+    scenario_text: str
+    threshold_ms: float
+    clock: Clock
+    samples: dict[str, SideSamples]
+    fetch_cdfs: list[BlockCdf]
+    stalls: StallView
