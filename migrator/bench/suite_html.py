@@ -45,12 +45,12 @@ from migrator.report.html import (
     Cell,
     Plot,
     Table,
-    _layout,
-    _log_axis,
-    _note,
-    _plot,
     cdf_trace,
     environment,
+    layout,
+    log_axis,
+    note,
+    plot,
 )
 from migrator.rundir import atomic_write
 from migrator.units import format_size
@@ -145,12 +145,12 @@ def p50_figure(results: dict[str, RunResult]) -> Any:
             text=[f"{p[0]} · {format_size(p[2])} pages" for p in points],
             hovertemplate="%{text}<br>p50 %{y:.4g} ms<extra></extra>",
         ))
-    _layout(fig, "Fetch latency p50 per run (guest RAM block)", 420)
-    fig.update_yaxes(**_log_axis("fetch latency p50, ms (log)"))
+    layout(fig, "Fetch latency p50 per run (guest RAM block)", 420)
+    fig.update_yaxes(**log_axis("fetch latency p50, ms (log)"))
     fig.update_xaxes(title_text="combination (one marker per repetition)", type="category")
     fig.update_layout(showlegend=False)
     if not fig.data:
-        _note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
+        note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
     return fig
 
 
@@ -165,12 +165,12 @@ def cdf_figure(results: dict[str, RunResult]) -> Any:
             size = format_size(result.block.page_size)
             fig.add_trace(cdf_trace(histogram_cdf(hist),
                                     f"{run_id} · {size} pages · {hist.count:,} faults"))
-    _layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
-    fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))
+    layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
+    fig.update_xaxes(**log_axis("fetch latency, ms (log)"))
     fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")
     fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
     if not fig.data:
-        _note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
+        note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
     return fig
 
 
@@ -205,11 +205,11 @@ def render_suite_html(suite_dir: Path) -> str:
     planned = {run.run_id: run for run in suite.runs} if suite is not None else {}
     results = _results(state.runs, suite_dir, planned)
     plots: list[Plot] = [
-        _plot("plot-suite-p50", "Fetch p50 per run",
+        plot("plot-suite-p50", "Fetch p50 per run",
               "Fetch latency p50 on each finished run's guest RAM block (report.fetch), "
               "grouped by the run's axis labels; one marker per repetition.",
               p50_figure(results)),
-        _plot("plot-suite-cdf", "Fetch latency CDFs",
+        plot("plot-suite-cdf", "Fetch latency CDFs",
               "Cumulative distribution of per-page fetch latency on each finished run's guest "
               "RAM block (report.fetch[*].histogram; steps are histogram bucket bounds).",
               cdf_figure(results)),

@@ -52,7 +52,8 @@ from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
 from migrator.units import format_size, format_value
 
-__all__ = ["MAX_POINTS", "render_run_html", "write_run_html"]
+__all__ = ["MAX_POINTS", "layout", "log_axis", "note", "plot", "render_run_html",
+           "write_run_html"]
 
 #: Most markers one series of a plot carries (the largest values are kept).
 MAX_POINTS = 20_000
@@ -91,7 +92,8 @@ def _keep_largest(values: F64, limit: int = MAX_POINTS) -> npt.NDArray[np.intp]:
     return np.sort(np.argpartition(values, values.size - limit)[-limit:])
 
 
-def _layout(fig: Any, title: str, height: int) -> None:
+def layout(fig: Any, title: str, height: int) -> None:
+    """Give ``fig`` the report pages' look: title top left, white template, ``height`` px."""
     fig.update_layout(
         title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.99, "yanchor": "top",
                "font": {"size": 16}},
@@ -100,7 +102,7 @@ def _layout(fig: Any, title: str, height: int) -> None:
     )
 
 
-def _note(fig: Any, text: str, centre: bool = False, above: int = 8) -> None:
+def note(fig: Any, text: str, centre: bool = False, above: int = 8) -> None:
     """Say on the plot what is missing: centred on an empty plot, else under the title.
 
     ``above``: pixels between the note and the plot area (room for subplot titles).
@@ -121,7 +123,9 @@ def _note(fig: Any, text: str, centre: bool = False, above: int = 8) -> None:
 LOG_TICKS = [m * 10.0**e for e in range(-3, 6) for m in (1, 2, 5)]
 
 
-def _log_axis(title: str) -> dict[str, Any]:
+def log_axis(title: str) -> dict[str, Any]:
+    """Keyword arguments of ``update_xaxes``/``update_yaxes`` for a log axis labelled
+    1-2-5 per decade (:data:`LOG_TICKS`)."""
     return {"type": "log", "title_text": title, "tickvals": LOG_TICKS,
             "ticktext": [f"{v:g}" for v in LOG_TICKS]}
 
@@ -163,13 +167,13 @@ def fetch_cdf_figure(report: Report, cdfs: Iterable[BlockCdf]) -> Any:
             name="QEMU postcopy-latency-dist (all blocks, power-of-2 buckets)",
             hovertemplate="< %{x:.4g} ms: %{y:.1%} of faults<extra>QEMU</extra>",
         ))
-    _layout(fig, "Per-page fetch latency CDF (destination trace: fault request → page placed)",
+    layout(fig, "Per-page fetch latency CDF (destination trace: fault request → page placed)",
             420)
-    fig.update_xaxes(**_log_axis("fetch latency, ms (log)"))
+    fig.update_xaxes(**log_axis("fetch latency, ms (log)"))
     fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")
     fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
     if not fig.data:
-        _note(fig, "no fetch latencies: the run has no destination trace or took no faults",
+        note(fig, "no fetch latencies: the run has no destination trace or took no faults",
               centre=True)
     return fig
 
@@ -268,9 +272,9 @@ def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
     title = "Guest stalls per vCPU on the host clock, migration phases shaded"
     if report.recoveries:
         title += ", post-copy pauses in purple"
-    _layout(fig, title, 480)
+    layout(fig, title, 480)
     fig.update_xaxes(title_text=clock.axis, range=clock.view())
-    fig.update_yaxes(**_log_axis("stall duration, ms (log)"))
+    fig.update_yaxes(**log_axis("stall duration, ms (log)"))
     fig.update_layout(
         legend={"orientation": "h", "y": -0.18, "x": 0},
         legend2={"title": {"text": "phases"}, "x": 1.01, "y": 1, "bgcolor": "rgba(0,0,0,0)"},
@@ -288,7 +292,7 @@ def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
     if outside is None:
         notes.append("fewer than two heartbeats: no outside view")
     if notes:
-        _note(fig, "<br>".join(notes))
+        note(fig, "<br>".join(notes))
     return fig
 
 
@@ -334,14 +338,14 @@ def transfer_figure(report: Report, samples: Mapping[str, SideSamples], clock: C
                 ), row=2, col=1)
     add_phases(fig, list(report.phases), clock, legend=False)
     add_pauses(fig, list(report.recoveries), clock, legend=False)
-    _layout(fig, "Migration stream over time, both sides (samples.jsonl)", 560)
+    layout(fig, "Migration stream over time, both sides (samples.jsonl)", 560)
     fig.update_xaxes(range=clock.view())
     fig.update_xaxes(title_text=clock.axis, row=2, col=1)
     fig.update_yaxes(title_text="MiB", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="MiB/s", rangemode="tozero", row=2, col=1)
     fig.update_layout(legend={"orientation": "h", "y": -0.14, "x": 0})
     if missing:
-        _note(fig, "<br>".join(missing), above=30)
+        note(fig, "<br>".join(missing), above=30)
     return fig
 
 
@@ -380,7 +384,7 @@ def blocktime_figure(report: Report) -> Any:
     title = "Post-copy blocktime per vCPU"
     if total is not None and total.value is not None:
         title += f" (QEMU, all vCPUs overlapping: {total.value:,} {total.unit})"
-    _layout(fig, title, 360)
+    layout(fig, title, 360)
     # A few vCPUs would otherwise get bars as wide as the plot.
     fig.update_layout(barmode="group", bargap=0.55 if len(vcpus) < 4 else 0.2,
                       legend={"orientation": "h", "y": -0.2, "x": 0})
@@ -391,7 +395,7 @@ def blocktime_figure(report: Report) -> Any:
     if not series["trace"]:
         notes.append("the trace has no blocktime begin events for any vCPU")
     if notes:
-        _note(fig, "<br>".join(notes))
+        note(fig, "<br>".join(notes))
     return fig
 
 
@@ -710,7 +714,9 @@ class Plot:
     figure_json: Markup
 
 
-def _plot(div_id: str, title: str, caption: str, fig: Any) -> Plot:
+def plot(div_id: str, title: str, caption: str, fig: Any) -> Plot:
+    """``fig`` as a :class:`Plot` of a report page, in ``<div id=div_id>``, with the
+    page's plotly config."""
     # Plotly.newPlot takes {data, layout, config} as one object.  plotly's encoder escapes
     # <, > and /, so text from the run directory cannot end the <script> it lands in.
     figure = {**fig.to_plotly_json(), "config": PLOT_CONFIG}
@@ -730,23 +736,23 @@ def render_run_html(data: RunPageData) -> str:
     :func:`migrator.metrics.run_page.load_run_page_data` read there; writes nothing."""
     report, clock, meta = data.report, data.clock, data.meta
     plots = [
-        _plot("plot-fetch-cdf", "Fetch latency",
+        plot("plot-fetch-cdf", "Fetch latency",
               "Cumulative distribution of per-page fetch latency per RAMBlock (destination "
               "QEMU trace, report.fetch[*].histogram; steps are histogram bucket bounds).",
               fetch_cdf_figure(report, data.fetch_cdfs)),
-        _plot("plot-stall-timeline", "Guest stalls",
+        plot("plot-stall-timeline", "Guest stalls",
               "Each marker is one stall of one vCPU by the guest's clock (src/dst "
               "console.jsonl), placed on the host clock; crosses are gaps between heartbeat "
               "arrivals (host clock), which also count the time the VM was stopped. Bands are "
               "the phases of report.phases; the strip along the top marks pre-copy passes; purple "
               "bands are post-copy pauses (report.recoveries).",
               stall_timeline_figure(report, data.stalls, clock, data.threshold_ms)),
-        _plot("plot-transfer", "Transfer",
+        plot("plot-transfer", "Transfer",
               "query-migrate sampled on both sides (samples.jsonl), at reply time; throughput "
               "is the mean between two consecutive samples. QEMU's own ram.mbps is in the "
               "legend, hidden by default.",
               transfer_figure(report, data.samples, clock)),
-        _plot("plot-blocktime", "Blocktime",
+        plot("plot-blocktime", "Blocktime",
               "Time each vCPU spent blocked on post-copy faults: QEMU's postcopy-vcpu-blocktime "
               "(destination query-migrate) next to the trace's (report.blocktime). The guest "
               "probe's stalled time is in the legend, hidden by default.",
