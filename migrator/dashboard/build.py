@@ -48,7 +48,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -57,13 +57,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import sqlalchemy as sa
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 from plotly.io.json import to_json_plotly  # type: ignore[import-untyped]
 from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 from pydantic import ValidationError
-from sqlalchemy.engine import URL
 
 import migrator
 from migrator.dashboard.prometheus import (
@@ -95,7 +93,7 @@ from migrator.results.compare import (
     Verdict,
     compare,
 )
-from migrator.results.schema import DIMENSIONS, reports
+from migrator.results.schema import DIMENSIONS
 from migrator.results.store import ResultsStore, Selector
 from migrator.units import format_value
 
@@ -142,7 +140,6 @@ _COLOURS = {"history": "#9e9e9e", "baseline": "#1f77b4", "candidate": "#111111",
             Verdict.REGRESSION: "#cf222e", Verdict.IMPROVEMENT: "#1a7f37", "median": "#555555"}
 _GRID = "#e5e8ee"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_IN_CHUNK = 500
 #: Days a long history chart opens on (its autoscale button shows every run).
 RECENT_DAYS = 90
 MANIFEST = ".manifest.json"
@@ -625,17 +622,6 @@ def _layout_version() -> str:
 # Run pages
 
 
-def _stored_reports(engine: sa.Engine,
-                    run_ids: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(run_id, report document)`` of many runs, a chunk per query (bounded memory)."""
-    with engine.connect() as connection:
-        for start in range(0, len(run_ids), _IN_CHUNK):
-            query = sa.select(reports.c.run_id, reports.c.document).where(
-                reports.c.run_id.in_(run_ids[start:start + _IN_CHUNK]))
-            for run_id, document in connection.execute(query):
-                yield run_id, dict(document)
-
-
 def _dimension_table(row: Mapping[str, Any]) -> Table:
     cells = [[Cell(key), Cell(format_value(row.get(key)))] for key in DIMENSIONS if key != "run_id"]
     for key in ("origin", "imported_at"):
@@ -687,32 +673,37 @@ def render_run_page(env: Environment, row: Mapping[str, Any], document: Mapping[
 class RunPageJob:
     """Run pages to write: per run its row, file name, metrics and scenario page link."""
 
-    url: URL
+    url: str | None
     folder: Path
     pages: list[tuple[dict[str, Any], str, dict[str, float], str]]
     units: dict[str, str]
 
 
-def render_run_pages(job: RunPageJob, engine: sa.Engine | None = None) -> list[tuple[str, str]]:
-    """Write the pages of ``job``, reading reports through ``engine`` (else one of its own).
+def render_run_pages(job: RunPageJob,
+                     store: ResultsStore | None = None) -> list[tuple[str, str]]:
+    """Write the pages of ``job``, reading reports from ``store`` (else one it attaches
+    to at ``job.url``, :meth:`ResultsStore.attach`).
 
     Runs in a worker process of :func:`build_dashboard`, hence the picklable
-    job and an engine per call.  Returns ``(run_id, report_sha256)`` per page written.
+    job and a store per call.  Returns ``(run_id, report_sha256)`` per page written.
     """
-    own = engine is None
-    engine = sa.create_engine(job.url) if engine is None else engine
+    own = store is None
+    if store is None:
+        if job.url is None:
+            raise ValueError("a run page job without a store URL needs the store")
+        store = ResultsStore.attach(job.url)
     env = _environment()
     by_id = {row["run_id"]: (row, name, sample, href) for row, name, sample, href in job.pages}
     done = []
     try:
-        for run_id, document in _stored_reports(engine, list(by_id)):
+        for run_id, document in store.stored_reports(list(by_id)):
             row, name, sample, href = by_id[run_id]
             write_public(job.folder / name,
                          render_run_page(env, row, document, sample, job.units, href))
             done.append((run_id, str(row["report_sha256"])))
     finally:
         if own:
-            engine.dispose()
+            store.close()
     return done
 
 
@@ -725,7 +716,7 @@ class RunPagePlan:
     todo: list[tuple[dict[str, Any], str, dict[str, float], str]]
     kept: int
 
-    def jobs(self, url: URL, units: dict[str, str], parts: int) -> list[RunPageJob]:
+    def jobs(self, url: str | None, units: dict[str, str], parts: int) -> list[RunPageJob]:
         """The pages to write in ``parts`` jobs of about equal size."""
         size = max(1, -(-len(self.todo) // max(parts, 1)))
         return [RunPageJob(url, self.folder, self.todo[i:i + size], units)
@@ -850,9 +841,9 @@ def build_dashboard(store: ResultsStore, out: Path,
     env = _environment()
     links = RunLinks(out, options.runs_root)
     plan = plan_run_pages(out, rows, links, scenario_of, samples)
-    url = store.engine.url
+    url = store.shared_url
     workers = options.jobs or os.cpu_count() or 1
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if url is None:
         workers = 1  # another process cannot open this database
     with ExitStack() as stack:
         # Permutation tests and page rendering are CPU-bound Python: processes, not threads.
@@ -875,7 +866,7 @@ def build_dashboard(store: ResultsStore, out: Path,
         (out / "scenarios").mkdir(exist_ok=True)
         generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         common = {"generated_at": generated_at, "generator": migrator.__version__,
-                  "store": url.render_as_string(hide_password=True),
+                  "store": store.display_url,
                   "night_start": options.night_start_hour, "nights": options.nights,
                   "alpha": options.alpha}
         pages, charts = [], {}
@@ -890,7 +881,7 @@ def build_dashboard(store: ResultsStore, out: Path,
             done = [item for future in page_futures for item in future.result()]
         else:
             done = [item for job in plan.jobs(url, units, 1)
-                    for item in render_run_pages(job, store.engine)]
+                    for item in render_run_pages(job, store)]
         plan.finish(done)
         written, kept = len(done), plan.kept
         lap("run pages")

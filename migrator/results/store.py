@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -70,6 +70,8 @@ ENV_VAR = "MIGRATOR_RESULTS"
 DEFAULT_PATH = Path("results.sqlite")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _IN_CHUNK = 5000
+#: Report documents per query of :meth:`ResultsStore.stored_reports` (they are large).
+_REPORT_CHUNK = 500
 _ALEMBIC_LOCK = threading.RLock()
 _UPGRADE_LOCK = 0x6D6967726174  # "migrat": any constant shared by every migrator
 
@@ -474,6 +476,26 @@ class ResultsStore:
         log.debug("results store %s at schema head", _safe(url))
         return cls(engine)
 
+    @classmethod
+    def attach(cls, url: str) -> Self:
+        """The store at ``url`` (:attr:`shared_url`) as it is, neither created nor migrated:
+        how a worker process (``ProcessPoolExecutor``) reads the store its parent opened."""
+        return cls(_engine(make_url(url)))
+
+    @property
+    def shared_url(self) -> str | None:
+        """The URL another process opens this store with (:meth:`attach`), password
+        included; None for an in-memory SQLite database, which no other process can open."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            return None
+        return url.render_as_string(hide_password=False)
+
+    @property
+    def display_url(self) -> str:
+        """The store's URL to show: the password masked."""
+        return _safe(self.engine.url)
+
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
@@ -543,6 +565,17 @@ class ResultsStore:
                 for run_id, name, value in connection.execute(query):
                     out[run_id][name] = value
         return out
+
+    def stored_reports(self, run_ids: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(run_id, report document)`` of the stored runs among ``run_ids``, a chunk of
+        ids per query, so memory stays bounded however many runs there are."""
+        ids = list(run_ids)
+        with self.engine.connect() as connection:
+            for start in range(0, len(ids), _REPORT_CHUNK):
+                query = sa.select(reports.c.run_id, reports.c.document).where(
+                    reports.c.run_id.in_(ids[start:start + _REPORT_CHUNK]))
+                for run_id, document in connection.execute(query):
+                    yield run_id, dict(document)
 
     def metric_rows(self, run_id: str) -> list[dict[str, Any]]:
         """Every stored metric of one run, with unit and source, by name."""
