@@ -8,10 +8,14 @@ both, a destination QEMU resolves post-copy faults on hugetlbfs-backed RAM in
 * the kernel's build option ``CONFIG_HUGETLB_HIGH_GRANULARITY_MAPPING``, read
   from ``/boot/config-$(uname -r)`` or ``/proc/config.gz``: informative only,
   because a config file can be missing, stale or describe another kernel;
-* a real ``MADV_SPLIT`` probe, which is authoritative: on the host, map one
-  shared 2 MiB hugetlb page and call ``madvise(addr, 2 MiB, 26)``.  A kernel
-  without the series does not know advice 26 and answers ``EINVAL``
-  (``madvise_behavior_valid()`` in ``mm/madvise.c``);
+* a real ``MADV_SPLIT`` probe: on the host, map one shared 2 MiB hugetlb page
+  and call ``madvise(addr, 2 MiB, 26)``.  What it proves is narrower than it
+  looks: 26 is the number the unmerged series gives ``MADV_SPLIT``, not an ABI,
+  so ``EINVAL`` proves only that this kernel does not accept advice 26 on a
+  hugetlb mapping (``madvise_behavior_valid()`` in ``mm/madvise.c``), and 0
+  proves it accepts it, which a kernel with the series does (and one that gave
+  26 another meaning might).  It is the decision's strongest signal, checked
+  against the smaps ``hm`` flag that a split mapping shows after a real run;
 * whether the host's QEMU offers the ``hugetlb-doublemap`` migration capability.
 
 The probe is a short Python program (ctypes, standard library only) run on the
