@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_hex
 
 from migrator.errors import HostError, HugepageShortfall, MissingResource
 from migrator.hosts.base import Host
@@ -240,11 +241,16 @@ async def hugetlbfs_dir(host: Host, page_size_kib: int, run_id: str) -> AsyncIte
     directory (and any file QEMU left in it) and a mount made here are removed
     on exit.  QEMU given a directory creates its file there and unlinks it at
     once, so a killed QEMU leaves nothing behind either.
+
+    A mount made here has a name of its own (``hugetlbfs-SIZEk-RUN-XXXX``): two
+    hosts of one run may share a filesystem but not a mount namespace (network
+    namespaces of one machine), and removing one host's mount point would detach
+    the other's mount at the same path.
     """
     mount = await find_hugetlbfs_mount(host, page_size_kib)
     mounted_here: Path | None = None
     if mount is None:
-        mounted_here = RUN_MOUNTS / f"hugetlbfs-{page_size_kib}k-{run_id}"
+        mounted_here = RUN_MOUNTS / f"hugetlbfs-{page_size_kib}k-{run_id}-{token_hex(2)}"
         await host.make_private_dir(mounted_here)
         result = await host.run(
             ["mount", "-t", "hugetlbfs", "-o", f"pagesize={page_size_kib}K", "none",

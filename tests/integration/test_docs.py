@@ -64,7 +64,9 @@ def test_nightly_guide_commands_work(tmp_path: Path) -> None:
     # The recorded runs have no report.html: their pages come from the stored reports.
     assert len(list((site / "runs").glob("*.html"))) == 2
     prom = (site / "metrics.prom").read_text()
-    assert 'migrator_freeze_seconds{scenario="rec-hugetlb-2m"' in prom
+    # prometheus_client writes labels in name order; Prometheus does not care.
+    assert any(line.startswith("migrator_freeze_seconds{") and 'scenario="rec-hugetlb-2m"' in line
+               for line in prom.splitlines()), prom
     assert (tmp_path / "node-exporter" / "migrator.prom").read_text() == prom
 
 

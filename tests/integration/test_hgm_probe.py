@@ -211,6 +211,9 @@ async def test_sampler_on_a_real_process_mapping_hugetlbfs(tmp_path: Path) -> No
     assert after.total == before.total
     assert_pool_writes_cancel_out(before.total, host.pool_writes)
     # hugetlbfs_dir mounts here when no 2 MiB hugetlbfs was mounted already.
-    assert f"/run/migrator/hugetlbfs-{PAGE_KIB}k-{run_id}" not in hugetlbfs_mounts()
-    assert not await host.exists(Path(f"/run/migrator/hugetlbfs-{PAGE_KIB}k-{run_id}"))
+    made_here = f"/run/migrator/hugetlbfs-{PAGE_KIB}k-{run_id}-"
+    assert not [mount for mount in hugetlbfs_mounts() if mount.startswith(made_here)]
+    left = await host.run(["find", "/run/migrator", "-maxdepth", "1", "-name",
+                           f"hugetlbfs-{PAGE_KIB}k-{run_id}-*"])
+    assert left.stdout.strip() == ""
     assert not await host.exists(directory)

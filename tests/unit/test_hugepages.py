@@ -212,7 +212,12 @@ async def test_mounts_when_missing_and_unmounts() -> None:
     host = FakeHost()
     host.set_text("/proc/mounts", "proc /proc proc rw 0 0\n")
     async with hugetlbfs_dir(host, 1048576, "r2") as directory:
-        assert directory.parent == Path("/run/migrator/hugetlbfs-1048576k-r2")
+        mount = directory.parent
+        assert mount.parent == Path("/run/migrator")
+        assert mount.name.startswith("hugetlbfs-1048576k-r2-")
+        # Each call its own mount point: two hosts of one run may share /run.
+        async with hugetlbfs_dir(host, 1048576, "r2") as second:
+            assert second.parent != mount
     runs = [c[1:] for c in host.calls if c[0] == "run"]
     assert runs[0][:4] == ("mount", "-t", "hugetlbfs", "-o")
-    assert runs[-1] == ("umount", "/run/migrator/hugetlbfs-1048576k-r2")
+    assert runs[-1] == ("umount", str(mount))
