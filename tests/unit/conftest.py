@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from migrator.hosts import hugepages
 from migrator.rundir import JsonlWriter
 from tests.unit.scripted_monitor import ScriptedMonitor
 
@@ -27,3 +28,10 @@ def umask_022() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+@pytest.fixture(autouse=True)
+def _no_hugepage_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pool that grows short is asked again after real waits (seconds, hosts/hugepages.py);
+    # against fake kernels they only slow the tests down.
+    monkeypatch.setattr(hugepages, "GROW_RETRY_DELAYS_S", (0.0,) * 4)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from migrator.errors import HugepageShortfall, MissingResource
+from migrator.hosts import hugepages
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.hugepages import (
     BOOT_ID,
@@ -80,6 +81,42 @@ async def test_enough_free_pages_touches_nothing() -> None:
     async with reserve_hugepages(host, 1048576, 2) as added:
         assert added == 0
     assert not [c for c in host.calls if c[0] == "write"]
+
+
+class TransientKernel(FakeKernel):
+    """A kernel that finds fewer free ranges than asked the first ``misses`` times."""
+
+    def __init__(self, misses: int, total: int, free: int, limit: int) -> None:
+        super().__init__(total, free, limit)
+        self.misses = misses
+        self.found = total + 1  # while it misses, the pool grows to this at most
+
+    def _write(self, data: bytes) -> None:
+        asked = int(data)
+        if asked > self.found and self.misses:
+            self.misses -= 1
+            asked = self.found
+        super()._write(str(asked).encode())
+
+
+async def test_a_pool_that_grows_short_at_first_is_asked_again() -> None:
+    kernel = TransientKernel(misses=1, total=0, free=0, limit=8)
+    host = kernel.host()
+    async with reserve_hugepages(host, 1048576, 2) as added:
+        assert added == 2
+    assert writes(host) == ["2", "2", "0"]
+    compactions = [c for c in host.calls if c[:2] == ("write", "/proc/sys/vm/compact_memory")]
+    assert len(compactions) == 1
+
+
+async def test_a_pool_that_stays_short_is_a_shortfall_after_the_retries() -> None:
+    kernel = TransientKernel(misses=99, total=0, free=0, limit=8)
+    host = kernel.host()
+    with pytest.raises(HugepageShortfall):
+        async with reserve_hugepages(host, 1048576, 2):
+            pass
+    assert len(writes(host)) == 1 + len(hugepages.GROW_RETRY_DELAYS_S) + 1  # + give-back
+    assert host.text(POOL / "nr_hugepages").strip() == "0"
 
 
 async def test_shortfall_names_counts_and_restores() -> None:
