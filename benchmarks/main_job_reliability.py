@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,8 +149,13 @@ def _with_testbed_hosts(scenario: Scenario, bed: SSHTestbed, work_root: Path) ->
 @contextlib.contextmanager
 def _testbed(out: Path) -> Iterator[tuple[SSHTestbed, Path]]:
     work_root = Path(tempfile.mkdtemp(prefix="mig-", dir="/var/tmp"))
-    with make_testbed(out / "ssh-testbed") as bed:
-        yield bed, work_root
+    keys = out / "ssh-testbed"
+    keys.mkdir(exist_ok=True)
+    try:
+        with make_testbed(keys) as bed:
+            yield bed, work_root
+    finally:
+        shutil.rmtree(work_root, ignore_errors=True)
 
 
 def scenarios(only: str | None, out: Path) -> Iterator[tuple[str, Scenario, str]]:
