@@ -23,6 +23,15 @@ from typing import Any
 __all__ = ["migrator_child", "run_migrator"]
 
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
+# ``python -m migrator ARGS`` with SIGINT at its default, as a user at a terminal has it. A
+# test run started in the background (a CI job, `cmd &` in a script without job control)
+# has SIGINT ignored, every child inherits that across exec, and Python then never raises
+# KeyboardInterrupt: a Ctrl-C test would see its run complete instead of being interrupted.
+_AS_AT_A_TERMINAL = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'migrator', *sys.argv[1:]])\n"
+)
 # How long a child that is still running gets to tear down after SIGTERM.
 TEARDOWN_S = 30.0
 
@@ -100,7 +109,7 @@ def migrator_child(args: Sequence[str], **popen: Any) -> Iterator[subprocess.Pop
     ``popen`` goes to :class:`subprocess.Popen` (``stdout``, ``stderr``...).
     """
     pools, mounts = _pools(), _migrator_mounts()
-    child = subprocess.Popen([sys.executable, "-m", "migrator", *args], text=True,
+    child = subprocess.Popen([sys.executable, "-c", _AS_AT_A_TERMINAL, *args], text=True,
                              start_new_session=True, **popen)
     failed = False
     try:
