@@ -864,10 +864,8 @@ class _RecordedRelease(AbstractAsyncContextManager[T]):
         try:
             suppress = await self.resource.__aexit__(kind, error, trace)
         except BaseException as failure:
-            if failure is error:
-                self.run.released(self.step, None)
-            else:
-                self.run.released(self.step, failure)
+            # Re-raising the error that ended the block is no failure of the release.
+            self.run.released(self.step, None if failure is error else failure)
             raise
         self.run.released(self.step, None)
         return suppress

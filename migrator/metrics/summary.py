@@ -338,9 +338,10 @@ def build_report(run_path: Path) -> Report:
         ev.first("src", "MIGRATION", "postcopy-active")
         or ev.first("dst", "MIGRATION", "postcopy-active")
     ):
-        # QEMU 11.1 accepts migrate-start-postcopy after pre-copy already converged.
+        # Runs recorded before this is its own outcome (completed-without-postcopy).
         warnings.append("post-copy was requested but the migration completed in pre-copy; "
-                        "lower migration.downtime_limit_ms to prevent convergence")
+                        "leave migration.downtime_limit_ms unset (held at 1 ms until the "
+                        "switch) to prevent convergence")
     passes = counters.source.get("ram", {}).get("dirty-sync-count")
     risk = tcg_dirty_tracking_risk(environment["qemu_version"], environment["accel"],
                                    passes if isinstance(passes, int) else None)

@@ -17,7 +17,7 @@ passes: post-copy with ``switchover = { policy = "immediately" }``.
 
 from __future__ import annotations
 
-from migrator.config.models import Immediately, MigrationSpec
+from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
 
 __all__ = [
     "TCG_DIRTY_TRACKING_FIXED_IN",
@@ -58,8 +58,11 @@ def _plan_text(spec: MigrationSpec) -> str:
     if not spec.postcopy:
         return "a pre-copy-only migration (migration.postcopy = false)"
     switch = spec.switchover
-    detail = {"after-seconds": f", seconds = {getattr(switch, 'seconds', 0):g}",
-              "after-passes": f", passes = {getattr(switch, 'passes', 0)}"}.get(switch.policy, "")
+    detail = ""
+    if isinstance(switch, AfterSeconds):
+        detail = f", seconds = {switch.seconds:g}"
+    elif isinstance(switch, AfterPasses):
+        detail = f", passes = {switch.passes}"
     return f'migration.switchover = {{ policy = "{switch.policy}"{detail} }}'
 
 
