@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError
 from rich import box
 from rich.console import Console
 from rich.measure import Measurement
@@ -40,9 +39,11 @@ from rich.table import Table
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState
 from migrator.bench.suite import PlannedRun, Suite
 from migrator.errors import MigratorError
-from migrator.metrics.summary import TRACE_SOURCE, build_report
-from migrator.model import SCHEMA_VERSION, BlockFetch, Report
+from migrator.metrics.run_page import load_run_report
+from migrator.metrics.summary import TRACE_SOURCE
+from migrator.model import BlockFetch, Report
 from migrator.rundir import atomic_write
+from migrator.units import format_size
 
 __all__ = [
     "COLUMNS",
@@ -197,22 +198,12 @@ class PageSizeTable:
 
 def page_label(page_size: int, hgm: bool = False) -> str:
     """``4 KiB``, ``2 MiB``, ``1 GiB``, with ``+HGM`` for HGM runs."""
-    text = (f"{page_size >> 30} GiB" if page_size >= 1 << 30 else
-            f"{page_size >> 20} MiB" if page_size >= 1 << 20 else f"{page_size >> 10} KiB")
-    return text + ("+HGM" if hgm else "")
+    return format_size(page_size) + ("+HGM" if hgm else "")
 
 
 def load_report(run_path: Path) -> Report:
     """A run's report: its ``report.json`` when current, else derived now (not written)."""
-    stored = run_path / "report.json"
-    if stored.exists():
-        try:
-            report = Report.model_validate_json(stored.read_text(encoding="utf-8"))
-        except (ValidationError, OSError):
-            report = None
-        if report is not None and report.schema_version == SCHEMA_VERSION:
-            return report
-    return build_report(run_path)
+    return load_run_report(run_path)[0]
 
 
 def _ram_block(report: Report, page_size: int) -> BlockFetch | None:

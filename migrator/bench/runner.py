@@ -232,13 +232,14 @@ async def run_and_report(
             except MigratorError as error:
                 log.warning("%s: no partial report: %s", holder[0], error)
         raise
-    write_report(run.path, build_report(run.path))
+    report = build_report(run.path)
+    write_report(run.path, report)
     if html:
         from migrator.metrics.run_page import load_run_page_data
         from migrator.report.html import write_run_html
 
         try:
-            write_run_html(run.path, load_run_page_data(run.path))
+            write_run_html(run.path, load_run_page_data(run.path, report))
         except MigratorError as error:
             # The run itself is fine; a missing page must not turn it into a failure.
             log.warning("%s: no HTML report: %s", run.path, error)

@@ -9,7 +9,7 @@ SQLAlchemy...): each command imports what it needs when it runs, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -32,6 +32,9 @@ from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
 from migrator.errors import ArtifactError, ConfigError, MigratorError
+
+if TYPE_CHECKING:
+    from migrator.model import Report
 
 __all__ = ["COMMAND_ORDER", "app"]
 
@@ -129,7 +132,7 @@ def run(
     report = build_report(run_dir.path)
     write_report(run_dir.path, report)
     if html:
-        _write_html(run_dir.path)
+        _write_html(run_dir.path, report)
     if json_out:
         out.print_json(report.model_dump_json())
     else:
@@ -164,13 +167,13 @@ def _report_if_possible(run_path: Path | None) -> None:
                   soft_wrap=True)
 
 
-def _write_html(run_dir: Path) -> None:
+def _write_html(run_dir: Path, report: Report) -> None:
+    """The run's HTML page, from ``report`` (just written to report.json: not read back)."""
     from migrator.metrics.run_page import load_run_page_data
     from migrator.report.html import write_run_html
 
     try:
-        # reads the report.json just written
-        page = write_run_html(run_dir, load_run_page_data(run_dir))
+        page = write_run_html(run_dir, load_run_page_data(run_dir, report))
     except MigratorError as error:
         raise fail(error) from None
     err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
@@ -200,7 +203,7 @@ def report(
         raise fail(error) from None
     write_report(run_dir, rebuilt)
     if html:
-        _write_html(run_dir)
+        _write_html(run_dir, rebuilt)
     if json_out:
         out.print_json(rebuilt.model_dump_json())
     else:

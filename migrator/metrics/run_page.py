@@ -22,7 +22,7 @@ from migrator.errors import ArtifactError
 from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time_zero
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
-from migrator.metrics.summary import build_report
+from migrator.metrics.summary import build_report, stall_threshold_ms
 from migrator.model import SCHEMA_VERSION, Report
 from migrator.pagedata import (
     BlockCdf,
@@ -171,17 +171,21 @@ def stall_view(report: Report, guest: GuestObservations, threshold_ms: float) ->
     return StallView(series, len(guest.stalls), unplaced, len(guest.clock_steps), gaps)
 
 
-def load_run_page_data(run_path: Path) -> RunPageData:
-    """What the HTML page of one run directory shows (see module docstring); writes nothing."""
-    report, report_origin = load_run_report(run_path)
+def load_run_page_data(run_path: Path, report: Report | None = None) -> RunPageData:
+    """What the HTML page of one run directory shows (see module docstring); writes nothing.
+
+    ``report``: the run's report as the caller just built and wrote it to
+    ``report.json``, so it is not read back; None reads (or derives) it here.
+    """
+    report, report_origin = ((report, "report.json") if report is not None
+                             else load_run_report(run_path))
     meta = json.loads(_read_text(run_path / "run.json"))
     scenario_text = _read_text(run_path / "scenario.toml")
     try:
         scenario = tomllib.loads(scenario_text)
     except tomllib.TOMLDecodeError as error:
         raise ArtifactError(f"{run_path / 'scenario.toml'}: {error}") from None
-    # The probe's default threshold when the scenario predates the field (as build_report).
-    threshold_ms = float(scenario.get("workload", {}).get("stall_threshold_us", 2000)) / 1000
+    threshold_ms = stall_threshold_ms(scenario)
     guest = load_guest(run_path)
     clock = run_clock(run_path, report, meta, guest)
     samples = load_samples(run_path, clock)

@@ -40,7 +40,7 @@ from migrator.model import (
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
 from migrator.rundir import atomic_write
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "stall_threshold_ms", "write_report"]
 
 TRACE_SOURCE = "dst QEMU trace: postcopy_ram_fault_thread_request -> postcopy_place_page"
 BACKLOG_SOURCE = ("dst QEMU trace: placements between postcopy_ram_fault_thread_request and "
@@ -212,6 +212,12 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path}: not JSON: {error}") from None
 
 
+def stall_threshold_ms(scenario: dict[str, Any]) -> float:
+    """The probe's stall threshold in ms from a run's ``scenario.toml`` (parsed); the
+    probe's default (2 ms) when the scenario predates the field."""
+    return float(scenario.get("workload", {}).get("stall_threshold_us", 2000)) / 1000
+
+
 def build_report(run_path: Path) -> Report:
     """Derive the report of one run directory (see module docstring)."""
     meta = _read_json(run_path / "run.json")
@@ -322,8 +328,7 @@ def build_report(run_path: Path) -> Report:
             qemu_source=latency_dist["source"], trace_source=TRACE_SOURCE)
 
     freeze = _freeze(ev, counters)
-    workload = scenario.get("workload", {})
-    threshold_ms = float(workload.get("stall_threshold_us", 2000)) / 1000
+    threshold_ms = stall_threshold_ms(scenario)
     guest_stalls = _vcpu_stalls(guest, phases)
     clock_steps, clock_warnings = _clock_steps(guest, phases)
     warnings += clock_warnings

@@ -554,7 +554,10 @@ def stall_tables(report: Report, sources: Sources, clock: Clock) -> list[Table]:
     tables = [per_vcpu, worst, outside]
     steps = report.guest_clock_steps
     if steps is not None and steps.steps:
-        table = Table(f"Guest clock steps, not stalls: {format_value(steps.count.value)}",
+        table = Table(f"Guest clock steps, not stalls: {format_value(steps.count.value)} "
+                      f"[{sources.number(steps.count.source)}], largest back "
+                      f"{format_value(steps.largest_back.value)} ms "
+                      f"[{sources.number(steps.largest_back.source)}]",
                       ["t, s", "step, ms", "vCPU", "phase", "reported as", "src"],
                       note="step < 0: the guest's CLOCK_MONOTONIC went back; largest steps "
                            "first; t: host wall clock, placed through the heartbeat before it")

@@ -176,7 +176,9 @@ def _render_clock_steps(steps: GuestClockSteps, console: Console, sources: Sourc
     """The guest clock's steps: not stalls, so apart from the stall table."""
     # A short title: rich wraps it to the table's width.
     table = Table(title=f"Guest clock steps, not stalls: {steps.count.value} "
-                        f"{sources.cite(steps.count)}", title_justify="left", show_edge=False)
+                        f"{sources.cite(steps.count)}, largest back "
+                        f"{_num(steps.largest_back)} ms {sources.cite(steps.largest_back)}",
+                  title_justify="left", show_edge=False)
     for column in ("vCPU", "step, ms", "phase", "reported as", "src"):
         table.add_column(column, justify="left" if column in ("phase", "reported as")
                          else "right")
