@@ -67,7 +67,6 @@ import migrator
 from migrator.dashboard.prometheus import (
     LatestSummary,
     render_textfile,
-    write_public,
     write_textfile,
 )
 from migrator.errors import ConfigError
@@ -95,6 +94,7 @@ from migrator.results.compare import (
 )
 from migrator.results.schema import DIMENSIONS
 from migrator.results.store import ResultsStore, Selector
+from migrator.rundir import atomic_write
 from migrator.units import format_value
 
 __all__ = [
@@ -698,7 +698,7 @@ def render_run_pages(job: RunPageJob,
     try:
         for run_id, document in store.stored_reports(list(by_id)):
             row, name, sample, href = by_id[run_id]
-            write_public(job.folder / name,
+            atomic_write(job.folder / name,
                          render_run_page(env, row, document, sample, job.units, href))
             done.append((run_id, str(row["report_sha256"])))
     finally:
@@ -726,7 +726,7 @@ class RunPagePlan:
         """Record the pages written in the manifest (written last: a build that dies
         before it leaves pages the next build rewrites, never a manifest that lies)."""
         self.manifest["pages"].update(done)
-        write_public(self.folder / MANIFEST, json.dumps(self.manifest, indent=0, sort_keys=True))
+        atomic_write(self.folder / MANIFEST, json.dumps(self.manifest, indent=0, sort_keys=True))
 
 
 def plan_run_pages(out: Path, rows: Mapping[str, dict[str, Any]], links: RunLinks,
@@ -796,7 +796,7 @@ def _write_assets(out: Path) -> None:
     # 4.8 MB: rewritten only when the installed plotly changed.
     if not target.is_file() or target.stat().st_size != len(script) \
             or target.read_bytes() != script:
-        write_public(target, script)
+        atomic_write(target, script)
 
 
 def build_dashboard(store: ResultsStore, out: Path,
@@ -925,7 +925,7 @@ def _write_scenario_page(out: Path, env: Environment, view: ScenarioView, links:
     shown = [m for m, _ in charted[:4]]
     page = out / "scenarios" / f"{view.slug}.html"
     first = view.candidate[-1]
-    write_public(page, env.get_template("scenario.html.j2").render(
+    atomic_write(page, env.get_template("scenario.html.j2").render(
         **common, prefix="../", view=view, first=first, plots=plots,
         verdicts=verdict_rows(view, units, charts), counts=view.counts(),
         regressions=len(view.regressions),
@@ -1003,7 +1003,7 @@ def _write_index(out: Path, env: Environment, views: Sequence[ScenarioView], lin
             caption = template.replace("{block}", "<main RAMBlock>") + ", nightly median (UTC)"
             plots.append(_plot(f"overview-{number}", labels[template], caption, figure))
     index = out / "index.html"
-    write_public(index, env.get_template("index.html.j2").render(
+    atomic_write(index, env.get_template("index.html.j2").render(
         **common, prefix="", scenarios=scenario_rows, regressions=regression_rows,
         summary_columns=[label for _, label in SUMMARY_COLUMNS], plots=plots,
         runs=sum(len(v.history) for v in views),

@@ -46,7 +46,6 @@ __all__ = [
     "prometheus_name",
     "render_textfile",
     "textfile_registry",
-    "write_public",
     "write_textfile",
 ]
 
@@ -168,10 +167,6 @@ def textfile_registry(summaries: Iterable[LatestSummary]) -> CollectorRegistry:
 def render_textfile(summaries: Iterable[LatestSummary]) -> str:
     """The exposition text of ``summaries`` (see :func:`textfile_registry`)."""
     return generate_latest(textfile_registry(summaries)).decode()
-
-
-# The dashboard's pages are written with it too (migrator.dashboard.build imports it here).
-write_public = atomic_write
 
 
 def write_textfile(path: Path, text: str) -> None:

@@ -34,4 +34,5 @@ def umask_022() -> Iterator[None]:
 def _no_hugepage_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     # A pool that grows short is asked again after real waits (seconds, hosts/hugepages.py);
     # against fake kernels they only slow the tests down.
-    monkeypatch.setattr(hugepages, "GROW_RETRY_DELAYS_S", (0.0,) * 4)
+    monkeypatch.setattr(hugepages, "GROW_RETRY_DELAYS_S",
+                        (0.0,) * len(hugepages.GROW_RETRY_DELAYS_S))
