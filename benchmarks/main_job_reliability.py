@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from migrator.bench.suite import load_suite  # noqa: E402
-from migrator.config import Scenario, dump_scenario, load_scenario  # noqa: E402
+from migrator.config import Scenario, dump_scenario, load_scenario, parse_scenario  # noqa: E402
 from migrator.config.models import SSHHostSpec  # noqa: E402
+from migrator.metrics.qemu_counters import load_counters  # noqa: E402
 from tests.integration.children import run_migrator  # noqa: E402
 from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
 from tests.integration.test_ssh_migration import host_entry  # noqa: E402
@@ -91,7 +92,7 @@ def run_once(label: str, scenario_file: Path, runs: Path) -> Run:
     began = time.monotonic()
     error = None
     try:
-        done = run_migrator(["run", str(scenario_file), "--runs-dir", str(runs), "--json"],
+        done = run_migrator(["run", str(scenario_file), "--runs-dir", str(runs)],
                             timeout=RUN_TIMEOUT_S, cwd=ROOT)
         code: int | None = done.returncode
         if code != 0:
@@ -103,12 +104,17 @@ def run_once(label: str, scenario_file: Path, runs: Path) -> Run:
     made = sorted(set(runs.iterdir()) - before)
     run_dir = made[-1] if made else None
     meta = _read_json(run_dir / "run.json") if run_dir else {}
-    final = _read_json(run_dir / "final-query-migrate.json") if run_dir else {}
-    ram = final.get("src", {}).get("ram", {})
+    passes = postcopy_bytes = None
+    if run_dir is not None and (run_dir / "samples.jsonl").exists():
+        # The report's own reader: the final reply, else the last samples of a run that died.
+        counters = load_counters(run_dir)
+        passes = counters.metric("src", "ram.dirty-sync-count", "passes").value
+        postcopy_bytes = counters.metric("src", "ram.postcopy-bytes", "bytes").value
     crash = meta.get("guest_crash")
     return Run(
         scenario=label, exit_code=code, outcome=meta.get("outcome"),
-        passes=ram.get("dirty-sync-count"), postcopy_bytes=ram.get("postcopy-bytes"),
+        passes=None if passes is None else int(passes),
+        postcopy_bytes=None if postcopy_bytes is None else int(postcopy_bytes),
         bad_pages=(meta.get("verify") or {}).get("bad_pages"),
         guest_crash=f"{crash['side']}: {crash['line']}" if crash else None,
         seconds=round(seconds, 2), run_dir=str(run_dir) if run_dir else None, error=error)
@@ -143,7 +149,7 @@ def _with_testbed_hosts(scenario: Scenario, bed: SSHTestbed, work_root: Path) ->
         "source": host_entry(bed, bed.a, work_root),
         "destination": host_entry(bed, bed.b, work_root, migration_address=bed.b.peer_address),
     }
-    return Scenario.model_validate(data, strict=False)
+    return parse_scenario(data)
 
 
 @contextlib.contextmanager
@@ -158,16 +164,17 @@ def _testbed(out: Path) -> Iterator[tuple[SSHTestbed, Path]]:
         shutil.rmtree(work_root, ignore_errors=True)
 
 
-def scenarios(only: str | None, out: Path) -> Iterator[tuple[str, Scenario, str]]:
-    """(label, scenario, group) in the order they run."""
+def scenarios(only: str | None, runs: int, repeat: int) -> Iterator[tuple[str, Scenario, int]]:
+    """(label, scenario, how many runs) in the order they run."""
     if only in (None, "main"):
-        yield "main job: configs/local-demo.toml", load_scenario(MAIN_JOB), "main"
+        yield "main job: configs/local-demo.toml", load_scenario(MAIN_JOB), runs
     if only in (None, "page-size"):
         for planned in load_suite(PAGE_SIZE_SUITE).runs:
-            yield f"page-size.toml {planned.combination}", planned.scenario, "repeat"
+            if planned.repetition == 1:  # each row once; --repeat says how often
+                yield f"page-size.toml {planned.combination}", planned.scenario, repeat
     if only in (None, "configs"):
         for path in sorted((ROOT / "configs").glob("*.toml")):
-            yield f"configs/{path.name}", load_scenario(path), "repeat"
+            yield f"configs/{path.name}", load_scenario(path), repeat
 
 
 def main() -> None:
@@ -178,13 +185,16 @@ def main() -> None:
     parser.add_argument("--only", choices=("main", "page-size", "configs"))
     parser.add_argument("--out", type=Path, help="where run directories and runs.jsonl go")
     args = parser.parse_args()
+    if args.runs < 1 or args.repeat < 1:
+        parser.error("--runs and --repeat must be at least 1")
     out = (args.out or Path(tempfile.mkdtemp(prefix="reliability-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / "runs.jsonl").open("a")
     rows: list[str] = []
     with contextlib.ExitStack() as stack:
+        log = stack.enter_context((out / "runs.jsonl").open("a"))
         testbed: tuple[SSHTestbed, Path] | None = None
-        for index, (label, scenario, group) in enumerate(scenarios(args.only, out)):
+        for index, (label, scenario, count) in enumerate(
+                scenarios(args.only, args.runs, args.repeat)):
             if isinstance(scenario.hosts.source, SSHHostSpec):
                 if testbed is None:
                     testbed = stack.enter_context(_testbed(out))
@@ -192,7 +202,6 @@ def main() -> None:
                 label += " (namespace hosts)"
             scenario_file = out / f"scenario-{index}.toml"
             scenario_file.write_text(dump_scenario(scenario))
-            count = args.runs if group == "main" else args.repeat
             runs: list[Run] = []
             for number in range(count):
                 run = run_once(label, scenario_file, out / f"runs-{index}")
