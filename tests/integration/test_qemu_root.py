@@ -149,19 +149,17 @@ def test_qemu_7_2_under_tcg_refuses_a_plan_past_its_first_round(
     spec = tmp_path / "s.toml"
     spec.write_text(dump_scenario(scenario(
         "it-qemu-7-refused", vm={"qemu_root": str(qemu_7_root), "accel": "tcg"})))
-    pools = {path: path.read_text()
-             for path in Path("/sys/kernel/mm/hugepages").glob("*/nr_hugepages")}
     runs = tmp_path / "runs"
+    # run_migrator fails the test if the child left hugepages or a mount behind.
     done = run_migrator(["run", str(spec), "--runs-dir", str(runs)], timeout=300)
     assert done.returncode == 3, done.stderr
     error = one_error_line(done.stderr)
     assert "QEMU 7.2." in error, error
     assert "03bfc2188f" in error, error
     assert 'policy = "immediately"' in error  # the setting that is safe on this QEMU
-    # Refused before boot: no QEMU ran, nothing is left.
+    # Refused before boot: no QEMU ran.
     [run_dir] = runs.iterdir()
     assert not (run_dir / "src" / "argv.json").exists()
-    assert {path: path.read_text() for path in pools} == pools
 
 
 def test_postcopy_on_qemu_7_2_switching_immediately(qemu_7_root: Path,
