@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from migrator.guest.protocol import (
     ClockStep,
@@ -34,7 +33,7 @@ from migrator.metrics.summary import build_report
 from migrator.model import Report
 from migrator.report.html import render_run_html, stall_tables
 from migrator.report.sources import Sources
-from migrator.report.terminal import render_report
+from tests.unit.rendering import terminal_text
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "tests" / "data" / "runs"
@@ -87,12 +86,6 @@ def new_probe_run(tmp_path: Path) -> Path:
         tmp_path, _line({"t": "clock_step", "cpu": 0, "g": 5_269_300_000, "back": BACK_NS}))
 
 
-def terminal(report: Report) -> str:
-    console = Console(record=True, width=140, force_terminal=False)
-    render_report(report, console)
-    return console.export_text()
-
-
 def test_the_probe_line_of_a_step_back_parses() -> None:
     step = parse_line('@MIG {"t":"clock_step","cpu":1,"g":5269300000,"back":6551616}')
     assert step == ClockStep(cpu=1, before_ns=5_269_300_000, back_ns=BACK_NS)
@@ -139,7 +132,7 @@ def test_a_step_back_is_one_clock_step_and_no_stall(
                              "6.552 ms on vCPU 0 (settle); counted as clock steps, not as "
                              "stalls")
 
-    text = terminal(report)
+    text = terminal_text(report)
     # Only the warning about an older probe's line quotes the impossible gap.
     assert text.count("18,446,744") == sum(w.count("18,446,744") for w in report.warnings)
     assert "Guest clock steps, not stalls: 1 [" in text

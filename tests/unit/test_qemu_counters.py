@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters
 from migrator.metrics.summary import build_report
 from migrator.model import Metric, Report
 from migrator.report.html import comparison_table, headline_tables
 from migrator.report.sources import Sources
-from migrator.report.terminal import render_report
+from tests.unit.rendering import terminal_text
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RUNS = DATA / "runs"
@@ -81,12 +80,6 @@ def with_final(tmp_path: Path, side: str, path: str, value: int) -> Path:
     return run
 
 
-def terminal(report: Report) -> str:
-    console = Console(record=True, width=140, force_terminal=False)
-    render_report(report, console)
-    return console.export_text()
-
-
 SAMPLED_SRC = "QEMU query-migrate, highest earlier sample (samples.jsonl, src)"
 
 
@@ -112,7 +105,7 @@ def test_a_final_counter_below_an_earlier_sample_is_contradicted(tmp_path: Path)
         "said 4,500 ms; a cumulative counter cannot go down, so QEMU's final value is shown "
         "marked as contradicted"]
 
-    row = next(line for line in terminal(report).splitlines()
+    row = next(line for line in terminal_text(report).splitlines()
                if line.lstrip().startswith("total-time"))
     assert "0 ms (contradicted: 4,500 ms)" in row
     cells = [c for t in headline_tables(report, Sources()) for r in t.rows for c in r]
@@ -135,7 +128,7 @@ def test_a_contradicted_counter_is_marked_in_its_comparison(tmp_path: Path) -> N
     [cell] = [r[1] for r in comparison_table(report, Sources()).rows
               if r[0].text == "post-copy page requests"]
     assert cell.text == "0 requests ⚠ contradicted: 1 requests"
-    assert "post-copy page requests" in terminal(report)
+    assert "post-copy page requests" in terminal_text(report)
 
 
 @pytest.mark.parametrize("run", ["hugetlb-1g", "hugetlb-2m", "crashed-memfd-4k"])

@@ -23,6 +23,7 @@ from migrator.metrics.summary import build_report, write_report
 from migrator.model import Metric, Phase, Report
 from migrator.report.html import render_run_html
 from migrator.report.terminal import render_report
+from tests.unit.rendering import terminal_text
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RECORDED = DATA / "recovery" / "link-down-twice"
@@ -38,12 +39,6 @@ def report() -> Report:
 
 def marks(run: Path, what: str) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(run / "timeline.jsonl") if r["what"] == what]
-
-
-def text_of(report: Report, width: int = 100) -> str:
-    console = Console(record=True, width=width, force_terminal=False)
-    render_report(report, console)
-    return console.export_text()
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def test_recorded_faults_in_order_with_the_pauses(report: Report) -> None:
 
 
 def test_terminal_shows_the_statement_and_both_tables(report: Report) -> None:
-    text = text_of(report)
+    text = terminal_text(report, width=100)
     assert "outcome completed-after-recovery" in text
     assert report.statement is not None
     assert " ".join(report.statement.split()) in " ".join(text.split())
@@ -173,7 +168,7 @@ def test_terminal_shows_the_statement_and_both_tables(report: Report) -> None:
     assert "mig0 on destination" in text
     assert "recovered + 300 ms" in text
     # An 80-column terminal cuts no value of the pauses table.
-    narrow = text_of(report, width=80)
+    narrow = terminal_text(report, width=80)
     assert "…" not in narrow.split("Faults injected")[0]
 
 
@@ -221,7 +216,7 @@ def test_old_report_json_without_the_new_fields_still_loads(report: Report) -> N
     assert loaded.recoveries == []
     assert loaded.faults == []
     assert loaded.outcome == "completed-after-recovery"
-    assert "Post-copy pauses" not in text_of(loaded)
+    assert "Post-copy pauses" not in terminal_text(loaded, width=100)
 
 
 def test_run_without_pauses_or_faults_has_empty_sections() -> None:
@@ -229,7 +224,7 @@ def test_run_without_pauses_or_faults_has_empty_sections() -> None:
     assert plain.recoveries == []
     assert plain.faults == []
     assert plain.statement is None  # recorded before run.json had one
-    text = text_of(plain)
+    text = terminal_text(plain, width=100)
     assert "Post-copy pauses" not in text
     assert "Faults injected" not in text
 
@@ -327,7 +322,7 @@ def test_pause_never_recovered_and_a_fault_never_injected(tmp_path: Path,
     assert refused.injected.value is None
     assert (unrecorded.index, unrecorded.status) == (2, "not recorded")
     assert result.warnings == []
-    text = text_of(report.model_copy(update={"recoveries": result.pauses,
+    text = terminal_text(report.model_copy(update={"recoveries": result.pauses,
                                              "faults": result.faults}), width=120)
     row = next(line for line in text.splitlines() if "not recovered" in line)
     assert ">8.250" in row  # the guest's silence, still open: a lower bound
@@ -349,7 +344,7 @@ def test_not_recovered_pause_in_the_report_and_terminal(tmp_path: Path) -> None:
     rebuilt = build_report(run)
     assert [p.result for p in rebuilt.recoveries] == ["recovered", "not recovered"]
     assert "run.json counts 2 recoveries, the timeline and events show 1" in rebuilt.warnings
-    text = text_of(rebuilt, width=120)
+    text = terminal_text(rebuilt, width=120)
     # Rich markup in the statement is printed, not interpreted.
     assert "gave up [deadline]; the VM is lost" in text
     assert "not recovered" in text

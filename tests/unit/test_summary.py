@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 from migrator.cli.main import app
@@ -19,7 +18,7 @@ from migrator.metrics.trace import analyze_trace
 from migrator.model import Report
 from migrator.report.html import fetch_table
 from migrator.report.sources import Sources
-from migrator.report.terminal import render_report
+from tests.unit.rendering import terminal_text
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 
@@ -86,12 +85,6 @@ def test_2m_report_resolves_faults_on_2m_pages() -> None:
     assert p50 > 0.1  # a 2 MiB fetch is never sub-100 us here
 
 
-def _terminal(report: Report) -> str:
-    console = Console(record=True, width=140, force_terminal=False)
-    render_report(report, console)
-    return console.export_text()
-
-
 def test_fetch_has_the_backlog_ahead_of_each_request() -> None:
     """Placements between a request and its page: queueing, told apart from page size."""
     run = RUNS / "hugetlb-2m"
@@ -107,8 +100,8 @@ def test_fetch_has_the_backlog_ahead_of_each_request() -> None:
     assert hist.count == ram.resolved
     assert (backlog["p50"].value, backlog["max"].value) == (hist.quantile(0.5), hist.max)
     p50, top = backlog["p50"].value, backlog["max"].value
-    assert "backlog" in _terminal(report)
-    assert f"{p50:,}" in ram0_cells(_terminal(report))
+    assert "backlog" in terminal_text(report)
+    assert f"{p50:,}" in ram0_cells(terminal_text(report))
     cells = [cell.text for row in fetch_table(report, Sources()).rows for cell in row]
     assert f"{p50} / {top}" in cells
 
@@ -125,7 +118,7 @@ def test_reports_written_before_the_backlog_still_load_and_render() -> None:
         del block["backlog_placements"]
     report = Report.model_validate(old)
     assert all(block.backlog_placements == {} for block in report.fetch)
-    assert "-" in ram0_cells(_terminal(report))
+    assert "-" in ram0_cells(terminal_text(report))
     table = fetch_table(report, Sources())
     column = table.columns.index("backlog p50 / max, placements")
     assert {row[column].text for row in table.rows} == {"-"}
