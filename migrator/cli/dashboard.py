@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from migrator.cli.common import VerboseOption, err, fail, setup_logging
+from migrator.cli.common import VerboseOption, fail, setup_logging
 from migrator.cli.common import out as stdout
 from migrator.cli.results import (
     EXIT_BAD_INPUT,
@@ -26,7 +26,7 @@ from migrator.cli.results import (
     open_store,
     thresholds,
 )
-from migrator.errors import MigratorError
+from migrator.errors import ConfigError, MigratorError
 
 __all__ = ["dashboard"]
 
@@ -93,9 +93,7 @@ def dashboard(
         raise fail(error, EXIT_BAD_INPUT) from None
     except OSError as error:
         # An --out or --textfile that cannot be written: the user's to fix, not a bug.
-        err.print(f"[bold red]error:[/bold red] cannot write the dashboard: {escape(str(error))}",
-                  highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise fail(ConfigError(f"cannot write the dashboard: {error}"), EXIT_BAD_INPUT) from None
     stdout.print(f"dashboard: {result.index} ({len(result.scenarios)} scenarios, "
                  f"{result.run_pages_written} run pages written, {result.run_pages_kept} "
                  f"unchanged, {result.timings['total']:.1f} s)", highlight=False, soft_wrap=True)

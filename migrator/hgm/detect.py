@@ -39,6 +39,7 @@ from migrator.errors import HostError, HugepageShortfall, MissingResource, Prefl
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import reserve_hugepages
 from migrator.qemu.probe import QemuFacts
+from migrator.units import format_size
 
 __all__ = [
     "DOUBLEMAP_CAPABILITY",
@@ -273,13 +274,9 @@ async def _kernel_release(host: Host) -> str | None:
     return release if result.status == 0 and release else None
 
 
-def _describe_size(page_kib: int) -> str:
-    return f"{page_kib // 1024} MiB" if page_kib < 1048576 else f"{page_kib // 1048576} GiB"
-
-
 def _interpret_probe(report: dict[str, Any], page_kib: int) -> tuple[str, str]:
     """(madv_split, probe_detail) from the probe script's JSON report."""
-    size = _describe_size(page_kib)
+    size = format_size(page_kib << 10)
     mapping = f"a MAP_SHARED|MAP_HUGETLB {size} page"
     if "mmap_error" in report:
         cause = f"mmap of {mapping} failed: {report['mmap_error']}"
@@ -321,7 +318,7 @@ async def probe_madv_split(host: Host, page_kib: int = PROBE_PAGE_KIB) -> tuple[
             async with reserve_hugepages(host, page_kib, 1):
                 result = await host.run(argv, timeout=PROBE_TIMEOUT_S)
         except (HugepageShortfall, MissingResource) as error:
-            cause = f"no free {_describe_size(page_kib)} hugepage for the probe: {error}"
+            cause = f"no free {format_size(page_kib << 10)} hugepage for the probe: {error}"
             return _COULD_NOT + cause, cause
         except HostError as error:
             return _COULD_NOT + str(error), str(error)
