@@ -7,35 +7,45 @@ error class).  The CLI prints ``str(error)`` as one line and exits with
 
 ::
 
-    MigratorError
+    MigratorError                   (exit 1 unless a subclass says otherwise)
      +-- ConfigError                 scenario file or option invalid (exit 2)
+     +-- StoreError                  the results store cannot be opened or written (exit 2)
      +-- PreflightError              the host cannot run the scenario (exit 3)
-     |    +-- HugepageShortfall       not enough free hugepages of a size
-     |    +-- MissingCapability       QEMU lacks a migration capability
-     |    +-- MissingResource         binary, kernel or file not found
+     |    +-- HugepageShortfall      not enough free hugepages of a size
+     |    +-- MissingCapability      QEMU lacks a migration capability
+     |    +-- MissingResource        binary, kernel or file not found
      +-- HostError                   a command on a host failed
      +-- GuestBuildError             the microguest could not be built
      +-- QemuError                   a QEMU process misbehaved
-     |    +-- QemuLaunchError         QEMU exited or never opened its QMP socket
-     |    +-- QemuExitedError         QEMU died while it was needed
-     |    +-- QmpConnectionLost       the QMP connection dropped mid-command
+     |    +-- QemuLaunchError        QEMU exited or never opened its QMP socket
+     |    +-- QemuExitedError        QEMU died while it was needed
+     |    +-- QmpConnectionLost      the QMP connection dropped mid-command
      +-- QmpCommandError             a QMP command returned an error
      +-- QmpTimeout                  a QMP command got no reply in time
      +-- MigrationError              migration failed, was cancelled or stalled
-     |    +-- MigrationTimeout        a phase did not finish in time
+     |    +-- MigrationTimeout       a phase did not finish in time
      +-- GuestError                  the guest probe reported a problem
- |    +-- IntegrityError          pages hold wrong content after the migration
+     |    +-- IntegrityError         pages hold wrong content after the migration
      +-- ArtifactError               a raw artifact is missing or malformed
+     +-- RunFailed                   a run failed after something booted: its outcome's
+                                     exit code (4, 5 or 7, see migrator.outcome)
+
+Once a run has booted anything, every error of it ends as :class:`RunFailed`, whose exit
+code is its outcome's: so 4 and 5 mean an outcome, never an exception class.
+:class:`ExitCode` is the one table of exit codes; the CLI, the outcomes and the docs
+(``docs/operator.md``, checked by a test) use it.
 """
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from enum import IntEnum
 
 __all__ = [
     "ArtifactError",
     "ConfigError",
+    "ExitCode",
     "GuestBuildError",
     "GuestError",
     "HostError",
@@ -53,7 +63,39 @@ __all__ = [
     "QmpCommandError",
     "QmpConnectionLost",
     "QmpTimeout",
+    "RunFailed",
+    "StoreError",
 ]
+
+
+class ExitCode(IntEnum):
+    """Every exit status a migrator command gives: the one table.
+
+    ``migrator run`` gives one per outcome (``migrator.outcome.EXIT_CODES``); the
+    results commands use 0, 1 and 2 with the meanings below.
+    """
+
+    OK = 0
+    """Done: a run completed with every page verified; a command did all it was asked."""
+    FAILED = 1
+    """A host could not be used; ``compare``/``dashboard``: a metric regressed;
+    ``results import``: some directory is not a finished run; a suite had failed runs."""
+    BAD_INPUT = 2
+    """A scenario, option, selector or run directory is invalid, or the store unusable."""
+    PREFLIGHT = 3
+    """The hosts cannot run the scenario, or its QEMU is known bad for the plan."""
+    FAILED_BEFORE_SWITCHOVER = 4
+    """Outcome ``failed-before-switchover``: the guest never left the source."""
+    FAILED_AFTER_SWITCHOVER = 5
+    """Outcome ``failed-after-switchover``: the switch happened, then the run failed."""
+    COMPLETED_AFTER_RECOVERY = 6
+    """Outcome ``completed-after-recovery``: completed, after post-copy paused and recovered."""
+    COMPLETED_WITHOUT_POSTCOPY = 7
+    """Outcome ``completed-without-postcopy``: pre-copy completed before post-copy began."""
+    INTERRUPTED_SIGINT = 130
+    """Ctrl-C (128 + SIGINT, as a shell reports it); everything torn down."""
+    INTERRUPTED_SIGTERM = 143
+    """SIGTERM (128 + SIGTERM); everything torn down."""
 
 
 def _exit_detail(status: int | None) -> str:
@@ -77,13 +119,13 @@ def output_tail(text: str, lines: int = 5) -> str:
 class MigratorError(Exception):
     """Base of every error migrator raises on purpose."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILED
 
 
 class ConfigError(MigratorError):
     """A scenario file, option or command-line value is invalid."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
@@ -93,7 +135,7 @@ class ConfigError(MigratorError):
 class PreflightError(MigratorError):
     """The host cannot run the scenario as asked; nothing was started."""
 
-    exit_code = 3
+    exit_code = ExitCode.PREFLIGHT
 
 
 class MissingResource(PreflightError):
@@ -205,8 +247,6 @@ class QmpTimeout(MigratorError):
 class MigrationError(MigratorError):
     """The migration failed, was cancelled, or its state makes no sense."""
 
-    exit_code = 4
-
 
 class MigrationTimeout(MigrationError):
     """A migration phase did not finish within its deadline."""
@@ -215,8 +255,6 @@ class MigrationTimeout(MigrationError):
 class GuestError(MigratorError):
     """The guest probe reported a problem (bad pages, no heartbeat, no boot)."""
 
-    exit_code = 5
-
 
 class IntegrityError(GuestError):
     """The guest's check found pages whose content is not what it wrote."""
@@ -224,3 +262,22 @@ class IntegrityError(GuestError):
 
 class ArtifactError(MigratorError):
     """A raw artifact in a run directory is missing or cannot be parsed."""
+
+
+class StoreError(MigratorError):
+    """The results store cannot be opened, migrated or written."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class RunFailed(MigratorError):
+    """A run that failed after something booted: its outcome, exit code and statement.
+
+    ``outcome`` is the outcome's name (``migrator.outcome.Outcome``), ``statement``
+    says which side holds what.
+    """
+
+    def __init__(self, outcome: str, statement: str, exit_code: int) -> None:
+        super().__init__(statement)
+        self.outcome = outcome
+        self.exit_code = exit_code

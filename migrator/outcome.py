@@ -5,27 +5,29 @@ the switch the guest's CPU state is on the destination while part of its
 memory is still only on the source.  So every run ends in exactly one outcome,
 and the statement says where the guest is (or was) and which side holds what.
 
-=============================  ====  ===============================================
-outcome                        exit  meaning
-=============================  ====  ===============================================
-completed                      0     the guest runs on the destination, every page
-                                     it wrote verified
-completed-after-recovery       6     the same, after post-copy paused and was
-                                     recovered at least once
-completed-without-postcopy     7     post-copy was asked for, but pre-copy completed
-                                     first: the guest runs on the destination and
-                                     verified, yet no page was fetched post-copy, so
-                                     the run did not measure what it was asked to
-failed-before-switchover       4     the guest never left the source (it was still
-                                     running there, unless the source QEMU died)
-failed-after-switchover        5     the switch happened and the run failed after
-                                     it: the VM is lost (or its memory is wrong)
-not-started                    1-3   bad input (2), a host that cannot run the
-                                     scenario (3) or cannot be used (1): nothing was
-                                     booted
-interrupted                    130,  Ctrl-C (130) or SIGTERM (143): torn down in
-                               143   order
-=============================  ====  ===============================================
+=============================  ===================================================
+outcome                        meaning
+=============================  ===================================================
+completed                      the guest runs on the destination, every page it
+                               wrote verified
+completed-after-recovery       the same, after post-copy paused and was recovered
+                               at least once
+completed-without-postcopy     post-copy was asked for, but pre-copy completed
+                               first: the guest runs on the destination and
+                               verified, yet no page was fetched post-copy, so the
+                               run did not measure what it was asked to
+failed-before-switchover       the guest never left the source (it was still
+                               running there, unless the source QEMU died)
+failed-after-switchover        the switch happened and the run failed after it:
+                               the VM is lost (or its memory is wrong)
+not-started                    bad input, a host that cannot run the scenario or
+                               cannot be used: nothing was booted (the error's own
+                               exit code: 1, 2 or 3)
+interrupted                    Ctrl-C or SIGTERM: torn down in order (130, 143)
+=============================  ===================================================
+
+Each outcome's exit code is in :data:`EXIT_CODES`, from the one table
+:class:`migrator.errors.ExitCode`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from migrator.errors import GuestError, IntegrityError, MigratorError, QemuError
+from migrator.errors import (
+    ExitCode,
+    GuestError,
+    IntegrityError,
+    MigratorError,
+    QemuError,
+    RunFailed,
+)
 
 __all__ = [
-    "EXIT_CODES", "Outcome", "RunFailed", "Situation", "describe", "last_source_ram",
+    "EXIT_CODES", "Outcome", "Situation", "describe", "failure", "last_source_ram",
     "severity", "switched_over",
 ]
 
@@ -69,12 +78,14 @@ def severity(outcome: str) -> Literal["ok", "warn", "bad"]:
     return "bad"
 
 
-EXIT_CODES: dict[Outcome, int] = {
-    Outcome.COMPLETED: 0,
-    Outcome.FAILED_BEFORE_SWITCHOVER: 4,
-    Outcome.FAILED_AFTER_SWITCHOVER: 5,
-    Outcome.COMPLETED_AFTER_RECOVERY: 6,
-    Outcome.COMPLETED_WITHOUT_POSTCOPY: 7,
+#: The exit code of each outcome that has one of its own (not-started gives its error's;
+#: interrupted gives 130 or 143, by signal).
+EXIT_CODES: dict[Outcome, ExitCode] = {
+    Outcome.COMPLETED: ExitCode.OK,
+    Outcome.FAILED_BEFORE_SWITCHOVER: ExitCode.FAILED_BEFORE_SWITCHOVER,
+    Outcome.FAILED_AFTER_SWITCHOVER: ExitCode.FAILED_AFTER_SWITCHOVER,
+    Outcome.COMPLETED_AFTER_RECOVERY: ExitCode.COMPLETED_AFTER_RECOVERY,
+    Outcome.COMPLETED_WITHOUT_POSTCOPY: ExitCode.COMPLETED_WITHOUT_POSTCOPY,
 }
 
 
@@ -113,13 +124,9 @@ class Situation:
     it did not ask)."""
 
 
-class RunFailed(MigratorError):
-    """A run that failed after something booted: its outcome, exit code and statement."""
-
-    def __init__(self, outcome: Outcome, statement: str) -> None:
-        super().__init__(statement)
-        self.outcome = outcome
-        self.exit_code = EXIT_CODES[outcome]
+def failure(outcome: Outcome, statement: str) -> RunFailed:
+    """The error a run that ended in ``outcome`` raises: its statement and exit code."""
+    return RunFailed(outcome.value, statement, EXIT_CODES[outcome])
 
 
 def _mib(value: int | None) -> str:

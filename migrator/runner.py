@@ -47,6 +47,7 @@ from migrator.errors import (
     MigratorError,
     PreflightError,
     QemuError,
+    RunFailed,
 )
 from migrator.faults import FaultTargets, exhaust_hugepage_pool, inject_faults
 from migrator.guest.build import GuestArtifacts, ensure_guest, kernel_cmdline
@@ -72,9 +73,9 @@ from migrator.migration.sampler import sample_query_migrate
 from migrator.migration.tls import enable_tls
 from migrator.outcome import (
     Outcome,
-    RunFailed,
     Situation,
     describe,
+    failure,
     last_source_ram,
     switched_over,
 )
@@ -932,7 +933,7 @@ async def run_scenario(
         await state.execute()
         if state.conclude(None) is Outcome.COMPLETED_WITHOUT_POSTCOPY:
             # It completed, but did not measure what it was asked to: not a success.
-            missed = RunFailed(Outcome.COMPLETED_WITHOUT_POSTCOPY, state.meta["statement"])
+            missed = failure(Outcome.COMPLETED_WITHOUT_POSTCOPY, state.meta["statement"])
             missed.run_dir = run.path  # type: ignore[attr-defined]
             raise missed
     except RunFailed:
@@ -945,7 +946,7 @@ async def run_scenario(
         outcome = state.conclude(error)
         state.meta["error"] = {"type": type(error).__name__, "message": str(error)}
         if outcome is not Outcome.NOT_STARTED:
-            error = RunFailed(outcome, state.meta["statement"])
+            error = failure(outcome, state.meta["statement"])
         error.run_dir = run.path  # type: ignore[attr-defined]
         raise error from caught
     except (asyncio.CancelledError, KeyboardInterrupt):

@@ -25,7 +25,7 @@ from migrator.cli.common import (
     setup_logging,
 )
 from migrator.cli.common import out as stdout
-from migrator.errors import ConfigError, MigratorError
+from migrator.errors import ConfigError, ExitCode, MigratorError
 
 if TYPE_CHECKING:
     from migrator.bench.runner import SuiteState
@@ -153,4 +153,4 @@ def bench(
     selected = [run.run_id for run in suite.select(selection)]
     failed = _summary(suite, state, selected, out_dir, stdout)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)

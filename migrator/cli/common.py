@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from migrator.errors import MigratorError
+from migrator.errors import ExitCode, MigratorError
 
 __all__ = [
     "PIPED_WIDTH",
@@ -39,10 +39,6 @@ T = TypeVar("T")
 # The width of piped output: wider than any table migrator prints.  rich sizes a table
 # to its content, so a piped table is as wide as it needs and no wider.
 PIPED_WIDTH = 10_000
-
-# 128 + the signal's number, as a shell reports a process the signal killed.
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 ScenarioArgument = Annotated[Path, typer.Argument(metavar="SCENARIO.toml",
                                                   help="scenario TOML file")]
@@ -148,4 +144,5 @@ def interrupted(stop: BaseException, run_dir: Path | None) -> typer.Exit:
     from migrator.cli.teardown import interrupted_statement
 
     err.print(interrupted_statement(run_dir), highlight=False, soft_wrap=True)
-    return typer.Exit(EXIT_SIGINT if isinstance(stop, KeyboardInterrupt) else EXIT_SIGTERM)
+    return typer.Exit(ExitCode.INTERRUPTED_SIGINT if isinstance(stop, KeyboardInterrupt)
+                      else ExitCode.INTERRUPTED_SIGTERM)

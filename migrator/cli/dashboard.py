@@ -18,15 +18,13 @@ from rich.markup import escape
 from migrator.cli.common import VerboseOption, fail, setup_logging
 from migrator.cli.common import out as stdout
 from migrator.cli.results import (
-    EXIT_BAD_INPUT,
-    EXIT_REGRESSION,
     AlphaOption,
     DbOption,
     ThresholdOption,
     open_store,
     thresholds,
 )
-from migrator.errors import ConfigError, MigratorError
+from migrator.errors import ConfigError, ExitCode, MigratorError
 
 __all__ = ["dashboard"]
 
@@ -90,10 +88,10 @@ def dashboard(
         with open_store(db) as store:
             result = build_dashboard(store, out, options)
     except MigratorError as error:
-        raise fail(error, EXIT_BAD_INPUT) from None
+        raise fail(error, ExitCode.BAD_INPUT) from None
     except OSError as error:
         # An --out or --textfile that cannot be written: the user's to fix, not a bug.
-        raise fail(ConfigError(f"cannot write the dashboard: {error}"), EXIT_BAD_INPUT) from None
+        raise fail(ConfigError(f"cannot write the dashboard: {error}")) from None
     stdout.print(f"dashboard: {result.index} ({len(result.scenarios)} scenarios, "
                  f"{result.run_pages_written} run pages written, {result.run_pages_kept} "
                  f"unchanged, {result.timings['total']:.1f} s)", highlight=False, soft_wrap=True)
@@ -107,4 +105,4 @@ def dashboard(
                      f"{escape(f'{view.name} ({view.candidate_label}): {names}')}",
                      highlight=False, soft_wrap=True)
     if fail_on_regression and result.regressed:
-        raise typer.Exit(EXIT_REGRESSION)
+        raise typer.Exit(ExitCode.FAILED)

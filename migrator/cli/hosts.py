@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from migrator.cli.common import ScenarioArgument, VerboseOption, err, fail, out, setup_logging
-from migrator.errors import MigratorError, PreflightError
+from migrator.errors import ExitCode, MigratorError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -110,4 +110,4 @@ def check(
     if not report.ok:
         unmet = sum(len(host.unmet) for host in report.hosts)
         err.print(f"[bold red]{unmet} unmet need(s)[/bold red]", highlight=False)
-        raise typer.Exit(PreflightError.exit_code)
+        raise typer.Exit(ExitCode.PREFLIGHT)

@@ -31,7 +31,7 @@ from migrator.cli.common import (
 from migrator.cli.dashboard import dashboard
 from migrator.cli.hosts import hosts_app
 from migrator.cli.results import compare, results_app
-from migrator.errors import ArtifactError, ConfigError, MigratorError
+from migrator.errors import ArtifactError, ConfigError, ExitCode, MigratorError
 
 if TYPE_CHECKING:
     from migrator.model import Report
@@ -198,7 +198,7 @@ def report(
         rebuilt = build_report(run_dir)
     except ArtifactError as error:
         # The run directory is this command's input: one it cannot read is bad input.
-        raise fail(error, exit_code=ConfigError.exit_code) from None
+        raise fail(error, exit_code=ExitCode.BAD_INPUT) from None
     except MigratorError as error:
         raise fail(error) from None
     write_report(run_dir, rebuilt)

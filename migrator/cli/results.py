@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from migrator.cli.common import VerboseOption, err, fail, out, print_error, setup_logging
-from migrator.errors import ArtifactError, ConfigError, MigratorError
+from migrator.errors import ArtifactError, ConfigError, ExitCode, MigratorError
 
 if TYPE_CHECKING:
     from rich.console import JustifyMethod
@@ -44,10 +44,6 @@ ThresholdOption = Annotated[list[str] | None, typer.Option(
          "(repeatable; overrides the defaults in docs/results.md)")]
 AlphaOption = Annotated[float, typer.Option(
     help="significance level of the permutation test", min=1e-6, max=0.5)]
-
-EXIT_REGRESSION = 1
-EXIT_BAD_INPUT = 2
-
 
 def open_store(db: str | None, *, create: bool = False) -> ResultsStore:
     """The store at ``--db``; a missing SQLite file is a ConfigError unless ``create``.
@@ -86,7 +82,7 @@ def import_runs(
             except MigratorError as error:
                 print_error(error)
                 # A directory that is not a run is bad input, like a bad path.
-                status = status or (EXIT_BAD_INPUT if isinstance(error, ArtifactError)
+                status = status or (ExitCode.BAD_INPUT if isinstance(error, ArtifactError)
                                     else error.exit_code)
                 continue
             notes = f" ({'; '.join(result.notes)})" if result.notes else ""
@@ -252,7 +248,7 @@ def compare(
             units = store.units([v.metric for v in verdicts])
     except MigratorError as error:
         # 1 means "regression" to CI; every failure to compare is bad input.
-        raise fail(error, EXIT_BAD_INPUT) from None
+        raise fail(error, ExitCode.BAD_INPUT) from None
     overlap = set(ids[0]) & set(ids[1])
     regressed = has_regression(verdicts)
     if json_out:
@@ -278,4 +274,4 @@ def compare(
         err.print(f"[yellow]warning:[/yellow] {len(overlap)} runs are in both sets",
                   highlight=False)
     if regressed:
-        raise typer.Exit(EXIT_REGRESSION)
+        raise typer.Exit(ExitCode.FAILED)

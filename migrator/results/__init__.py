@@ -14,7 +14,6 @@ from migrator.results.store import (
     ResultsStore,
     RunRecord,
     Selector,
-    StoreError,
     load_run,
     parse_selector,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "ResultsStore",
     "RunRecord",
     "Selector",
-    "StoreError",
     "load_run",
     "parse_selector",
 ]

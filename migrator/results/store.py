@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from migrator.errors import ArtifactError, ConfigError, MigratorError
+from migrator.errors import ArtifactError, ConfigError, StoreError
 from migrator.metrics.summary import build_report
 from migrator.model import SCHEMA_VERSION, Report
 from migrator.results.schema import (
@@ -56,7 +56,6 @@ __all__ = [
     "ResultsStore",
     "RunRecord",
     "Selector",
-    "StoreError",
     "alembic_config",
     "load_run",
     "parse_selector",
@@ -74,12 +73,6 @@ _IN_CHUNK = 5000
 _REPORT_CHUNK = 500
 _ALEMBIC_LOCK = threading.RLock()
 _UPGRADE_LOCK = 0x6D6967726174  # "migrat": any constant shared by every migrator
-
-
-class StoreError(MigratorError):
-    """The results store cannot be opened, migrated or written."""
-
-    exit_code = 2
 
 
 # --- where the store is ----------------------------------------------------------------------

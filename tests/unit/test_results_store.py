@@ -19,13 +19,12 @@ from typer.testing import CliRunner
 
 from migrator.cli.results import compare as compare_command
 from migrator.cli.results import results_app
-from migrator.errors import ArtifactError, ConfigError
+from migrator.errors import ArtifactError, ConfigError, StoreError
 from migrator.metrics.summary import build_report, write_report
 from migrator.results.schema import METADATA, MetricValue, metrics, runs
 from migrator.results.store import (
     ResultsStore,
     RunRecord,
-    StoreError,
     load_run,
     parse_selector,
     resolve_url,
