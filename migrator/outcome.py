@@ -48,7 +48,7 @@ from migrator.errors import (
 
 __all__ = [
     "EXIT_CODES", "Outcome", "Situation", "describe", "failure", "last_source_ram",
-    "severity", "switched_over",
+    "postcopy_missed", "severity", "switched_over",
 ]
 
 MIB = 1 << 20
@@ -101,6 +101,26 @@ def switched_over(statuses: Iterable[tuple[str, str]]) -> bool:
     its device state), or either side reporting post-copy or completion.
     """
     return any(status in _AFTER_SWITCH for _side, status in statuses)
+
+
+def postcopy_missed(statuses: Iterable[tuple[str, str]],
+                    final_source_ram: Mapping[str, Any]) -> str | None:
+    """Why a run that asked for post-copy fetched nothing post-copy; None if it did.
+
+    From the raw artifacts: the MIGRATION events as ``(side, status)`` (did either
+    side ever enter post-copy) and the ``ram`` section of the source's final
+    ``query-migrate`` (``ram.postcopy-bytes``, where the QEMU reports it; ``{}``
+    when there is none).
+    """
+    passes = final_source_ram.get("dirty-sync-count", "unknown")
+    if not any(status.startswith("postcopy") for _side, status in statuses):
+        return ("pre-copy completed before the switchover policy fired (source "
+                f"dirty-sync-count {passes}); migration.downtime_limit_ms, if set, let it "
+                "converge, or the guest dirtied too little memory")
+    if final_source_ram.get("postcopy-bytes") == 0:
+        return ("post-copy began but the source sent no byte in it (ram.postcopy-bytes 0, "
+                f"dirty-sync-count {passes})")
+    return None
 
 
 @dataclass(frozen=True)

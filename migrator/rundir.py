@@ -28,7 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-__all__ = ["JsonlWriter", "RunDir", "atomic_write"]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from migrator.errors import ArtifactError
+
+__all__ = ["JsonlWriter", "RunDir", "RunMeta", "atomic_write"]
 
 SIDES = ("src", "dst")
 # A scenario names sides by role (source, destination); a run directory by its folder.
@@ -79,6 +83,142 @@ class JsonlWriter:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+class _Record(BaseModel):
+    """A part of ``run.json``: the fields migrator reads, typed; any other field kept as is."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
+
+
+class ControllerFacts(_Record):
+    """The machine migrator ran on."""
+
+    hostname: str | None = None
+    kernel: str | None = None
+    python: str | None = None
+
+
+class QemuFacts(_Record):
+    """One side's QEMU: binary, version, distribution package, capabilities."""
+
+    binary: str | None = None
+    version: str | None = None
+    package: str | None = None
+    root: str | None = None
+
+
+class QemuPair(_Record):
+    """Both sides' QEMU facts."""
+
+    source: QemuFacts = QemuFacts()
+    destination: QemuFacts = QemuFacts()
+
+
+class AccelRecord(_Record):
+    """The accelerator decision: what was asked, what was chosen, how, and why."""
+
+    requested: str | None = None
+    accel: str | None = None
+    method: str | None = None
+    reason: str | None = None
+
+
+class PlanRecord(_Record):
+    """The capabilities and parameters each side was given."""
+
+    source_capabilities: dict[str, bool] = {}
+    destination_capabilities: dict[str, bool] = {}
+    source_parameters: dict[str, Any] = {}
+    destination_parameters: dict[str, Any] = {}
+
+
+class GuestRecord(_Record):
+    """The guest that ran: kernel, initrd, probe."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_release: str | None = None
+
+
+class MigrationRecord(_Record):
+    """How the migration ended on each side, and when post-copy was asked for."""
+
+    source_status: str | None = None
+    destination_status: str | None = None
+    postcopy_requested_ns: int | None = None
+    postcopy_skipped_reason: str | None = None
+
+
+class ErrorRecord(_Record):
+    """The error a failed run stopped with."""
+
+    type: str | None = None
+    message: str | None = None
+
+
+class TeardownRecord(_Record):
+    """How the teardown went: clean, or the releases that failed."""
+
+    clean: bool
+    problems: list[str] = []
+
+
+class RunMeta(_Record):
+    """``run.json``: identity, host and QEMU facts, the decisions taken, and the outcome.
+
+    The runner writes it as the run goes (``outcome`` is ``running`` until the
+    end); every reader goes through this model.  Fields a run had no occasion to
+    write (an older run, a run refused early) are None.
+    """
+
+    schema_version: int = Field(1, alias="schema")
+    run_id: str
+    scenario: str
+    migrator_version: str | None = None
+    migrator_commit: str | None = None
+    started_ns: int | None = None
+    finished_ns: int | None = None
+    controller: ControllerFacts = ControllerFacts()
+    outcome: str | None = None
+    statement: str | None = None
+    recoveries: int | None = None
+    qemu: QemuPair = QemuPair()
+    plan: PlanRecord = PlanRecord()
+    hgm: dict[str, Any] | None = None
+    accel: AccelRecord = AccelRecord()
+    accel_by_host: dict[str, AccelRecord] | None = None
+    host_dirs: dict[str, dict[str, Any]] | None = None
+    guest: GuestRecord = GuestRecord()
+    tls: dict[str, Any] | None = None
+    migration: MigrationRecord = MigrationRecord()
+    verify: dict[str, Any] | None = None
+    guest_crash: dict[str, Any] | None = None
+    error: ErrorRecord | None = None
+    teardown: TeardownRecord | None = None
+
+    @classmethod
+    def read(cls, run_path: Path) -> RunMeta:
+        """The ``run.json`` of a run directory; ArtifactError when missing or malformed."""
+        path = run_path / "run.json"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ArtifactError(f"{path}: not JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise ArtifactError(f"{path}: not a JSON object")
+        try:
+            return cls.model_validate(document)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ArtifactError(f"{path}: {where}: {first['msg']}") from None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document, as ``run.json`` holds it (field names as written)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 @dataclass(frozen=True)

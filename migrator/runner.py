@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -67,6 +66,7 @@ from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.metrics.events import load_events, read_jsonl
+from migrator.metrics.qemu_counters import final_source_ram
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, destination_address, plan_migration
 from migrator.migration.sampler import sample_query_migrate
@@ -77,6 +77,7 @@ from migrator.outcome import (
     describe,
     failure,
     last_source_ram,
+    postcopy_missed,
     switched_over,
 )
 from migrator.preflight import Role, check_hosts, raise_unmet
@@ -353,28 +354,10 @@ class _Run:
         return outcome
 
     def _postcopy_missed(self, statuses: list[tuple[str, str]]) -> str | None:
-        """Why a run that asked for post-copy fetched nothing post-copy; None if it did.
-
-        From the raw artifacts: the MIGRATION events (did either side ever
-        enter post-copy) and the source's final ``query-migrate``
-        (``ram.postcopy-bytes``, where the QEMU reports it).
-        """
+        """Why a run that asked for post-copy fetched nothing post-copy; None if it did."""
         if not self.scenario.migration.postcopy:
             return None
-        try:
-            final = json.loads((self.run.path / "final-query-migrate.json").read_text())
-            ram = final.get("src", {}).get("ram", {})
-        except (FileNotFoundError, ValueError, AttributeError):
-            ram = {}
-        passes = ram.get("dirty-sync-count", "unknown")
-        if not any(status.startswith("postcopy") for _side, status in statuses):
-            return ("pre-copy completed before the switchover policy fired (source "
-                    f"dirty-sync-count {passes}); migration.downtime_limit_ms, if set, let it "
-                    "converge, or the guest dirtied too little memory")
-        if ram.get("postcopy-bytes") == 0:
-            return ("post-copy began but the source sent no byte in it (ram.postcopy-bytes 0, "
-                    f"dirty-sync-count {passes})")
-        return None
+        return postcopy_missed(statuses, final_source_ram(self.run.path))
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from migrator.rundir import RunDir
+from migrator.errors import ArtifactError
+from migrator.rundir import RunMeta
 
 __all__ = ["interrupted_statement"]
 
@@ -42,14 +43,7 @@ def interrupted_statement(run_dir: Path | None) -> str:
 def _read_teardown(run_dir: Path) -> tuple[bool, list[str]] | None:
     """``run.json``'s ``teardown`` as (clean, problems); None when absent or malformed."""
     try:
-        meta = RunDir(run_dir).read_json("run.json")
-    except (OSError, ValueError):
+        teardown = RunMeta.read(run_dir).teardown
+    except ArtifactError:
         return None
-    teardown = meta.get("teardown") if isinstance(meta, dict) else None
-    if not isinstance(teardown, dict):
-        return None
-    clean, problems = teardown.get("clean"), teardown.get("problems", [])
-    if not isinstance(clean, bool) or not isinstance(problems, list) \
-            or not all(isinstance(problem, str) for problem in problems):
-        return None
-    return clean, problems
+    return None if teardown is None else (teardown.clean, teardown.problems)

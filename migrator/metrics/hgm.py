@@ -15,7 +15,7 @@ without HGM gets one too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from migrator.model import (
     HgmSection,
     Metric,
 )
+from migrator.rundir import RunMeta
 from migrator.units import format_size
 
 __all__ = ["SMAPS_SOURCE", "hgm_section"]
@@ -60,17 +61,16 @@ def _small_pages(backing: str | None) -> bool:
         return False
 
 
-def _decision(meta: Mapping[str, Any], backing: str | None) -> tuple[
+def _decision(meta: RunMeta, backing: str | None) -> tuple[
     str | None, bool, str, str, dict[str, Any]
 ]:
     """(mode, enabled, reason, decided_by, hosts) from run.json."""
-    record = meta.get("hgm")
-    if isinstance(record, dict):
+    record = meta.hgm
+    if record is not None:
         return (record.get("mode"), bool(record.get("enabled")), str(record.get("reason", "")),
                 "run.json hgm", dict(record.get("hosts") or {}))
     # Runs recorded before the runner decided HGM: what QEMU was told is the plan.
-    capabilities = meta.get("plan", {}).get("destination_capabilities", {})
-    enabled = capabilities.get(DOUBLEMAP_CAPABILITY) is True
+    enabled = meta.plan.destination_capabilities.get(DOUBLEMAP_CAPABILITY) is True
     verb = "enabled" if enabled else "did not enable"
     reason = f"no HGM decision in run.json; its plan {verb} {DOUBLEMAP_CAPABILITY}"
     if _small_pages(backing):
@@ -217,7 +217,7 @@ def _mapping(
 
 
 def hgm_section(
-    run_path: Path, meta: Mapping[str, Any], backing: str | None,
+    run_path: Path, meta: RunMeta, backing: str | None,
     analysis: TraceAnalysis | None, phases: PhaseTimeline,
 ) -> tuple[HgmSection, list[str]]:
     """The ``hgm`` section of one run directory's report, and its warnings."""

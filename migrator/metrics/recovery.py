@@ -30,7 +30,7 @@ import numpy as np
 from migrator.metrics.events import MigrationEvents, PhaseTimeline, time_zero
 from migrator.metrics.guest import GuestObservations
 from migrator.model import FaultRecord, Metric, PauseRecord
-from migrator.rundir import SIDE_OF_ROLE
+from migrator.rundir import SIDE_OF_ROLE, RunMeta
 
 __all__ = ["RecoveryAnalysis", "analyze_recovery"]
 
@@ -296,18 +296,18 @@ def _faults(marks: Iterable[_Item], scenario_faults: list[Any],
 
 
 def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
-                     meta: Mapping[str, Any], guest: GuestObservations) -> RecoveryAnalysis:
+                     meta: RunMeta, guest: GuestObservations) -> RecoveryAnalysis:
     """The pauses and faults of a run (see module docstring), from its loaded events.
 
-    ``scenario`` is the parsed ``scenario.toml``, ``meta`` the parsed ``run.json``.
+    ``scenario`` is the parsed ``scenario.toml``, ``meta`` the run's ``run.json``.
     """
     marks, events = _items(ev)
     # The HTML plots' t = 0, so that these seconds and their axes agree.
     origin, start = time_zero(ev.marks, PhaseTimeline.from_events(ev).phases,
-                              int(meta.get("started_ns") or 0))
+                              meta.started_ns or 0)
     since = ("the migrate mark" if start == "migrate"
              else f"the start of {start}" if start else "the start of the run")
-    run_end = max([int(meta.get("finished_ns") or 0), *(item.ns for item in marks),
+    run_end = max([meta.finished_ns or 0, *(item.ns for item in marks),
                    *(item.ns for item in events)])
 
     def seconds(at: int | _Item | None) -> float | None:
@@ -362,9 +362,9 @@ def analyze_recovery(ev: MigrationEvents, scenario: Mapping[str, Any],
     faults = _faults(marks, scenario_faults if isinstance(scenario_faults, list) else [],
                      seconds, f"fault marks (timeline.jsonl); {clock}")
     warnings = []
-    stated = meta.get("recoveries")
+    stated = meta.recoveries
     recovered = sum(1 for p in pauses if p.result == "recovered")
-    if isinstance(stated, int) and stated != recovered:
+    if stated is not None and stated != recovered:
         warnings.append(f"run.json counts {stated} recoveries, the timeline and events show "
                         f"{recovered}")
     return RecoveryAnalysis(pauses, faults, warnings)

@@ -7,7 +7,6 @@ where two sources measure one quantity, both land in ``comparisons``.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from migrator.metrics.latency_dist import compare_latency_dist
 from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
+from migrator.metrics.run_outcome import derive_outcome
 from migrator.metrics.trace import TraceAnalysis, analyze_trace
 from migrator.model import (
     BlockFetch,
@@ -38,7 +38,7 @@ from migrator.model import (
     Stall,
 )
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
-from migrator.rundir import atomic_write
+from migrator.rundir import RunMeta, atomic_write
 
 __all__ = ["build_report", "stall_threshold_ms", "write_report"]
 
@@ -203,15 +203,6 @@ def _outside(guest: GuestObservations, phases: PhaseTimeline,
     )
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{path}: not JSON: {error}") from None
-
-
 def stall_threshold_ms(scenario: dict[str, Any]) -> float:
     """The probe's stall threshold in ms from a run's ``scenario.toml`` (parsed); the
     probe's default (2 ms) when the scenario predates the field."""
@@ -220,9 +211,7 @@ def stall_threshold_ms(scenario: dict[str, Any]) -> float:
 
 def build_report(run_path: Path) -> Report:
     """Derive the report of one run directory (see module docstring)."""
-    meta = _read_json(run_path / "run.json")
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{run_path / 'run.json'}: not a JSON object")
+    meta = RunMeta.read(run_path)
     scenario_path = run_path / "scenario.toml"
     try:
         scenario = tomllib.loads(scenario_path.read_text())
@@ -254,19 +243,17 @@ def build_report(run_path: Path) -> Report:
     migration = scenario.get("migration", {})
     hgm, hgm_warnings = hgm_section(run_path, meta, vm.get("backing"), analysis, phases)
     warnings += hgm_warnings
-    qemu = meta.get("qemu", {}).get("destination", {})
+    qemu = meta.qemu.destination
     environment = {
-        "qemu_version": qemu.get("version"), "qemu_binary": qemu.get("binary"),
-        "qemu_root": qemu.get("root"),
-        "accel": meta.get("accel", {}).get("accel"),
-        "accel_decided_by": meta.get("accel", {}).get("method"),
+        "qemu_version": qemu.version, "qemu_binary": qemu.binary, "qemu_root": qemu.root,
+        "accel": meta.accel.accel, "accel_decided_by": meta.accel.method,
         "backing": vm.get("backing"), "memory_mib": vm.get("memory_mib"),
         "vcpus": vm.get("vcpus"), "postcopy": migration.get("postcopy"),
         "preempt": migration.get("preempt"), "switchover": migration.get("switchover"),
         "hgm": hgm.enabled,
-        "guest_kernel": meta.get("guest", {}).get("kernel_release"),
-        "host_kernel": meta.get("controller", {}).get("kernel"),
-        "migrator_version": meta.get("migrator_version"),
+        "guest_kernel": meta.guest.kernel_release,
+        "host_kernel": meta.controller.kernel,
+        "migrator_version": meta.migrator_version,
     }
 
     marks = ev.marks
@@ -336,17 +323,8 @@ def build_report(run_path: Path) -> Report:
     worst_guest = sorted(guest.stalls, key=lambda s: -s.gap_ns)[:10]
 
     comparisons = _comparisons(freeze, analysis, counters, guest_stalls, outside, blocktime)
-    if meta.get("migration", {}).get("postcopy_skipped_reason"):
-        warnings.append("post-copy never started: "
-                        + meta["migration"]["postcopy_skipped_reason"])
-    elif migration.get("postcopy") and meta.get("outcome") == "completed" and not (
-        ev.first("src", "MIGRATION", "postcopy-active")
-        or ev.first("dst", "MIGRATION", "postcopy-active")
-    ):
-        # Runs recorded before this is its own outcome (completed-without-postcopy).
-        warnings.append("post-copy was requested but the migration completed in pre-copy; "
-                        "leave migration.downtime_limit_ms unset (held at 1 ms until the "
-                        "switch) to prevent convergence")
+    if meta.migration.postcopy_skipped_reason:
+        warnings.append("post-copy never started: " + meta.migration.postcopy_skipped_reason)
     passes = counters.source.get("ram", {}).get("dirty-sync-count")
     risk = tcg_dirty_tracking_risk(environment["qemu_version"], environment["accel"],
                                    passes if isinstance(passes, int) else None)
@@ -355,13 +333,18 @@ def build_report(run_path: Path) -> Report:
     warnings += [f"guest probe: {e}" for e in guest.errors]
     recovery = analyze_recovery(ev, scenario, meta, guest)
     warnings += recovery.warnings
+    outcome = derive_outcome(run_path, meta, ev, guest,
+                             sum(1 for pause in recovery.pauses if pause.result == "recovered"),
+                             bool(migration.get("postcopy")))
+    if outcome.disagreement:
+        warnings.append(outcome.disagreement)
     if guest.malformed:
         warnings.append(f"guest console: {guest.malformed} malformed probe lines")
 
     return Report(
-        run_id=meta.get("run_id", run_path.name), scenario=meta.get("scenario", "?"),
-        outcome=meta.get("outcome", "unknown"), statement=meta.get("statement"),
-        error=meta.get("error", {}).get("message"),
+        run_id=meta.run_id, scenario=meta.scenario,
+        outcome=outcome.outcome, statement=outcome.statement,
+        error=meta.error.message if meta.error else None,
         environment=environment, phases=phases.phases, timings=timings, transfer=transfer,
         freeze=freeze, fetch=fetch, hgm=hgm, blocktime=blocktime, qemu_latency=qemu_latency,
         qemu_latency_dist=latency_dist, latency_dist_comparison=dist_comparison,

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 
 from migrator.config.models import Backing
 from migrator.model import Metric, Report
+from migrator.rundir import RunMeta
 
 __all__ = [
     "DIMENSIONS",
@@ -137,7 +138,7 @@ def _host(spec: dict[str, Any], controller: str | None) -> str | None:
 
 
 def run_dimensions(
-    report: Report, meta: dict[str, Any], scenario: dict[str, Any], scenario_toml: bytes,
+    report: Report, meta: RunMeta, scenario: dict[str, Any], scenario_toml: bytes,
 ) -> dict[str, Any]:
     """The ``runs`` row of one run (without bookkeeping columns).
 
@@ -145,11 +146,11 @@ def run_dimensions(
     ``scenario_toml`` that file's bytes.
     """
     env = report.environment
-    controller = meta.get("controller", {}).get("hostname")
+    controller = meta.controller.hostname
     hosts = scenario.get("hosts", {})
     switchover = env.get("switchover")
-    started_ns = meta.get("started_ns")
-    run_date = (datetime.fromtimestamp(started_ns / 1e9, UTC) if isinstance(started_ns, int)
+    started_ns = meta.started_ns
+    run_date = (datetime.fromtimestamp(started_ns / 1e9, UTC) if started_ns is not None
                 else _date_from_run_id(report.run_id))
     return {
         "run_id": report.run_id,
@@ -164,7 +165,7 @@ def run_dimensions(
         "hgm": bool(env.get("hgm", False)),
         "switchover": switchover.get("policy") if isinstance(switchover, dict) else None,
         "qemu_version": env.get("qemu_version"),
-        "source_qemu_version": meta.get("qemu", {}).get("source", {}).get("version"),
+        "source_qemu_version": meta.qemu.source.version,
         "accel": env.get("accel"),
         "host_kernel": env.get("host_kernel"),
         "guest_kernel": env.get("guest_kernel"),
@@ -172,7 +173,7 @@ def run_dimensions(
         "destination_host": _host(hosts.get("destination", {}), controller),
         "migrator_version": env.get("migrator_version"),
         # Recorded by runs that know their git commit; older runs leave it unknown.
-        "migrator_commit": meta.get("migrator_commit"),
+        "migrator_commit": meta.migrator_commit,
         "run_date": run_date,
         "outcome": report.outcome,
         "error": report.error,

@@ -48,6 +48,7 @@ from migrator.results.schema import (
     run_dimensions,
     runs,
 )
+from migrator.rundir import RunMeta
 
 __all__ = [
     "DEFAULT_PATH",
@@ -230,13 +231,6 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
 
 
-def _json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{path}: not JSON: {error}") from None
-
-
 def load_run(run_dir: Path) -> RunRecord:
     """Read a finished run directory into a :class:`RunRecord`; nothing is written.
 
@@ -251,10 +245,8 @@ def load_run(run_dir: Path) -> RunRecord:
     if not meta_path.is_file() or not scenario_path.is_file():
         raise ArtifactError(f"{run_dir}: not a migrator run directory "
                             "(needs run.json and scenario.toml)")
-    meta = _json_file(meta_path)
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{meta_path}: not a JSON object")
-    outcome = meta.get("outcome")
+    meta = RunMeta.read(run_dir)
+    outcome = meta.outcome
     if outcome in (None, "running"):
         raise ArtifactError(f"{run_dir}: run has not finished (outcome {outcome!r}): still "
                             "running, or killed before it could record its end")

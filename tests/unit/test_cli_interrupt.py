@@ -44,7 +44,8 @@ def plain(markup: str) -> str:
 def craft(run: Path, meta: dict[str, Any] | None) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     if meta is not None:
-        (run / "run.json").write_text(json.dumps(meta))
+        # Every run.json names its run and scenario from the start.
+        (run / "run.json").write_text(json.dumps({"run_id": run.name, "scenario": "s", **meta}))
     return run
 
 

@@ -140,7 +140,7 @@ def test_tables_carry_units_sources_scenario_and_host_facts(pages: dict[str, str
         assert text in html, text
     crashed = pages["crashed-memfd-4k"]
     assert "no fetch latencies" in crashed
-    assert 'class="badge bad">error' in crashed
+    assert 'class="badge bad">failed-after-switchover' in crashed
     assert "dirty-sync passes" in crashed  # the report's warning
 
 

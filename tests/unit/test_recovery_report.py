@@ -23,6 +23,7 @@ from migrator.metrics.summary import build_report, write_report
 from migrator.model import Metric, Phase, Report
 from migrator.report.html import render_run_html
 from migrator.report.terminal import render_report
+from migrator.rundir import RunMeta
 from tests.unit.rendering import terminal_text
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -35,6 +36,11 @@ T0 = 1_800_000_000 * S  # the synthetic runs' migrate mark
 @pytest.fixture(scope="module")
 def report() -> Report:
     return build_report(RECORDED)
+
+
+def _meta(recoveries: int | None = None) -> RunMeta:
+    """A run.json with only what analyze_recovery reads."""
+    return RunMeta(run_id="run", scenario="scenario", recoveries=recoveries)
 
 
 def marks(run: Path, what: str) -> list[dict[str, Any]]:
@@ -293,7 +299,7 @@ def test_pause_never_recovered_and_a_fault_never_injected(tmp_path: Path,
         (9100, "cleaned-up", {}),
     ], [(200, "src", "postcopy-active"), (210, "dst", "postcopy-active"),
         (790, "src", "postcopy-paused"), (1805, "dst", "postcopy-paused")])
-    result = analyze_recovery(load_events(run), {"faults": FAULTS}, {"recoveries": 0},
+    result = analyze_recovery(load_events(run), {"faults": FAULTS}, _meta(recoveries=0),
                               beats(until_ms=850))
     [pause] = result.pauses
     assert pause.result == "not recovered"
@@ -339,7 +345,8 @@ def test_not_recovered_pause_in_the_report_and_terminal(tmp_path: Path) -> None:
     (run / "timeline.jsonl").write_text("".join(lines[:last]))
     meta = json.loads((run / "run.json").read_text())
     meta.update(outcome="failed-after-switchover", statement=(
-        "failed after switchover: post-copy recovery gave up [deadline]; the VM is lost"))
+        "failed after switchover: post-copy recovery gave up [deadline]; the VM is lost"),
+        error={"type": "MigrationError", "message": "post-copy recovery gave up [deadline]"})
     (run / "run.json").write_text(json.dumps(meta))
     rebuilt = build_report(run)
     assert [p.result for p in rebuilt.recoveries] == ["recovered", "not recovered"]
@@ -361,7 +368,7 @@ def test_run_without_recovery_marks_is_read_from_events(tmp_path: Path) -> None:
         (2010, "src", "postcopy-active"), (2020, "dst", "postcopy-active"),
         (4000, "src", "completed"), (4001, "dst", "completed"),
     ])
-    result = analyze_recovery(load_events(run), {}, {}, beats(until_ms=5000))
+    result = analyze_recovery(load_events(run), {}, _meta(), beats(until_ms=5000))
     [pause] = result.pauses
     assert pause.cause == "QEMU on dst reported a broken stream"
     assert (pause.began.value, pause.both_paused.value, pause.recovered.value) == (
@@ -389,7 +396,7 @@ def test_recovery_disabled_and_pool_exhausted(tmp_path: Path) -> None:
         (1511, "recovery-disabled", {}),
     ], [(200, "src", "postcopy-active"), (1505, "src", "postcopy-paused"),
         (1506, "dst", "postcopy-paused")])
-    result = analyze_recovery(load_events(run), {"faults": [pool]}, {"recoveries": 0},
+    result = analyze_recovery(load_events(run), {"faults": [pool]}, _meta(recoveries=0),
                               GuestObservations())
     [pause] = result.pauses
     assert pause.cause == "stream stalled 10.0 s (watchdog)"

@@ -30,6 +30,7 @@ from migrator.results.store import (
     resolve_url,
     upgrade,
 )
+from migrator.rundir import RunMeta
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 RECORDED = ("hugetlb-1g", "hugetlb-2m", "crashed-memfd-4k")
@@ -68,7 +69,7 @@ def test_recorded_runs_round_trip(store: ResultsStore) -> None:
 
     completed = store.select()
     assert {r["backing"] for r in completed} == {"hugetlb-1g", "hugetlb-2m"}
-    crashed = store.select(parse_selector("outcome=error"))
+    crashed = store.select(parse_selector("outcome=failed-after-switchover"))
     assert [r["backing"] for r in crashed] == ["memfd-4k"]
     assert crashed[0]["error"].startswith("dst console no 'verify' line")
 
@@ -173,7 +174,7 @@ def test_ssh_hosts_are_recorded_by_address() -> None:
     from migrator.results.schema import run_dimensions
 
     report = build_report(RUNS / "hugetlb-2m")
-    meta = json.loads((RUNS / "hugetlb-2m" / "run.json").read_text())
+    meta = RunMeta.read(RUNS / "hugetlb-2m")
     scenario = {"hosts": {"source": {"kind": "local"},
                           "destination": {"kind": "ssh", "address": "10.0.0.2"}}}
     dims = run_dimensions(report, meta, scenario, b"")
@@ -404,7 +405,7 @@ def test_selector_values_are_typed(store: ResultsStore) -> None:
     assert ids("preempt=true") == 0
     assert ids("hgm=false,page=2MiB") == 1
     assert ids("page_size=1073741824") == 1
-    assert ids("outcome=completed,outcome=error") == 3
+    assert ids("outcome=completed,outcome=failed-after-switchover") == 3
     assert ids("hash=" + hashlib.sha256(
         (RUNS / "hugetlb-1g" / "scenario.toml").read_bytes()).hexdigest()[:10]) == 1
     assert ids("since=2026-11-25T18:37:30Z") == 1

@@ -150,7 +150,7 @@ def test_missing_run_json_is_a_clear_error(run_copy: Path) -> None:
 def test_crashed_run_without_trace_reports_what_it_has() -> None:
     run = RUNS / "crashed-memfd-4k"
     report = build_report(run)
-    assert report.outcome == "error"
+    assert report.outcome == "failed-after-switchover"
     assert report.fetch == []
     assert report.integrity == {}
     crash = kernel_crash((run / "dst" / "serial.log").read_text())
