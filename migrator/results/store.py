@@ -543,10 +543,9 @@ class ResultsStore:
         out: dict[str, dict[str, float]] = {run_id: {} for run_id in run_ids}
         ids = list(out)
         with self.engine.connect() as connection:
-            # Bound parameters per statement are limited (SQLite 32766, PostgreSQL 65535).
-            for start in range(0, len(ids), _IN_CHUNK):
+            for chunk in _chunks(ids, _IN_CHUNK):
                 query = sa.select(metrics.c.run_id, metrics.c.name, metrics.c.value).where(
-                    metrics.c.run_id.in_(ids[start:start + _IN_CHUNK]))
+                    metrics.c.run_id.in_(chunk))
                 for run_id, name, value in connection.execute(query):
                     out[run_id][name] = value
         return out
@@ -556,9 +555,9 @@ class ResultsStore:
         ids per query, so memory stays bounded however many runs there are."""
         ids = list(run_ids)
         with self.engine.connect() as connection:
-            for start in range(0, len(ids), _REPORT_CHUNK):
+            for chunk in _chunks(ids, _REPORT_CHUNK):
                 query = sa.select(reports.c.run_id, reports.c.document).where(
-                    reports.c.run_id.in_(ids[start:start + _REPORT_CHUNK]))
+                    reports.c.run_id.in_(chunk))
                 for run_id, document in connection.execute(query):
                     yield run_id, dict(document)
 
@@ -581,6 +580,13 @@ class ResultsStore:
         with self.engine.connect() as connection:
             document = connection.execute(query).scalar_one_or_none()
         return None if document is None else dict(document)
+
+
+def _chunks(ids: list[str], size: int) -> Iterator[list[str]]:
+    """``ids`` in slices of at most ``size``: bound parameters per statement are limited
+    (SQLite 32766, PostgreSQL 65535)."""
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
 
 
 def _one_line(error: BaseException) -> str:
