@@ -29,7 +29,7 @@ from migrator.errors import HostError
 from migrator.hosts.ssh import SSHHost
 from migrator.preflight import _clock_offset
 from tests.integration.sshhosts import SSHTestbed
-from tests.unit.test_ssh_quoting import ARG, NASTY, alive
+from tests.ssh_cases import ARG, NASTY, alive
 
 T = TypeVar("T")
 

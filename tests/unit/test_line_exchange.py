@@ -11,8 +11,8 @@ from migrator.errors import HostError
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.local import LocalHost
 from migrator.preflight import CLOCK_ROUNDS, _clock_offset, _hugepage_needs
-from tests.unit.test_hugepages import FakeKernel
-from tests.unit.test_ssh_quoting import alive
+from tests.ssh_cases import alive
+from tests.unit.fake_kernel import FakeKernel
 
 ECHO = ["sh", "-c", 'while IFS= read -r q; do echo "re: $q"; done']
 
