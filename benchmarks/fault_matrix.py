@@ -49,12 +49,12 @@ if str(ROOT) not in sys.path:  # the testbed and scenario helpers live in tests/
 from migrator.config import Scenario, dump_scenario  # noqa: E402
 from migrator.metrics.summary import build_report  # noqa: E402
 from tests.integration.conftest import scenario  # noqa: E402
-from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
 
 # As the fault tests: post-copy still running when a fault strikes, a stall noticed in 1 s.
-from tests.integration.test_faults import SLOW_POSTCOPY, STALL_TIMEOUT_S, link_down, strike  # noqa: E402
-from tests.integration.test_interrupt import qemu_processes_mentioning  # noqa: E402
-from tests.integration.test_ssh_migration import leftovers, qemus_in, ssh_scenario  # noqa: E402
+from tests.integration.fault_specs import SLOW_POSTCOPY, STALL_TIMEOUT_S, link_down, strike  # noqa: E402
+from tests.integration.qemu_leftovers import qemu_processes_mentioning  # noqa: E402
+from tests.integration.ssh_scenarios import leftovers, qemus_in, ssh_scenario  # noqa: E402
+from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
 
 # A kill "in pre-copy" must land before the switch: switch late (as test_faults.py does).
 LATE_SWITCH: dict[str, object] = {"switchover": {"policy": "after-seconds", "seconds": 30}}

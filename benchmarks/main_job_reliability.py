@@ -46,8 +46,8 @@ from migrator.config import Scenario, dump_scenario, load_scenario, parse_scenar
 from migrator.config.models import SSHHostSpec  # noqa: E402
 from migrator.metrics.qemu_counters import load_counters  # noqa: E402
 from tests.integration.children import run_migrator  # noqa: E402
+from tests.integration.ssh_scenarios import host_entry  # noqa: E402
 from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
-from tests.integration.test_ssh_migration import host_entry  # noqa: E402
 
 MAIN_JOB = ROOT / "configs" / "local-demo.toml"
 PAGE_SIZE_SUITE = ROOT / "benchmarks" / "page-size.toml"

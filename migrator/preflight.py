@@ -36,6 +36,7 @@ __all__ = [
     "Need",
     "PreflightReport",
     "check_hosts",
+    "measure_clock_offset",
     "raise_unmet",
 ]
 
@@ -152,7 +153,7 @@ async def _text(host: Host, path: str) -> str | None:
         return None
 
 
-async def _clock_offset(host: Host) -> tuple[float | None, float | None]:
+async def measure_clock_offset(host: Host) -> tuple[float | None, float | None]:
     """Host wall clock minus ours, in ms, with the round trip it was measured over.
 
     All round trips go over one running :data:`CLOCK_SERVER` (one SSH channel
@@ -369,7 +370,7 @@ async def check_host(
         needs.append(Need(what="a usable KVM", met=bool(kvm_usable), detail=kvm_detail,
                           fix="" if kvm_usable else "set vm.accel = \"tcg\" or \"auto\""))
     hgm = await detect_hgm(host, qemu)
-    offset, rtt = await _clock_offset(host)
+    offset, rtt = await measure_clock_offset(host)
     report = HostReport(
         roles=roles, host=host.name, kernel=uname.stdout.strip(), kvm_device=kvm_device,
         kvm_usable=kvm_usable, kvm_detail=kvm_detail,

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from migrator.errors import ArtifactError
 
-__all__ = ["Bucket", "Histogram"]
+__all__ = ["Bucket", "Histogram", "bucket_bounds", "bucket_index"]
 
 SCHEME = "log-linear"
 DEFAULT_SUB_BUCKET_BITS = 7
@@ -51,8 +51,12 @@ class Bucket:
     count: int
 
 
-def _bucket_index(values: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.int64]:
-    """Bucket index of every value (all ``>= 0``), computed exactly in integers."""
+def bucket_index(values: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.int64]:
+    """Bucket index of every value (all ``>= 0``) with ``k`` sub-bucket bits.
+
+    The scheme of the module docstring, computed exactly in integers for every
+    int64; indices grow with the values.  :func:`bucket_bounds` is its inverse.
+    """
     sub = 1 << k
     # bit_length(v) from the float exponent, then corrected: float64 rounding can
     # push a value just below a power of two up to it (values above 2**53).
@@ -66,8 +70,13 @@ def _bucket_index(values: npt.NDArray[np.int64], k: int) -> npt.NDArray[np.int64
     return np.asarray(shift * sub + mantissa, dtype=np.int64)
 
 
-def _bucket_bounds(index: int, k: int) -> tuple[int, int]:
-    """Inclusive ``(lower, upper)`` of bucket ``index``."""
+def bucket_bounds(index: int, k: int) -> tuple[int, int]:
+    """Inclusive ``(lower, upper)`` of bucket ``index`` with ``k`` sub-bucket bits.
+
+    Consecutive buckets tile the integers without gaps; a bucket's width is at
+    most ``lower / 2**k`` (1 below ``2**(k+1)``).  Serialised histograms store
+    these bounds, and reading one checks them against this function.
+    """
     sub = 1 << k
     if index < 2 * sub:
         return index, index
@@ -114,7 +123,7 @@ class Histogram:
         if lo < 0:
             raise ValueError(f"histogram samples must be >= 0, got {lo}")
         hi = int(flat.max())
-        index = _bucket_index(flat, self.sub_bucket_bits)
+        index = bucket_index(flat, self.sub_bucket_bits)
         need = int(index.max()) + 1
         if need > self._counts.size:
             grown = np.zeros(max(need, 2 * self._counts.size), dtype=np.int64)
@@ -218,7 +227,7 @@ class Histogram:
             elif rank >= self._count:
                 out.append(self._max)
             else:
-                lower, upper = _bucket_bounds(int(index), self.sub_bucket_bits)
+                lower, upper = bucket_bounds(int(index), self.sub_bucket_bits)
                 mid = lower + (upper - lower) // 2
                 out.append(min(max(mid, self._min), self._max))
         return out
@@ -229,7 +238,7 @@ class Histogram:
         """Non-empty buckets in increasing order, for rendering."""
         out = []
         for index in np.flatnonzero(self._counts).tolist():
-            lower, upper = _bucket_bounds(int(index), self.sub_bucket_bits)
+            lower, upper = bucket_bounds(int(index), self.sub_bucket_bits)
             out.append(Bucket(lower, upper, int(self._counts[index])))
         return out
 
@@ -261,9 +270,9 @@ class Histogram:
             total = 0
             for lower, upper, count in rows:
                 index = int(
-                    _bucket_index(np.array([lower], dtype=np.int64), hist.sub_bucket_bits)[0]
+                    bucket_index(np.array([lower], dtype=np.int64), hist.sub_bucket_bits)[0]
                 )
-                if _bucket_bounds(index, hist.sub_bucket_bits) != (lower, upper) or count < 0:
+                if bucket_bounds(index, hist.sub_bucket_bits) != (lower, upper) or count < 0:
                     raise ArtifactError(
                         f"histogram: bucket [{lower}, {upper}] is not of its scheme"
                     )

@@ -34,7 +34,7 @@ from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 
-__all__ = ["AccelDecision", "decide_accel", "stage_guest"]
+__all__ = ["AccelDecision", "decide_accel", "kvm_probe_argv", "stage_guest"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,12 @@ async def stage_guest(host: Host, guest: GuestArtifacts, directory: Path) -> Gue
     return staged
 
 
-def _probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -> list[str]:
-    """The probe QEMU: the microguest in ``boot`` mode under KVM, files in ``host_dir``."""
+def kvm_probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -> list[str]:
+    """The probe QEMU's argv: the microguest in ``boot`` mode under KVM, files in ``host_dir``.
+
+    Started by ``launcher`` (the host's QEMU or one in a root filesystem), so the
+    probe decides for the very QEMU the run will use.
+    """
     return launcher.argv([
         "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -85,7 +89,7 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
         workdir = Path(scratch)
         async with host.temp_dir("migrator-accel-") as host_dir:
             staged = await stage_guest(host, guest, host_dir)
-            argv = _probe_argv(facts.launcher, staged, host_dir)
+            argv = kvm_probe_argv(facts.launcher, staged, host_dir)
             try:
                 async with (
                     QemuProcess(host, "kvm-probe", argv, host_dir / "qmp.sock", workdir,

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["migrator_child", "run_migrator"]
+__all__ = ["migrator", "migrator_child", "run_migrator"]
 
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 # ``python -m migrator ARGS`` with SIGINT at its default, as a user at a terminal has it. A
@@ -133,3 +133,8 @@ def run_migrator(args: Sequence[str], *, timeout: float,
                         **popen) as child:
         stdout, stderr = child.communicate(timeout=timeout)
     return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def migrator(*args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_migrator` of a command that ends within two minutes (a check, a refusal)."""
+    return run_migrator(args, timeout=120)

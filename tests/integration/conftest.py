@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from migrator.config import Scenario, parse_scenario
+from migrator.model import BlockFetch, Report
 from migrator.rundir import RunDir
 from migrator.runner import run_scenario
 from tests.integration.sshhosts import SSHTestbed, make_testbed
@@ -56,6 +57,11 @@ def run_migration(spec: Scenario, runs_root: Path) -> RunDir:
     known to corrupt guests is refused before boot, see migrator/qemu/known_issues.py).
     """
     return asyncio.run(run_scenario(spec, runs_root))
+
+
+def ram(report: Report) -> BlockFetch:
+    """The guest RAM block's fetch figures."""
+    return next(b for b in report.fetch if b.ramblock == "ram0")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from migrator.cli.main import app
-from tests.integration.test_interrupt import qemu_processes_mentioning
+from tests.integration.qemu_leftovers import qemu_processes_mentioning
 
 BAD = Path(__file__).resolve().parents[1] / "data" / "bad"
 # How each command runs a scenario case's input ({INPUT}).

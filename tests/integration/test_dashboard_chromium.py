@@ -1,6 +1,6 @@
 """The nightly dashboard opened in headless Chromium (the harness of tests/chromium.py).
 
-Two stores of constructed runs (6 baseline, 6 latest; tests/unit/test_dashboard.py):
+Two stores of constructed runs (6 baseline, 6 latest; tests/nightly_runs.py):
 one whose latest night freezes 50 % longer, one without a change.  Each page
 must load with no console error and no network request, draw every plot, and
 show the regression badge exactly when there is a regression; a click on a
@@ -19,7 +19,7 @@ import pytest
 from migrator.dashboard import DashboardOptions, DashboardResult, build_dashboard
 from migrator.results.store import ResultsStore, load_run
 from tests.chromium import DevTools, chromium, screenshot, wait_for_plots
-from tests.unit.test_dashboard import RUNS, nightly
+from tests.nightly_runs import RUNS, nightly
 
 WIDTH = 1400
 

@@ -20,7 +20,7 @@ from migrator.metrics.events import read_jsonl
 from migrator.metrics.summary import build_report, write_report
 from migrator.report.terminal import render_report
 from tests.integration.conftest import host_qemu_version, run_migration, scenario
-from tests.integration.test_cli_errors import assert_nothing_started, run_expecting_failure
+from tests.integration.refused_runs import assert_nothing_started, run_expecting_failure
 
 POOL_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
 GUEST_KIB = 512 * 1024

@@ -12,40 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator.config import Scenario, dump_scenario
-from tests.integration.children import migrator_child
 from tests.integration.conftest import one_error_line, scenario
-
-POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
-
-
-def qemu_processes_mentioning(text: str) -> list[int]:
-    """PIDs of live processes whose command line contains ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and text in cmdline:
-            found.append(int(proc.name))
-    return found
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def dst_in_postcopy(run_dir: Path) -> bool:
-    events = run_dir / "dst" / "events.jsonl"
-    return events.exists() and '"postcopy-active"' in events.read_text()
+from tests.integration.mid_postcopy import strike_mid_postcopy
+from tests.integration.qemu_leftovers import POOL, assert_released, qemu_processes_mentioning
 
 
 def destination_pid(run_dir: Path) -> int:
@@ -54,29 +23,6 @@ def destination_pid(run_dir: Path) -> int:
         if record["what"] == "destination-started":
             return int(record["pid"])
     raise AssertionError("no destination-started mark")
-
-
-def strike_mid_postcopy(
-    tmp_path: Path, spec: Scenario, strike: Callable[[subprocess.Popen[str], Path], None], *,
-    holds: Callable[[Path], None], postcopy_timeout: float = 120,
-) -> tuple[subprocess.Popen[str], str, Path]:
-    """Run ``spec`` in a ``migrator run`` child; mid-post-copy check ``holds``, then strike.
-
-    Returns the finished child, its stderr and the run directory.
-    """
-    scenario_file = tmp_path / "s.toml"
-    scenario_file.write_text(dump_scenario(spec))
-    runs = tmp_path / "runs"
-    with migrator_child(["run", str(scenario_file), "--runs-dir", str(runs)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
-        wait_for(lambda: runs.exists() and any(runs.iterdir()), 60, "the run directory")
-        run_dir = next(runs.iterdir())
-        wait_for(lambda: dst_in_postcopy(run_dir), postcopy_timeout,
-                 "post-copy on the destination")
-        holds(run_dir)
-        strike(child, run_dir)
-        _, stderr = child.communicate(timeout=60)
-    return child, stderr, run_dir
 
 
 def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path], None]
@@ -93,19 +39,6 @@ def run_and_strike(tmp_path: Path, strike: Callable[[subprocess.Popen[str], Path
     spec = scenario("it-interrupt", vm={"backing": "hugetlb-2m"},
                     migration={"max_postcopy_bandwidth_mib_s": 16})
     return strike_mid_postcopy(tmp_path, spec, strike, holds=holds)
-
-
-def assert_released(run_dir: Path, pool_before: str) -> None:
-    """No QEMU, socket, mount, hugetlbfs file or extra hugepage outlives the run."""
-    assert qemu_processes_mentioning(run_dir.name) == []
-    assert not list(run_dir.glob("**/*.sock"))
-    assert POOL.read_text() == pool_before
-    mounts = Path("/proc/mounts").read_text()
-    assert run_dir.name not in mounts
-    for line in mounts.splitlines():
-        fields = line.split()
-        if fields[2] == "hugetlbfs":
-            assert not list(Path(fields[1]).glob(f"migrator-{run_dir.name}*"))
 
 
 def assert_nothing_left(run_dir: Path, pool_before: str) -> None:

@@ -16,9 +16,9 @@ import pytest
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
-from migrator.model import BlockFetch, Report
+from migrator.model import Report
 from tests.integration.children import run_migrator
-from tests.integration.conftest import one_error_line, run_migration, scenario
+from tests.integration.conftest import one_error_line, ram, run_migration, scenario
 
 MigrateFn = Callable[[str], tuple[Path, Report]]
 
@@ -47,11 +47,6 @@ def migrated(runs_root: Path) -> MigrateFn:
         return done[name]
 
     return run
-
-
-def ram(report: Report) -> BlockFetch:
-    """The guest RAM block's fetch figures."""
-    return next(b for b in report.fetch if b.ramblock == "ram0")
 
 
 @pytest.mark.parametrize("backing", ["memfd-4k", "hugetlb-2m", "hugetlb-1g"])

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from migrator.errors import HostError
 from migrator.hosts.ssh import SSHHost
-from migrator.preflight import _clock_offset
+from migrator.preflight import measure_clock_offset
 from tests.integration.sshhosts import SSHTestbed
-from tests.unit.test_ssh_quoting import ARG, NASTY, alive
+from tests.ssh_cases import ARG, NASTY, alive
 
 T = TypeVar("T")
 
@@ -281,7 +281,7 @@ async def test_clock_offset_over_one_channel_is_within_its_bound(
     # at most half the round trip (plus the 1 ms the comparison allows for rounding).
     for host in ssh_testbed.hosts:
         async with SSHHost(ssh_testbed.target(host)) as remote:
-            offset, rtt = await _clock_offset(remote)
+            offset, rtt = await measure_clock_offset(remote)
         assert offset is not None
         assert rtt is not None
         record_property(f"clock_{host.label}_offset_rtt_ms", [offset, rtt])

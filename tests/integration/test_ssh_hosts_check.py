@@ -24,8 +24,8 @@ from migrator.config import dump_scenario
 from migrator.hosts.ssh import SSHHost
 from tests.integration.children import run_migrator
 from tests.integration.conftest import host_qemu_version
+from tests.integration.ssh_scenarios import ssh_scenario
 from tests.integration.sshhosts import SSHTestbed
-from tests.integration.test_ssh_migration import ssh_scenario
 
 # A stable path (the accelerator verdict is cached per host and binary path, so a new
 # path per session would cost a KVM boot probe each time); only a symlink lives there.

@@ -4,10 +4,6 @@ The controller (this process, in the root namespace) drives both QEMUs over SSH;
 the migration stream goes over the hosts' direct link ``mig0``.  Guest RAM is
 memfd-backed: the namespaces share this machine's hugepage pools and filesystem,
 and two hugetlb QEMUs would only compete for the same pages.
-
-The namespaces share the PID namespace too, so ``pgrep`` inside one would also
-see every other QEMU on the machine (a local test's, another session's): a
-host's processes are those ``ip netns pids`` lists.
 """
 
 from __future__ import annotations
@@ -19,69 +15,23 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from migrator.config import Scenario, dump_scenario
+from migrator.config import dump_scenario
 from migrator.metrics.summary import build_report, write_report
 from migrator.model import Report
-from tests.integration.conftest import one_error_line, run_migration, scenario
-from tests.integration.sshhosts import NamespaceHost, SSHTestbed
-from tests.integration.test_cli_errors import migrator
-from tests.integration.test_interrupt import strike_mid_postcopy, wait_for
-from tests.integration.test_postcopy import ram
+from tests.integration.children import migrator
+from tests.integration.conftest import one_error_line, ram, run_migration
+from tests.integration.mid_postcopy import strike_mid_postcopy, wait_for
+from tests.integration.ssh_scenarios import NOTHING, leftovers, qemus_in, ssh_scenario
+from tests.integration.sshhosts import SSHTestbed
 
 # The issue's promise is "within seconds"; the supervisors escalate to SIGKILL after 2 s.
 DEATH_LIMIT_S = 10.0
-
-
-def qemus_in(host: NamespaceHost) -> list[int]:
-    """PIDs of the QEMU processes inside ``host``'s namespace."""
-    found = []
-    for pid in host.pids():
-        try:
-            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        # The program, not anywhere in the command line: the SSH supervisor shells
-        # that run a QEMU carry its argv too.
-        if Path(program.decode()).name.startswith("qemu-system"):
-            found.append(pid)
-    return found
-
-
-def host_entry(bed: SSHTestbed, host: NamespaceHost, work_root: Path,
-               **overrides: object) -> dict[str, object]:
-    """A scenario's ``[hosts.*]`` table for one namespace host."""
-    return {"kind": "ssh", "address": host.address, "identity_file": str(bed.client_key),
-            "known_hosts": str(bed.known_hosts), "work_dir": str(work_root / host.label),
-            "connect_timeout_s": 3.0, **overrides}
-
-
-def ssh_scenario(bed: SSHTestbed, work_root: Path, name: str,
-                 source: Mapping[str, object] | None = None,
-                 **sections: dict[str, object] | list[dict[str, object]]) -> Scenario:
-    """The integration tests' scenario, migrated from host a to host b over ``mig0``."""
-    hosts: dict[str, object] = {
-        "source": host_entry(bed, bed.a, work_root, **(source or {})),
-        "destination": host_entry(bed, bed.b, work_root, migration_address=bed.b.peer_address),
-    }
-    return scenario(name, hosts=hosts, **sections)
-
-
-def leftovers(bed: SSHTestbed, work_root: Path) -> dict[str, object]:
-    """Whatever a run left on the hosts: QEMU processes and anything in the work dirs."""
-    return {
-        "qemu": {host.label: qemus_in(host) for host in bed.hosts},
-        "files": sorted(str(p) for p in work_root.rglob("*")
-                        if p.parent != work_root),  # the (empty) work_dirs may stay
-    }
-
-
-NOTHING = {"qemu": {"a": [], "b": []}, "files": []}
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import pytest
 
 from migrator.config import dump_scenario
 from migrator.runner import CACHE_DIR
+from tests.integration.children import migrator
 from tests.integration.conftest import scenario
+from tests.integration.ssh_scenarios import host_entry
 from tests.integration.sshhosts import SSHTestbed
-from tests.integration.test_cli_errors import migrator
-from tests.integration.test_ssh_migration import host_entry
 
 ENV = "MIGRATOR_IT_KEY_PASSPHRASE"
 PASSPHRASE = "it-Passphrase 7f3a9c never-shown"

@@ -32,10 +32,9 @@ from migrator.hosts.hugepages import claimed_hugepages
 from migrator.hosts.local import LocalHost
 from migrator.metrics.summary import build_report, write_report
 from migrator.model import Report
-from tests.integration.conftest import run_migration
+from tests.integration.conftest import ram, run_migration
+from tests.integration.ssh_scenarios import NOTHING, leftovers, ssh_scenario
 from tests.integration.sshhosts import SSHTestbed, shaped_migration_link
-from tests.integration.test_postcopy import ram
-from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
 
 # Falling rates.  A 2 MiB page alone takes 42 ms at 400 Mbit/s and 84 ms at 200 Mbit/s,
 # far above TCG's unshaped ~6 ms and its noise; 200 Mbit/s still moves the ~450 MB

@@ -26,8 +26,8 @@ from migrator.metrics.summary import build_report
 from migrator.migration.tls import generate_credentials
 from tests.integration.children import run_migrator
 from tests.integration.conftest import one_error_line, run_migration
+from tests.integration.ssh_scenarios import NOTHING, leftovers, ssh_scenario
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
-from tests.integration.test_ssh_migration import NOTHING, leftovers, ssh_scenario
 
 QEVM = b"QEVM".hex()  # QEMU_VM_FILE_MAGIC: the first bytes of a plaintext stream
 TLS_HANDSHAKE = "1603"  # TLS record: content type handshake (22), version major 3

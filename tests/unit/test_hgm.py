@@ -11,7 +11,7 @@ import asyncio
 import gzip
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,32 +39,19 @@ from migrator.hosts.base import CommandResult
 from migrator.hosts.fake import FakeHost
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.trace import analyze_trace
-from migrator.qemu.probe import QemuFacts
 from migrator.rundir import JsonlWriter
+from tests.unit.hgm_fakes import (
+    DATA,
+    QEMU_72,
+    QEMU_RFC,
+    RELEASE,
+    ScriptedSmaps,
+    kernel,
+    probe_report,
+    text,
+)
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "hgm"
-POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
 GIB_KB = 1 << 20
-RELEASE = "6.18.44-fc-v669"
-QEMU_72 = QemuFacts(
-    "/usr/bin/qemu-system-x86_64",
-    "7.2.22",
-    "Debian 1:7.2+dfsg-7+deb12u18+b3",
-    ("events", "postcopy-blocktime", "postcopy-preempt", "postcopy-ram", "return-path"),
-)
-QEMU_RFC = QemuFacts(
-    "/opt/qemu-doublemap/bin/qemu-system-x86_64",
-    "7.2.50",
-    "",
-    ("events", "hugetlb-doublemap", "postcopy-ram"),
-)
-
-
-def text(name: str) -> str:
-    """A fixture's text (gunzipped when it ends in .gz)."""
-    path = DATA / name
-    raw = path.read_bytes()
-    return (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode()
 
 
 # ---------------------------------------------------------------------------
@@ -125,74 +112,6 @@ async def test_unreadable_config_says_where_it_looked() -> None:
 
 def test_probe_script_is_valid_python() -> None:
     compile(PROBE_SCRIPT, "<probe>", "exec")
-
-
-def probe_report(**fields: Any) -> dict[str, Any]:
-    """What the probe script prints on a stock kernel, with ``fields`` changed."""
-    report: dict[str, Any] = {
-        "release": RELEASE,
-        "page_bytes": 2 << 20,
-        "advice": 26,
-        "addr": "0x7f6c18200000",
-        "madvise_errno": "EINVAL",
-        "madvise_error": "EINVAL (Invalid argument)",
-        "vma": {
-            "header": "7f6c18200000-7f6c18400000 rw-s 00000000 00:11 160862 "
-            "/anon_hugepage (deleted)",
-            "kernel_page_kb": 2048,
-            "vmflags": ["rd", "wr", "sh", "mr", "mw", "me", "ms", "de", "ht"],
-        },
-    }
-    report.update(fields)
-    return report
-
-
-Probe = Callable[[tuple[str, ...]], CommandResult]
-
-
-def kernel(
-    probe: Probe | Sequence[dict[str, Any]],
-    *,
-    total: int = 0,
-    free: int = 0,
-    limit: int = 8,
-    release: str | None = RELEASE,
-) -> FakeHost:
-    """A fake host with a 2 MiB pool (growable up to ``limit``) and a scripted python3.
-
-    ``probe`` is a python3 handler or the reports successive probe runs print.
-    """
-    host = FakeHost()
-    state = {"total": total, "used": total - free}
-
-    def publish() -> None:
-        host.set_text(POOL / "nr_hugepages", f"{state['total']}\n")
-        host.set_text(POOL / "free_hugepages", f"{state['total'] - state['used']}\n")
-
-    def on_write(data: bytes) -> None:
-        state["total"] = max(state["used"], min(int(data), limit))
-        publish()
-
-    publish()
-    host.set_text(POOL / "resv_hugepages", "0\n")
-    host.set_text(POOL / "surplus_hugepages", "0\n")
-    host.on_write[POOL / "nr_hugepages"] = on_write
-    if release is not None:
-        host.commands["uname"] = lambda argv: CommandResult(argv, 0, release + "\n", "")
-    else:
-        host.commands["uname"] = lambda argv: CommandResult(argv, 1, "", "uname: broken\n")
-    if callable(probe):
-        host.commands["python3"] = probe
-    else:
-        reports = list(probe)
-
-        def run(argv: tuple[str, ...]) -> CommandResult:
-            # The page must be free while the probe runs.
-            assert int(host.text(POOL / "free_hugepages")) >= 1
-            return CommandResult(argv, 0, json.dumps(reports.pop(0)) + "\n", "")
-
-        host.commands["python3"] = run
-    return host
 
 
 def probe_calls(host: FakeHost) -> list[tuple[str, ...]]:
@@ -576,25 +495,6 @@ def test_header_and_line_edge_cases() -> None:
 
 # ---------------------------------------------------------------------------
 # The sampler (against a scripted host; tests/integration samples a real process)
-
-
-class ScriptedSmaps(FakeHost):
-    """Each read of ``path`` returns the next text (or raises it, if an exception)."""
-
-    def __init__(self, path: Path, reads: list[str | BaseException]) -> None:
-        super().__init__()
-        self.path = path
-        self.reads = reads
-
-    async def read_file(self, path: Path) -> bytes:
-        if path != self.path:
-            return await super().read_file(path)
-        if not self.reads:
-            raise FileNotFoundError(path)
-        item = self.reads.pop(0)
-        if isinstance(item, BaseException):
-            raise item
-        return item.encode()
 
 
 def records(path: Path) -> list[dict[str, Any]]:

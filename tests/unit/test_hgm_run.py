@@ -29,7 +29,7 @@ from migrator.model import Report
 from migrator.report.terminal import render_report
 from migrator.rundir import RunDir
 from migrator.runner import Observer, _Run
-from tests.unit.test_hgm import QEMU_72, QEMU_RFC, ScriptedSmaps, kernel, probe_report, text
+from tests.unit.hgm_fakes import QEMU_72, QEMU_RFC, ScriptedSmaps, kernel, probe_report, text
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 HGM = Path(__file__).resolve().parents[1] / "data" / "hgm"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from migrator.errors import ArtifactError
-from migrator.metrics.histogram import Histogram, _bucket_bounds, _bucket_index
+from migrator.metrics.histogram import Histogram, bucket_bounds, bucket_index
 
 PERCENTILES = [0, 1, 10, 25, 50, 75, 90, 99, 99.9, 100]
 
@@ -55,15 +55,15 @@ def test_buckets_cover_every_int64_exactly() -> None:
             dtype=np.int64,
         )  # fmt: skip
         values = np.sort(values)
-        index = _bucket_index(values, k)
+        index = bucket_index(values, k)
         assert np.all(np.diff(index) >= 0)
         for v, i in zip(values.tolist(), index.tolist(), strict=True):
-            lower, upper = _bucket_bounds(i, k)
+            lower, upper = bucket_bounds(i, k)
             assert lower <= v <= upper
             assert (upper - lower + 1) <= max(1, lower >> k)
     # Consecutive buckets tile the line.
     for i in range(1, 5000):
-        assert _bucket_bounds(i, 7)[0] == _bucket_bounds(i - 1, 7)[1] + 1
+        assert bucket_bounds(i, 7)[0] == bucket_bounds(i - 1, 7)[1] + 1
 
 
 def test_record_and_record_many_agree() -> None:

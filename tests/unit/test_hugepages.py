@@ -11,51 +11,12 @@ from migrator.errors import HugepageShortfall, MissingResource
 from migrator.hosts import hugepages
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.hugepages import (
-    BOOT_ID,
     claimed_hugepages,
     find_hugetlbfs_mount,
     hugetlbfs_dir,
     reserve_hugepages,
 )
-
-POOL = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB")
-
-
-class FakeKernel:
-    """One kernel's 1 GiB pool (growable to ``limit`` pages), seen by any number of hosts."""
-
-    def __init__(self, total: int, free: int, limit: int, boot_id: str | None = None) -> None:
-        self.total = total
-        self.used = total - free
-        self.limit = limit
-        self.boot_id = boot_id
-        self.hosts: list[FakeHost] = []
-
-    def host(self, name: str = "fake") -> FakeHost:
-        """A host running on this kernel (e.g. one network namespace of it)."""
-        host = FakeHost(name)
-        if self.boot_id is not None:
-            host.set_text(BOOT_ID, self.boot_id + "\n")
-        host.set_text(POOL / "resv_hugepages", "0\n")
-        host.set_text(POOL / "surplus_hugepages", "0\n")
-        host.on_write[POOL / "nr_hugepages"] = self._write
-        self.hosts.append(host)
-        self._publish()
-        return host
-
-    def map_pages(self, pages: int) -> None:
-        """A process maps ``pages`` of the pool (as a QEMU starting on a reservation does)."""
-        self.used += pages
-        self._publish()
-
-    def _write(self, data: bytes) -> None:
-        self.total = max(self.used, min(int(data), self.limit))
-        self._publish()
-
-    def _publish(self) -> None:
-        for host in self.hosts:
-            host.files[POOL / "nr_hugepages"] = f"{self.total}\n".encode()
-            host.files[POOL / "free_hugepages"] = f"{self.total - self.used}\n".encode()
+from tests.unit.fake_kernel import POOL, FakeKernel
 
 
 def kernel_with_pool(total: int, free: int, limit: int) -> FakeHost:

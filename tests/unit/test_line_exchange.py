@@ -10,9 +10,15 @@ from migrator.config import Scenario, parse_scenario
 from migrator.errors import HostError
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.local import LocalHost
-from migrator.preflight import CLOCK_ROUNDS, _clock_offset, _hugepage_needs
-from tests.unit.test_hugepages import FakeKernel
-from tests.unit.test_ssh_quoting import alive
+from migrator.preflight import (
+    CLOCK_ROUNDS,
+    Need,
+    PreflightReport,
+    check_hosts,
+    measure_clock_offset,
+)
+from tests.ssh_cases import alive
+from tests.unit.fake_kernel import FakeKernel
 
 ECHO = ["sh", "-c", 'while IFS= read -r q; do echo "re: $q"; done']
 
@@ -54,7 +60,7 @@ async def test_local_missing_command_is_a_host_error() -> None:
 
 
 async def test_clock_offset_of_this_machine_is_within_its_round_trip() -> None:
-    offset, rtt = await _clock_offset(LocalHost())
+    offset, rtt = await measure_clock_offset(LocalHost())
     assert offset is not None
     assert rtt is not None
     assert 0 < rtt < 100
@@ -71,7 +77,7 @@ async def test_clock_offset_takes_the_fastest_round_trip() -> None:
         return str(time.time_ns() + 5_000_000_000)  # 5 s ahead
 
     host.dialogues["python3"] = clock
-    offset, rtt = await _clock_offset(host)
+    offset, rtt = await measure_clock_offset(host)
     assert len(asked) == CLOCK_ROUNDS
     assert offset is not None
     assert rtt is not None
@@ -79,10 +85,10 @@ async def test_clock_offset_takes_the_fastest_round_trip() -> None:
 
 
 async def test_clock_offset_unknown_without_python_or_with_garbage() -> None:
-    assert await _clock_offset(FakeHost()) == (None, None)
+    assert await measure_clock_offset(FakeHost()) == (None, None)
     host = FakeHost()
     host.dialogues["python3"] = lambda argv, line: "Traceback"
-    assert await _clock_offset(host) == (None, None)
+    assert await measure_clock_offset(host) == (None, None)
 
 
 def hugetlb_scenario() -> Scenario:
@@ -91,11 +97,20 @@ def hugetlb_scenario() -> Scenario:
                            "workload": {"working_set_mib": 256}})
 
 
+def hugepage_needs(report: PreflightReport) -> list[Need]:
+    """The one hugepage need of each host the preflight checked, in its order."""
+    needs = []
+    for host in report.hosts:
+        [need] = [n for n in host.needs if "free hugepages of" in n.what]
+        needs.append(need)
+    return needs
+
+
 async def test_hugepage_needs_of_two_hosts_on_one_kernel_add_up() -> None:
     scenario = hugetlb_scenario()
     kernel = FakeKernel(total=0, free=0, limit=3, boot_id="one-machine")
     a, b = kernel.host("a"), kernel.host("b")
-    need_a, need_b = await _hugepage_needs(scenario, [(a, 1), (b, 1)])
+    need_a, need_b = hugepage_needs(await check_hosts(scenario, a, b))
     assert need_a.what == need_b.what == "2 free hugepages of 1048576 kB"
     assert need_a.met
     assert need_a.detail == "could be reserved (pool grown by 2 and given back)"
@@ -110,6 +125,6 @@ async def test_hugepage_needs_of_two_kernels_are_separate() -> None:
     scenario = hugetlb_scenario()
     first = FakeKernel(total=0, free=0, limit=3, boot_id="one")
     second = FakeKernel(total=0, free=0, limit=3, boot_id="two")
-    needs = await _hugepage_needs(scenario, [(first.host("a"), 1), (second.host("b"), 1)])
+    needs = hugepage_needs(await check_hosts(scenario, first.host("a"), second.host("b")))
     assert [n.met for n in needs] == [True, True]
     assert first.total == second.total == 0

@@ -12,7 +12,7 @@ from migrator.config.loader import dump_scenario
 from migrator.errors import ConfigError, MissingResource
 from migrator.guest.build import GuestArtifacts
 from migrator.hosts.fake import FakeHost
-from migrator.qemu.accel import _probe_argv
+from migrator.qemu.accel import kvm_probe_argv
 from migrator.qemu.cmdline import LaunchSpec, qemu_argv
 from migrator.qemu.launcher import QemuLauncher, binary_in_root, qemu_launcher
 from migrator.qemu.probe import QemuFacts, resolve_binary
@@ -75,7 +75,7 @@ def test_facts_and_both_probes_use_one_launcher() -> None:
     assert QemuFacts("/usr/bin/q", "7.2.22", "", ()).launcher == QemuLauncher("/usr/bin/q")
     guest = GuestArtifacts(kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd"),
                            kernel_release="6.1.0", probe_sha256="x")
-    argv = _probe_argv(facts.launcher, guest, Path("/tmp/p"))
+    argv = kvm_probe_argv(facts.launcher, guest, Path("/tmp/p"))
     assert argv[:len(ROOT_PREFIX)] == ROOT_PREFIX
     assert argv[-len(ROOT_TRAILING):] == ROOT_TRAILING
     assert argv[argv.index("-accel") + 1] == "kvm"

@@ -21,16 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrator.hosts.ssh import SUPERVISOR, _status, remote_command
-
-# What an argv element can be: any text but NUL (exec cannot carry it) and lone
-# surrogates (not encodable, so never in a real argv either).
-ARG = st.text(st.characters(codec="utf-8", exclude_characters="\x00"))
-
-NASTY = [
-    "", " ", "two words", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b", "a && b",
-    "line\nbreak", "tab\there", "back\\slash", "*", "~", "-n", "--", "$HOME", "'\"'\"'",
-    "ünïcødé ✓", "\r\n", "!", "#comment", "{a,b}", "a|b", ">out", "<in",
-]
+from tests.ssh_cases import ARG, NASTY, alive
 
 
 @given(st.lists(ARG, min_size=1, max_size=8))
@@ -212,15 +203,6 @@ def test_any_argv_round_trips_through_a_shell(argv: list[str]) -> None:
     result = local(remote_command(["printf", "%s\\0", *argv]))
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().split("\0")[:-1] == argv
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_alive_helper_sees_this_process() -> None:

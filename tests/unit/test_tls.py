@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from migrator.config import dump_scenario, parse_scenario
 from migrator.config.models import Scenario
 from migrator.errors import ConfigError, MigrationError, QmpCommandError
-from migrator.hosts.base import CommandResult
+from migrator.hosts.base import CommandResult, Host
 from migrator.hosts.fake import FakeHost
 from migrator.migration.plan import TLS_CREDS_ID, plan_migration, tls_hostname
 from migrator.migration.tls import (
@@ -31,7 +31,7 @@ from migrator.migration.tls import (
     tls_hint,
 )
 from migrator.outcome import EXIT_CODES, Situation, describe
-from migrator.preflight import _tls_needs
+from migrator.preflight import Need, check_hosts
 from migrator.qemu.process import QemuProcess
 
 SSH_HOSTS = {
@@ -308,17 +308,24 @@ def test_tls_table_turns_tls_on_and_round_trips() -> None:
         assert parse_scenario(tomllib.loads(text)) == scenario
 
 
+def tls_needs(scenario: Scenario, source: Host, destination: Host) -> dict[str, list[Need]]:
+    """The TLS credential needs the preflight finds, by the roles of each host checked."""
+    report = asyncio.run(check_hosts(scenario, source, destination))
+    return {"+".join(host.roles): [n for n in host.needs if n.what.startswith("TLS credentials")]
+            for host in report.hosts}
+
+
 def test_preflight_names_missing_provided_files() -> None:
     scenario = tls_scenario({"source_dir": "/pki/src", "destination_dir": "/pki/dst"})
     host = FakeHost("b")
     host.set_text("/pki/dst/ca-cert.pem", "x")
     host.set_text("/pki/dst/server-cert.pem", "x")
-    [need] = asyncio.run(_tls_needs(host, ["destination"], scenario))
+    [need] = tls_needs(scenario, FakeHost("a"), host)["destination"]
     assert not need.met
     assert need.what == "TLS credentials in migration.tls.destination_dir /pki/dst"
     assert need.detail == "missing server-key.pem"
     host.set_text("/pki/dst/server-key.pem", "x")
-    [need] = asyncio.run(_tls_needs(host, ["destination"], scenario))
+    [need] = tls_needs(scenario, FakeHost("a"), host)["destination"]
     assert need.met
     # Generated credentials need nothing from the hosts.
-    assert asyncio.run(_tls_needs(host, ["source", "destination"], tls_scenario())) == []
+    assert tls_needs(tls_scenario(), host, host) == {"source+destination": []}
