@@ -123,8 +123,8 @@ def test_results_guide_commands_work(tmp_path: Path) -> None:
 
 
 def test_faults_guide_commands_work() -> None:
-    """The fault matrix's row list; running its rows takes minutes (tests/integration/
-    test_faults.py strikes the same faults). The rows the guide names exist."""
+    """The fault matrix's row list (running its rows takes minutes; tests/integration/
+    test_faults.py strikes a subset of them). The rows the guide names exist."""
     commands = guide_commands("faults.md")
     assert commands
     outputs = []
