@@ -1,20 +1,109 @@
-"""The guides (docs/*.md) and the commands they show, for unit and integration tests."""
+"""The guides (docs/*.md) and the commands they show, for unit and integration tests.
+
+A guide shows a command in one of two ways:
+
+- ``$ COMMAND``: tests/integration/test_docs.py runs it as written;
+- in a code block, after a line ``# not run by the tests: REASON``: the tests cannot run
+  it (it needs hosts they cannot make, or takes too long), and the guide says why. The
+  marker covers every command after it in the same code block.
+
+A command is a line of a code block (fenced, or indented by 4 spaces after a blank line)
+that starts one of the project's programs: ``migrator`` (any path to it), ``python``
+running a file of the repository, or a script under ``scripts/``. Every such line must be
+shown one of the two ways (tests/unit/test_docs_text.py checks that).
+"""
 
 from __future__ import annotations
 
+import re
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GUIDES", "ROOT", "documented_commands"]
+__all__ = ["GUIDES", "NOT_RUN_MARKER", "ROOT", "GuideCommand", "code_commands", "commands_in",
+           "documented_commands", "guide_commands"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDES = sorted((ROOT / "docs").glob("*.md"))
+PROMPT = "$ "
+NOT_RUN_MARKER = "# not run by the tests:"
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_PROGRAM = re.compile(r"^(\S*/)?(migrator|python3?)$|^(\./)?scripts/\S+$")
+
+
+@dataclass(frozen=True)
+class GuideCommand:
+    """One command line of a code block in a guide."""
+
+    guide: str
+    line: int
+    command: str
+    """The line as written, without the ``$ `` prompt."""
+    run: bool
+    """Written ``$ COMMAND``: the tests run it."""
+    not_run_because: str | None
+    """The reason of the ``# not run by the tests:`` marker above it in its block."""
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(guide, command) for every ``$ `` line in the guides."""
+    """(guide, command) for every ``$ `` line in the guides: the commands the tests run."""
     found = []
     for guide in GUIDES:
         for line in guide.read_text().splitlines():
-            if line.strip().startswith("$ "):
-                found.append((guide.name, line.strip()[2:]))
+            if line.strip().startswith(PROMPT):
+                found.append((guide.name, line.strip()[len(PROMPT):]))
     return found
+
+
+def guide_commands(guide: str) -> list[str]:
+    """The ``$ `` commands of one guide (e.g. ``"operator.md"``), in order."""
+    return [command for name, command in documented_commands() if name == guide]
+
+
+def code_commands() -> list[GuideCommand]:
+    """Every command line in the guides' code blocks, run by the tests or not."""
+    return [command for guide in GUIDES
+            for command in commands_in(guide.name, guide.read_text())]
+
+
+def commands_in(guide: str, text: str) -> list[GuideCommand]:
+    """Every command line in the code blocks of one guide's ``text``."""
+    found = []
+    for number, line, reason in _code_lines(text.splitlines()):
+        run = line.startswith(PROMPT)
+        command = line[len(PROMPT):] if run else line
+        if _starts_a_program(command):
+            found.append(GuideCommand(guide, number, command, run, reason))
+    return found
+
+
+def _code_lines(lines: list[str]) -> list[tuple[int, str, str | None]]:
+    """(line number, stripped text, marker reason in force) for each line of a code block."""
+    found: list[tuple[int, str, str | None]] = []
+    fenced = indented = False
+    reason: str | None = None
+    previous_blank = True
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fenced, indented, reason = not fenced, False, None
+        elif fenced or (line.startswith("    ") and (indented or previous_blank)):
+            indented = not fenced
+            if stripped.startswith(NOT_RUN_MARKER):
+                reason = stripped[len(NOT_RUN_MARKER):].strip() or None
+            elif stripped:
+                found.append((number, stripped, reason))
+        elif stripped:
+            indented, reason = False, None
+        previous_blank = not stripped
+    return found
+
+
+def _starts_a_program(command: str) -> bool:
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        return False
+    while words and _ASSIGNMENT.match(words[0]):
+        words = words[1:]
+    return bool(words) and _PROGRAM.match(words[0]) is not None

@@ -8,7 +8,8 @@ callers wait for events and send commands.  There is one console per QEMU:
 after a migration the guest's output comes out of the destination's.
 
 Host arrival times matter as much as guest times: the guest clock stops while
-the VM is stopped, so only ``host_ns`` shows a freeze (see TESTBED.md).
+the VM is stopped, so only ``host_ns`` shows a freeze (docs/qemu-notes.md,
+"Other things that surprised us").
 
 Raw artifact format, one JSON object per line::
 

@@ -1,7 +1,8 @@
 """HugeTLB high-granularity mapping (HGM): detect it on a host, decide, and watch it work.
 
-HGM (an unmerged kernel series plus an unmerged QEMU RFC; facts in
-``TESTBED.md``) lets a post-copy destination map 4 KiB pieces of hugetlb pages.
+HGM (an unmerged kernel series plus an unmerged QEMU RFC, named in
+:mod:`migrator.hgm.detect`) lets a post-copy destination map 4 KiB pieces of
+hugetlb pages.
 :mod:`migrator.hgm.detect` finds out whether a host can (kernel config, a real
 ``MADV_SPLIT`` probe, QEMU's ``hugetlb-doublemap`` capability) and applies the
 scenario's ``hgm = auto | require | off``; :mod:`migrator.hgm.smaps` parses and

@@ -16,7 +16,7 @@ from migrator.hosts.base import CommandResult, Host, HostProcess, LineExchange
 __all__ = ["LocalHost", "LocalProcess"]
 
 # A child started through setpriv gets SIGKILL when migrator dies, however it dies
-# (even SIGKILL), so no QEMU can outlive the controller on this machine.
+# (even SIGKILL), so no local QEMU can outlive the controller.
 _DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "SIGKILL", "--")
 
 
