@@ -30,6 +30,7 @@ from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
 from migrator.hosts.base import Host
+from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
@@ -65,8 +66,13 @@ async def stage_guest(host: Host, guest: GuestArtifacts, directory: Path) -> Gue
     return staged
 
 
-def _probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -> list[str]:
-    """The probe QEMU: the microguest in ``boot`` mode under KVM, files in ``host_dir``."""
+def _probe_argv(
+    launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path, *, qmp_connects: bool
+) -> list[str]:
+    """The probe QEMU: the microguest in ``boot`` mode under KVM, files in ``host_dir``.
+
+    ``qmp_connects``: QEMU connects to its QMP socket (see :func:`qmp_args`).
+    """
     return launcher.argv([
         "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -74,7 +80,7 @@ def _probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -
         "-append", kernel_cmdline(working_set_mib=16, write_pct=0, pattern="sequential",
                                   stall_threshold_us=1000, heartbeat_ms=100, mode="boot"),
         *serial_chardev_args(host_dir / "serial.sock", host_dir / "serial.log"),
-        "-qmp", f"unix:{host_dir / 'qmp.sock'},server=on,wait=off",
+        *qmp_args(host_dir / "qmp.sock", qemu_connects=qmp_connects),
     ])
 
 
@@ -85,7 +91,8 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
         workdir = Path(scratch)
         async with host.temp_dir("migrator-accel-") as host_dir:
             staged = await stage_guest(host, guest, host_dir)
-            argv = _probe_argv(facts.launcher, staged, host_dir)
+            argv = _probe_argv(facts.launcher, staged, host_dir,
+                               qmp_connects=host.is_controller_machine)
             try:
                 async with (
                     QemuProcess(host, "kvm-probe", argv, host_dir / "qmp.sock", workdir,
