@@ -171,6 +171,7 @@ class QemuProcess:
                                status=status, stderr=await self.stderr_text())
 
     async def _connect_when_listening(self) -> None:
+        """Connect to a remote QEMU's socket through a forward once it is there, retrying."""
         assert self._process is not None
         local_socket: Path | None = None
         while True:
