@@ -128,6 +128,9 @@ class Host(abc.ABC):
     """A machine that runs commands and holds files (see module docstring)."""
 
     name: str
+    is_controller_machine: bool = False
+    """True for the machine migrator runs on: a unix socket migrator listens on is one
+    this host's processes can connect to, at the same path."""
 
     @abc.abstractmethod
     async def run(

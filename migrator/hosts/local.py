@@ -47,6 +47,8 @@ class LocalProcess(HostProcess):
 class LocalHost(Host):
     """Commands and files on the machine migrator runs on."""
 
+    is_controller_machine = True
+
     def __init__(self, name: str = "local") -> None:
         self.name = name
 

@@ -30,6 +30,7 @@ from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
 from migrator.guest.console import GuestConsole, serial_chardev_args
 from migrator.hosts.base import Host
+from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
@@ -65,11 +66,14 @@ async def stage_guest(host: Host, guest: GuestArtifacts, directory: Path) -> Gue
     return staged
 
 
-def kvm_probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path) -> list[str]:
+def kvm_probe_argv(
+    launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path, *, qmp_connects: bool
+) -> list[str]:
     """The probe QEMU's argv: the microguest in ``boot`` mode under KVM, files in ``host_dir``.
 
     Started by ``launcher`` (the host's QEMU or one in a root filesystem), so the
-    probe decides for the very QEMU the run will use.
+    probe decides for the very QEMU the run will use.  ``qmp_connects``: QEMU
+    connects to its QMP socket (see :func:`qmp_args`).
     """
     return launcher.argv([
         "-accel", "kvm", "-machine", "pc", "-m", "256M", "-smp", "1",
@@ -78,7 +82,7 @@ def kvm_probe_argv(launcher: QemuLauncher, guest: GuestArtifacts, host_dir: Path
         "-append", kernel_cmdline(working_set_mib=16, write_pct=0, pattern="sequential",
                                   stall_threshold_us=1000, heartbeat_ms=100, mode="boot"),
         *serial_chardev_args(host_dir / "serial.sock", host_dir / "serial.log"),
-        "-qmp", f"unix:{host_dir / 'qmp.sock'},server=on,wait=off",
+        *qmp_args(host_dir / "qmp.sock", qemu_connects=qmp_connects),
     ])
 
 
@@ -89,7 +93,8 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
         workdir = Path(scratch)
         async with host.temp_dir("migrator-accel-") as host_dir:
             staged = await stage_guest(host, guest, host_dir)
-            argv = kvm_probe_argv(facts.launcher, staged, host_dir)
+            argv = kvm_probe_argv(facts.launcher, staged, host_dir,
+                                  qmp_connects=host.is_controller_machine)
             try:
                 async with (
                     QemuProcess(host, "kvm-probe", argv, host_dir / "qmp.sock", workdir,

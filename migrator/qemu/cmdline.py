@@ -15,7 +15,7 @@ from pathlib import Path
 from migrator.config.models import Backing
 from migrator.qemu.launcher import QemuLauncher
 
-__all__ = ["RAM_BACKEND_ID", "TRACE_EVENTS", "LaunchSpec", "qemu_argv", "shell_line"]
+__all__ = ["RAM_BACKEND_ID", "TRACE_EVENTS", "LaunchSpec", "qemu_argv", "qmp_args", "shell_line"]
 
 RAM_BACKEND_ID = "ram0"
 
@@ -53,6 +53,8 @@ class LaunchSpec:
     trace_file: Path | None = None
     trace_events: tuple[str, ...] = TRACE_EVENTS
     extra: tuple[str, ...] = field(default_factory=tuple)
+    qmp_connects: bool = False
+    """QEMU connects to ``qmp_socket``, where migrator listens, instead of listening there."""
 
 
 def _memory_backend(spec: LaunchSpec) -> str:
@@ -85,7 +87,7 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
         "-initrd", str(spec.initrd),
         "-append", spec.append,
         *spec.serial_args,
-        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        *qmp_args(spec.qmp_socket, qemu_connects=spec.qmp_connects),
         "-msg", "timestamp=on",
     ]
     if spec.trace_file is not None:
@@ -96,6 +98,13 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra)
     return spec.launcher.argv(argv)
+
+
+def qmp_args(socket: Path, *, qemu_connects: bool) -> list[str]:
+    """QEMU's ``-qmp`` option: connect to ``socket`` (migrator listens), or listen on it."""
+    if qemu_connects:
+        return ["-qmp", f"unix:{socket},server=off"]
+    return ["-qmp", f"unix:{socket},server=on,wait=off"]
 
 
 def shell_line(argv: Sequence[str]) -> str:

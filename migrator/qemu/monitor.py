@@ -59,6 +59,16 @@ def status_in(*statuses: str) -> EventPredicate:
     return predicate
 
 
+def _not_a_cancelled_accept(record: logging.LogRecord) -> bool:
+    """False for qemu.qmp's ERROR record of an :meth:`Monitor.accept` that was cancelled.
+
+    An accept is cancelled on purpose, when QEMU exits before connecting or never
+    connects; the launch error then says what happened, without a CancelledError line.
+    """
+    return not (record.levelno >= logging.ERROR
+                and record.getMessage().endswith("CancelledError"))
+
+
 class Monitor:
     """A QMP session with one QEMU (see module docstring)."""
 
@@ -83,13 +93,27 @@ class Monitor:
         # Register before connecting so not even the first event can be missed.
         self._client.register_listener(self._listener)
         await self._client.connect(str(socket_path))
+        await self._start_recording()
+
+    async def listen(self, socket_path: Path) -> None:
+        """Listen on ``socket_path`` for QEMU to connect (then :meth:`accept`)."""
+        self._client.logger.addFilter(_not_a_cancelled_accept)
+        self._client.register_listener(self._listener)
+        await self._client.start_server(str(socket_path))
+
+    async def accept(self) -> None:
+        """Wait for QEMU's connection, negotiate capabilities and start recording events."""
+        await self._client.accept()
+        await self._start_recording()
+
+    async def _start_recording(self) -> None:
         self._events_log = await asyncio.to_thread(
             open, self._events_log_path, "a", encoding="utf-8"
         )
         self._pump = asyncio.create_task(self._record_events(), name=f"{self.name}-events")
 
     async def close(self) -> None:
-        """Stop recording and disconnect; safe to call more than once."""
+        """Stop recording and disconnect (or stop listening); safe to call more than once."""
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):

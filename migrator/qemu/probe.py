@@ -8,6 +8,7 @@ from pathlib import Path
 
 from migrator.errors import MissingResource
 from migrator.hosts.base import Host
+from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import ROOT_LOADER, QemuLauncher, binary_in_root, qemu_launcher
 from migrator.qemu.process import QemuProcess
 
@@ -90,8 +91,8 @@ async def probe_qemu(host: Host, binary: str, root: str | None = None) -> QemuFa
         async with host.temp_dir("migrator-probe-") as host_dir:
             socket = host_dir / "qmp.sock"
             argv = launcher.argv(["-machine", "none", "-nodefaults", "-no-user-config",
-                                  "-display", "none", "-qmp",
-                                  f"unix:{socket},server=on,wait=off"])
+                                  "-display", "none",
+                                  *qmp_args(socket, qemu_connects=host.is_controller_machine)])
             async with QemuProcess(host, "probe", argv, socket, Path(local), host_dir=host_dir,
                                    start_timeout=15) as qemu:
                 reply = await qemu.monitor.execute("query-version")

@@ -6,9 +6,13 @@ deadline at each step and runs from ``__aexit__`` whatever happened inside.
 
 A QEMU's files live in two places: what the controller records (argv, the
 copy-pasteable command line, QMP events) in a local ``workdir``, and what QEMU
-itself writes (stdout, stderr) in ``host_dir`` on the QEMU's host.  QMP is
-reached through :meth:`Host.forward_unix_socket`, so a QEMU on a remote host is
-driven through its unix socket over SSH, never over TCP.
+itself writes (stdout, stderr) in ``host_dir`` on the QEMU's host.
+
+QMP runs over a unix socket, never TCP.  A QEMU on the controller's own machine
+connects to a socket migrator listens on before starting it, so it is connected
+the moment it has started, or has failed to.  A QEMU on a remote host listens
+itself, and migrator connects through :meth:`Host.forward_unix_socket` once the
+socket is there (over SSH).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import logging
 import signal
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from qemu.qmp import ConnectError
 
+from migrator.aio import guarded
 from migrator.errors import HostError, QemuExitedError, QemuLaunchError
 from migrator.hosts.base import Host, HostProcess
 from migrator.qemu.cmdline import LaunchSpec, qemu_argv, shell_line
@@ -39,7 +45,10 @@ class QemuProcess:
     """A QEMU on ``host``: controller-side files in ``workdir``, QEMU's own in ``host_dir``.
 
     ``qmp_socket`` is a path on ``host``; ``host_dir`` defaults to ``workdir``
-    (right for a host that shares the controller's filesystem).
+    (right for a host that shares the controller's filesystem).  ``argv``'s
+    ``-qmp`` must connect to ``qmp_socket`` on the controller's machine and listen
+    on it elsewhere (:func:`~migrator.qemu.cmdline.qmp_args` with
+    ``qemu_connects=host.is_controller_machine``).
     """
 
     def __init__(
@@ -68,7 +77,8 @@ class QemuProcess:
         cls, host: Host, spec: LaunchSpec, workdir: Path, *, host_dir: Path | None = None,
         start_timeout: float = 30.0,
     ) -> QemuProcess:
-        """A QEMU launched from a VM :class:`LaunchSpec`."""
+        """A QEMU launched from a VM :class:`LaunchSpec`, its QMP direction set by ``host``."""
+        spec = replace(spec, qmp_connects=host.is_controller_machine)
         return cls(host, spec.name, qemu_argv(spec), spec.qmp_socket, workdir,
                    host_dir=host_dir, start_timeout=start_timeout, incoming=spec.incoming)
 
@@ -98,6 +108,13 @@ class QemuProcess:
         """Launch QEMU and connect QMP; :class:`QemuLaunchError` if it does not come up."""
         (self.workdir / "argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
         (self.workdir / "cmdline.sh").write_text(shell_line(self.argv) + "\n")
+        # A remote QEMU keeps listening itself, reached through a forwarded socket: to
+        # connect to migrator instead it would need sshd to listen on its host (a remote
+        # stream-local forward), which hosts allow separately from the local forwards
+        # (AllowStreamLocalForwarding) that migrator needs already.
+        listening = self.host.is_controller_machine
+        if listening:
+            await self._listen()
         self.log.info("starting: %s", shell_line(self.argv))
         self.started_ns = time.time_ns()
         self._process = await self.host.start(
@@ -105,22 +122,61 @@ class QemuProcess:
         )
         try:
             async with asyncio.timeout(self.start_timeout):
-                await self._connect_when_listening()
+                if listening:
+                    await self._accept()
+                else:
+                    await self._connect_when_listening()
         except TimeoutError:
             raise QemuLaunchError(
                 f"QMP socket {self.qmp_socket} not ready after {self.start_timeout:g} s",
                 name=self.name, argv=self.argv, stderr=await self.stderr_text(),
             ) from None
 
+    async def _listen(self) -> None:
+        """Listen on :attr:`qmp_socket` for the QEMU about to start."""
+        # A socket left by a killed QEMU would refuse the bind; QEMU itself, listening,
+        # replaces one the same way.
+        await self.host.remove_tree(self.qmp_socket)
+        try:
+            await self.monitor.listen(self.qmp_socket)
+        except ConnectError as error:
+            raise QemuLaunchError(f"cannot listen on QMP socket {self.qmp_socket}: {error}",
+                                  name=self.name, argv=self.argv) from None
+
+    async def _accept(self) -> None:
+        """Wait for QEMU's QMP connection, failing at once if QEMU exits first."""
+        assert self._process is not None
+        process = self._process
+
+        async def fail_if_exits() -> None:
+            raise await self._exited_during_start_up(await process.wait())
+
+        try:
+            await guarded(self.monitor.accept(), [fail_if_exits()])
+        except ConnectError as error:
+            # QEMU hung up during the greeting: it is on its way out; say how it ended.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await process.wait()
+            if process.returncode is not None:
+                raise await self._exited_during_start_up(process.returncode) from None
+            raise QemuLaunchError(
+                f"QMP connection on {self.qmp_socket} failed during start-up: {error}",
+                name=self.name, argv=self.argv, stderr=await self.stderr_text(),
+            ) from None
+
+    async def _exited_during_start_up(self, status: int) -> QemuLaunchError:
+        """The error for a QEMU that exited before QMP was up: its status and stderr."""
+        return QemuLaunchError("exited during start-up", name=self.name, argv=self.argv,
+                               status=status, stderr=await self.stderr_text())
+
     async def _connect_when_listening(self) -> None:
+        """Connect to a remote QEMU's socket through a forward once it is there, retrying."""
         assert self._process is not None
         local_socket: Path | None = None
         while True:
             if self._process.returncode is not None:
-                raise QemuLaunchError(
-                    "exited during start-up", name=self.name, argv=self.argv,
-                    status=self._process.returncode, stderr=await self.stderr_text(),
-                )
+                raise await self._exited_during_start_up(self._process.returncode)
             if await self.host.exists(self.qmp_socket):
                 if local_socket is None:
                     local_socket = await self._forwarding.enter_async_context(
@@ -170,6 +226,9 @@ class QemuProcess:
         process = self._process
         if process is None:
             await self.monitor.close()
+            if self.host.is_controller_machine:
+                # Listened on for a QEMU that never started.
+                await self.host.remove_tree(self.qmp_socket)
             return None
         try:
             if process.returncode is None and self._abandoned_postcopy():

@@ -75,7 +75,7 @@ def test_facts_and_both_probes_use_one_launcher() -> None:
     assert QemuFacts("/usr/bin/q", "7.2.22", "", ()).launcher == QemuLauncher("/usr/bin/q")
     guest = GuestArtifacts(kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd"),
                            kernel_release="6.1.0", probe_sha256="x")
-    argv = kvm_probe_argv(facts.launcher, guest, Path("/tmp/p"))
+    argv = kvm_probe_argv(facts.launcher, guest, Path("/tmp/p"), qmp_connects=True)
     assert argv[:len(ROOT_PREFIX)] == ROOT_PREFIX
     assert argv[-len(ROOT_TRAILING):] == ROOT_TRAILING
     assert argv[argv.index("-accel") + 1] == "kvm"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migrator.hosts.ssh import SUPERVISOR, _status, remote_command
+from migrator.hosts.ssh.supervisor import SUPERVISOR, remote_command, returncode_from_exit_status
 from tests.ssh_cases import ARG, NASTY, alive
 
 
@@ -50,7 +50,7 @@ def test_empty_argv_is_refused() -> None:
 @pytest.mark.parametrize(("raw", "expected"), [(0, 0), (1, 1), (127, 127), (128, 128),
                                                (143, -15), (137, -9), (255, 255)])
 def test_status_maps_signals_to_negative(raw: int, expected: int) -> None:
-    assert _status(raw) == expected
+    assert returncode_from_exit_status(raw) == expected
 
 
 def local(
