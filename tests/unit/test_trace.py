@@ -23,7 +23,8 @@ import pytest
 from migrator.errors import ArtifactError
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.ramblock import RamBlock, load_ramblocks
-from migrator.metrics.trace import TraceAnalysis, TraceAnalyzer, analyze_trace, iter_resolved_faults
+from migrator.metrics.trace import TraceAnalyzer, analyze_trace, iter_resolved_faults
+from migrator.metrics.trace_results import TraceAnalysis
 
 DATA = Path(__file__).parent.parent / "data" / "trace"
 KIB4 = 4096
@@ -1004,7 +1005,7 @@ def test_memory_does_not_keep_faults() -> None:
         t.add(place(RAM + i * KIB4))
     an = TraceAnalyzer(BLOCKS)
     an.feed(t.text().encode())
-    assert len(an._waiters) == 0
+    assert an.outstanding == 0
     assert an.finish().resolved == 2000
 
 
