@@ -35,6 +35,7 @@ __all__ = [
     "MappedBlock",
     "SubpagePolicy",
     "distinct",
+    "key_positions",
     "page_keys",
     "sort_keys",
 ]
@@ -67,6 +68,11 @@ def page_keys(blk: I64, units: I64) -> U64:
 def sort_keys(keys: U64, pos: I64) -> U64:
     """Page keys with the position of their event appended (sorts by page, then time)."""
     return (keys << np.uint64(POSITION_BITS)) | pos.astype(np.uint64)
+
+
+def key_positions(keys: U64) -> I64:
+    """The event positions that :func:`sort_keys` appended."""
+    return (keys & np.uint64((1 << POSITION_BITS) - 1)).astype(np.int64)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from migrator.metrics.block_map import (
     BlockMap,
     MappedBlock,
     distinct,
+    key_positions,
     page_keys,
     sort_keys,
 )
@@ -454,9 +455,7 @@ class FaultMatcher:
             self._tallies[b].span.see(int(t.min()), int(t.max()))
 
         def placement_of(w: I64) -> tuple[I64, I64]:
-            at = j[w]
-            pos_mask = np.uint64((1 << POSITION_BITS) - 1)
-            return (scomp[at] & pos_mask).astype(np.int64), p_ts[order[at]]
+            return key_positions(scomp[j[w]]), p_ts[order[j[w]]]
 
         self.blocktime.sweep(
             w_kind, w_cpu, w_pos, w_ts, is_new, placed_before, resolved, placement_of

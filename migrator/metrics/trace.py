@@ -133,14 +133,26 @@ class TraceAnalyzer:
             raise ValueError("chunk_size must be within 4 KiB .. 8 MiB")
         if reorder_window_ns < 0:
             raise ValueError("reorder_window_ns must be >= 0")
-        self.chunk_size = chunk_size
-        self.subpage = subpage
-        self.reorder_window_ns = reorder_window_ns
         self._blocks = BlockMap(ramblocks, subpage)
         self._decoder = TraceDecoder(chunk_size)
         self._window = ReorderWindow(reorder_window_ns)
         self._matcher = FaultMatcher(self._blocks)
         self._finished = False
+
+    @property
+    def chunk_size(self) -> int:
+        """Most bytes decoded at once (besides a carried partial line)."""
+        return self._decoder.chunk_size
+
+    @property
+    def subpage(self) -> SubpagePolicy:
+        """How huge-page blocks resolve faults (see the class docstring)."""
+        return self._blocks.subpage
+
+    @property
+    def reorder_window_ns(self) -> int:
+        """How long (trace time) events wait for older lines written after them."""
+        return self._window.window_ns
 
     @property
     def outstanding(self) -> int:

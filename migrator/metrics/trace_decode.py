@@ -139,6 +139,22 @@ class DecodedEvents(NamedTuple):
         i, u, b = np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.bool_)
         return cls(i, i, u, b, i, i, u, i, i, i, u, i)
 
+    @classmethod
+    def of_records(
+        cls,
+        seq: I64,
+        ts: I64,
+        place: tuple[I64, U64, Bools],
+        req: tuple[I64, U64, I64],
+        begin: tuple[I64, U64, I64],
+    ) -> DecodedEvents:
+        """Events at the records ``place[0]``, ``req[0]`` and ``begin[0]`` (indices into
+        ``seq``/``ts``), each with its two arguments."""
+        (p, addr, zero), (r, hva, pid), (b, begin_addr, cpu) = place, req, begin
+        return cls(
+            seq[p], ts[p], addr, zero, seq[r], ts[r], hva, pid, seq[b], ts[b], begin_addr, cpu
+        )
+
     def events(self) -> int:
         """How many events (not columns: this is a tuple of columns)."""
         return int(self.place_seq.size + self.req_seq.size + self.begin_seq.size)
@@ -283,7 +299,7 @@ class TraceDecoder:
     ) -> DecodedEvents:
         """Decode the events of the record lines; rare ones go through re."""
         words = lines.words
-        name_pos, ts, eol = records.name_pos, records.ts, records.eol
+        name_pos, eol = records.name_pos, records.eol
         # Dispatch on the first 16 bytes of the event name, then verify the rest
         # of each candidate's fixed text with loads of its own.
         g0 = words[name_pos]
@@ -359,19 +375,12 @@ class TraceDecoder:
         slow = np.concatenate([np.flatnonzero(~handled), *slow_parts])
         extra = self._slow_events(lines, seq, records, slow, ranges)
         begins = np.concatenate(b_sel)
-        fast = DecodedEvents(
-            place_seq=seq[place],
-            place_ts=ts[place],
-            place_addr=addr,
-            place_zero=is_zero[place],
-            req_seq=seq[req],
-            req_ts=ts[req],
-            req_hva=hva,
-            req_pid=pid,
-            begin_seq=seq[begins],
-            begin_ts=ts[begins],
-            begin_addr=np.concatenate(b_addr),
-            begin_cpu=np.concatenate(b_cpu),
+        fast = DecodedEvents.of_records(
+            seq,
+            records.ts,
+            (place, addr, is_zero[place]),
+            (req, hva, pid),
+            (begins, np.concatenate(b_addr), np.concatenate(b_cpu)),
         )
         return fast.join(extra)
 
@@ -417,21 +426,12 @@ class TraceDecoder:
         def col(rows: list[tuple[int, int, Any]], i: int, dtype: Any) -> Any:
             return np.array([r[i] for r in rows], dtype=dtype)
 
-        p, r, b = col(place, 0, np.int64), col(reqs, 0, np.int64), col(begins, 0, np.int64)
-        ts = records.ts
-        return DecodedEvents(
-            place_seq=seq[p],
-            place_ts=ts[p],
-            place_addr=col(place, 1, np.uint64),
-            place_zero=col(place, 2, np.bool_),
-            req_seq=seq[r],
-            req_ts=ts[r],
-            req_hva=col(reqs, 1, np.uint64),
-            req_pid=col(reqs, 2, np.int64),
-            begin_seq=seq[b],
-            begin_ts=ts[b],
-            begin_addr=col(begins, 1, np.uint64),
-            begin_cpu=col(begins, 2, np.int64),
+        return DecodedEvents.of_records(
+            seq,
+            records.ts,
+            (col(place, 0, np.int64), col(place, 1, np.uint64), col(place, 2, np.bool_)),
+            (col(reqs, 0, np.int64), col(reqs, 1, np.uint64), col(reqs, 2, np.int64)),
+            (col(begins, 0, np.int64), col(begins, 1, np.uint64), col(begins, 2, np.int64)),
         )
 
     def _count_ignored(self, text: bytes) -> bool:
