@@ -9,15 +9,12 @@ imported by their full names.
 from migrator.metrics.histogram import Bucket, Histogram
 from migrator.metrics.ramblock import RamBlock, load_ramblocks, parse_info_ramblock, parse_size
 from migrator.metrics.trace import (
-    BlockAnalysis,
-    FaultBatch,
-    ResolvedFault,
-    TraceAnalysis,
     TraceAnalyzer,
     analyze_trace,
     iter_fault_batches,
     iter_resolved_faults,
 )
+from migrator.metrics.trace_results import BlockAnalysis, FaultBatch, ResolvedFault, TraceAnalysis
 
 __all__ = [
     "BlockAnalysis",

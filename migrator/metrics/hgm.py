@@ -24,7 +24,7 @@ from migrator.errors import ArtifactError
 from migrator.hgm import DOUBLEMAP_CAPABILITY, CollapseSummary, SmapsSample, collapse_summary
 from migrator.hgm import load_samples as load_smaps_samples
 from migrator.metrics.events import PhaseTimeline, read_jsonl
-from migrator.metrics.trace import TraceAnalysis
+from migrator.metrics.trace_results import TraceAnalysis
 from migrator.model import (
     HgmBlock,
     HgmCollapse,

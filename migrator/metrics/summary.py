@@ -24,7 +24,8 @@ from migrator.metrics.qemu_counters import QemuCounters, load_counters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.run_outcome import derive_outcome
-from migrator.metrics.trace import TraceAnalysis, analyze_trace
+from migrator.metrics.trace import analyze_trace
+from migrator.metrics.trace_results import TraceAnalysis
 from migrator.model import (
     BlockFetch,
     ClockStepRecord,

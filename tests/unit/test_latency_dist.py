@@ -21,7 +21,8 @@ from migrator.metrics.histogram import Histogram
 from migrator.metrics.latency_dist import compare_latency_dist, qemu_bucket, rebin
 from migrator.metrics.ramblock import RamBlock, load_ramblocks
 from migrator.metrics.summary import build_report
-from migrator.metrics.trace import TraceAnalysis, analyze_trace, iter_resolved_faults
+from migrator.metrics.trace import analyze_trace, iter_resolved_faults
+from migrator.metrics.trace_results import TraceAnalysis
 from migrator.model import LatencyDistComparison
 from migrator.report.terminal import render_report
 
