@@ -209,7 +209,7 @@ def build_dashboard(store: ResultsStore, out: Path,
         pages, charts = [], {}
         for view in views:
             page, charts[view.key] = write_scenario_page(out, env, view, links, samples,
-                                                           units, options, common)
+                                                          units, options, common)
             pages.append(page)
         index = write_index(out, env, views, links, charts, samples, units, options, common)
         lap("pages")

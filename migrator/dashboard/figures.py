@@ -61,6 +61,7 @@ def _recent(layout: dict[str, Any], xs: Sequence[str]) -> None:
 
 
 def dashboard_plot(div_id: str, title: str, caption: str, figure: dict[str, Any]) -> Plot:
+    """A plotly.js figure dict as a page's :class:`~migrator.report.figures.Plot`."""
     # plotly's encoder escapes <, > and /, so scenario names cannot end the <script>.
     return Plot(div_id, title, caption,
                 Markup(to_json_plotly({**figure, "config": PLOT_CONFIG})))

@@ -120,9 +120,9 @@ def _json_script(value: Any) -> Markup:
     return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 def write_scenario_page(out: Path, env: Environment, view: ScenarioView, links: RunLinks,
-                         samples: Mapping[str, Mapping[str, float]], units: Mapping[str, str],
-                         options: DashboardOptions,
-                         common: Mapping[str, Any]) -> tuple[Path, dict[str, str]]:
+                        samples: Mapping[str, Mapping[str, float]], units: Mapping[str, str],
+                        options: DashboardOptions,
+                        common: Mapping[str, Any]) -> tuple[Path, dict[str, str]]:
     """Write one scenario's page; returns it and the chart id of each metric drawn."""
     verdicts = {v.metric: v for v in view.verdicts}
     charted: list[tuple[str, str]] = []
@@ -184,9 +184,9 @@ class RegressionRow:
 
 
 def write_index(out: Path, env: Environment, views: Sequence[ScenarioView], links: RunLinks,
-                 charts: Mapping[str, Mapping[str, str]],
-                 samples: Mapping[str, Mapping[str, float]], units: Mapping[str, str],
-                 options: DashboardOptions, common: Mapping[str, Any]) -> Path:
+                charts: Mapping[str, Mapping[str, str]],
+                samples: Mapping[str, Mapping[str, float]], units: Mapping[str, str],
+                options: DashboardOptions, common: Mapping[str, Any]) -> Path:
     """Write index.html: every scenario's latest night, the regressions, overview charts."""
     scenario_rows, regression_rows = [], []
     for view in views:

@@ -103,6 +103,7 @@ class ScenarioView:
         return template
 
 def slug(text: str) -> str:
+    """``text`` as a file name: runs of other characters than letters, digits, ``._-`` as ``_``."""
     return _UNSAFE.sub("_", text).strip("._") or "run"
 
 
@@ -197,13 +198,15 @@ VerdictJob = tuple[list[dict[str, float]], list[dict[str, float]], Sequence[Metr
 
 
 def compare_one(job: VerdictJob) -> list[MetricVerdict]:
+    """The verdicts of one scenario (baseline, candidate, rules, alpha), regressions first."""
     baseline, candidate, rules, alpha = job
     verdicts = compare(baseline, candidate, rules=rules, alpha=alpha)
     return sorted(verdicts, key=lambda v: (_ORDER[v.verdict], v.metric))
 
 
 def verdict_jobs(views: Sequence[ScenarioView], samples: Mapping[str, Mapping[str, float]],
-                  options: DashboardOptions) -> list[VerdictJob]:
+                 options: DashboardOptions) -> list[VerdictJob]:
+    """One :func:`compare_one` job per view: its runs' metric samples, the rules and alpha."""
     return [([dict(samples[r["run_id"]]) for r in v.baseline],
              [dict(samples[r["run_id"]]) for r in v.candidate], options.rules, options.alpha)
             for v in views]
