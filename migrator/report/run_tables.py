@@ -17,7 +17,7 @@ from typing import Any
 from migrator.model import Metric, Report
 from migrator.pagedata import Clock
 from migrator.report.sources import Sources
-from migrator.tables import Cell, Note, Table
+from migrator.tables import Cell, Column, Note, Table
 from migrator.units import format_size, format_value
 
 __all__ = ["comparison_table", "environment_line", "facts_table", "fault_table", "fetch_table",
@@ -98,10 +98,13 @@ def _backlog_cell(backlog: dict[str, Metric], sources: Sources) -> Cell:
 def fetch_table(report: Report, sources: Sources) -> Table:
     """Per-RAMBlock fetch latency percentiles and page counts."""
     keys = ("p50", "p90", "p99", "p99.9", "max", "mean")
+    first = report.fetch[0].latency_ms.get("max") if report.fetch else None
+    source = "" if first is None else first.source
     table = Table.of("Fetch latency per RAMBlock, ms", [
-        "RAMBlock", "page", "faults", "resolved", "unresolved", *keys,
-        "backlog p50 / max, placements", "placed (requested / background / zero)", "placed at",
-        "src"], anchor="fetch")
+        "RAMBlock", "page", "faults", "resolved", "unresolved",
+        *(Column(key, "ms", source) for key in keys),
+        Column("backlog p50 / max, placements", "placements"),
+        "placed (requested / background / zero)", "placed at", "src"], anchor="fetch")
     for block in report.fetch:
         any_metric = block.latency_ms.get("max")
         # Cited before the backlog's source, so the latency's footnote comes first.
