@@ -12,7 +12,7 @@ holds:
 * fetch latency p50 on the guest RAM block per run, grouped by the axis labels
   (one marker per repetition, log y);
 * the fetch latency CDF of every run's guest RAM block, overlaid (the same
-  trace as the run page's, :func:`cdf_trace`).
+  look as the run page's, :func:`~migrator.report.figures.cdf_figure`).
 
 plotly.js is inlined once, as in the run page, so it opens without network.
 """
@@ -35,24 +35,16 @@ from migrator.bench.pagesize import (
     build_page_size_table,
     load_report,
 )
-from migrator.bench.runner import RunRecord, RunStatus, load_state
+from migrator.bench.runner import RunRecord, RunStatus, SuiteState, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
 from migrator.errors import MigratorError
-from migrator.metrics.histogram import Histogram
-from migrator.metrics.run_page import histogram_cdf
+from migrator.metrics.run_page import block_cdf
 from migrator.model import BlockFetch, Report
-from migrator.report.html import (
-    Cell,
-    Plot,
-    Table,
-    cdf_trace,
-    environment,
-    layout,
-    log_axis,
-    note,
-    plot,
-)
+from migrator.report import figures
+from migrator.report.figures import Plot, block_cdf_trace, layout, log_axis, note, plot
+from migrator.report.html import environment
 from migrator.rundir import atomic_write
+from migrator.tables import Cell, Table
 from migrator.units import format_size
 
 __all__ = ["SUITE_HTML", "render_suite_html", "write_suite_html"]
@@ -156,22 +148,12 @@ def p50_figure(results: dict[str, RunResult]) -> Any:
 
 def cdf_figure(results: dict[str, RunResult]) -> Any:
     """The fetch latency CDF of every run's guest RAM block, overlaid, log x."""
-    fig = go.Figure()
-    for run_id, result in results.items():
-        if result.block is None:
-            continue
-        hist = Histogram.from_dict(result.block.histogram)
-        if hist.count:
-            size = format_size(result.block.page_size)
-            fig.add_trace(cdf_trace(histogram_cdf(hist),
-                                    f"{run_id} · {size} pages · {hist.count:,} faults"))
-    layout(fig, "Per-page fetch latency CDF of every run (guest RAM block)", 460)
-    fig.update_xaxes(**log_axis("fetch latency, ms (log)"))
-    fig.update_yaxes(title_text="fraction of faults ≤ x", range=[0, 1.02], tickformat=".0%")
-    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
-    if not fig.data:
-        note(fig, "no finished run has fetch latencies (no destination trace?)", centre=True)
-    return fig
+    cdfs = {run_id: block_cdf(result.block) for run_id, result in results.items()
+            if result.block is not None}
+    return figures.cdf_figure(
+        [block_cdf_trace(run_id, cdf) for run_id, cdf in cdfs.items() if cdf is not None],
+        "Per-page fetch latency CDF of every run (guest RAM block)", 460,
+        "no finished run has fetch latencies (no destination trace?)")
 
 
 def _run_rows(state_runs: dict[str, RunRecord], suite_dir: Path) -> list[RunRow]:
@@ -187,15 +169,16 @@ def _run_rows(state_runs: dict[str, RunRecord], suite_dir: Path) -> list[RunRow]
     return rows
 
 
-def _page_size_table(suite: Suite | None, suite_dir: Path) -> tuple[Table | None, list[str]]:
+def _page_size_table(suite: Suite | None, state: SuiteState,
+                     suite_dir: Path) -> tuple[Table | None, list[str]]:
     if suite is None or not suite.varies_backing:
         return None, []
-    table = build_page_size_table(suite, load_state(suite_dir), suite_dir)
+    table = build_page_size_table(suite, state, suite_dir)
     headers = _headers(table)
     rows = [[Cell(text, numeric=0 < i < len(headers) - 1) for i, text in enumerate(_cells(row))]
             for row in table.rows]
     title = f"Page-size table ({table.environment}); times in ms"
-    return Table(title, headers, rows, anchor="page-size"), _all_notes(table)
+    return Table.of(title, headers, rows, anchor="page-size"), _all_notes(table)
 
 
 def render_suite_html(suite_dir: Path) -> str:
@@ -214,7 +197,7 @@ def render_suite_html(suite_dir: Path) -> str:
               "RAM block (report.fetch[*].histogram; steps are histogram bucket bounds).",
               cdf_figure(results)),
     ]
-    page_size, notes = _page_size_table(suite, suite_dir)
+    page_size, notes = _page_size_table(suite, state, suite_dir)
     counts = {status.value: state.count(status) for status in RunStatus if state.count(status)}
     versions = {str(r.report.environment.get("migrator_version") or "") for r in
                 results.values()}

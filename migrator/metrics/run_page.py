@@ -23,7 +23,7 @@ from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.summary import build_report, stall_threshold_ms
-from migrator.model import SCHEMA_VERSION, Report
+from migrator.model import SCHEMA_VERSION, BlockFetch, Report
 from migrator.pagedata import (
     BlockCdf,
     Cdf,
@@ -35,7 +35,7 @@ from migrator.pagedata import (
     StallView,
 )
 
-__all__ = ["fetch_cdfs", "histogram_cdf", "load_run_page_data", "load_run_report",
+__all__ = ["block_cdf", "fetch_cdfs", "histogram_cdf", "load_run_page_data", "load_run_report",
            "load_samples", "run_clock", "stall_view"]
 
 MS = 1e6
@@ -132,14 +132,15 @@ def histogram_cdf(hist: Histogram) -> Cdf:
     return Cdf(hist.count, x, cum)
 
 
+def block_cdf(block: BlockFetch) -> BlockCdf | None:
+    """The fetch latency CDF of one RAMBlock (None when it took no faults)."""
+    hist = Histogram.from_dict(block.histogram)
+    return BlockCdf(block.ramblock, block.page_size, histogram_cdf(hist)) if hist.count else None
+
+
 def fetch_cdfs(report: Report) -> list[BlockCdf]:
     """The CDF of each RAMBlock of ``report.fetch`` that took faults, in report order."""
-    out = []
-    for block in report.fetch:
-        hist = Histogram.from_dict(block.histogram)
-        if hist.count:
-            out.append(BlockCdf(block.ramblock, block.page_size, histogram_cdf(hist)))
-    return out
+    return [cdf for cdf in map(block_cdf, report.fetch) if cdf is not None]
 
 
 def stall_view(report: Report, guest: GuestObservations, threshold_ms: float) -> StallView:

@@ -20,12 +20,6 @@ from typer.testing import CliRunner
 
 from migrator.cli.dashboard import dashboard as dashboard_command
 from migrator.dashboard import DashboardOptions, DashboardResult, build_dashboard, night_of
-from migrator.dashboard.build import (
-    DEFAULT_NIGHT_START,
-    DEFAULT_NIGHTS,
-    _environment,
-    render_run_page,
-)
 from migrator.dashboard.prometheus import (
     LatestSummary,
     prometheus_name,
@@ -33,6 +27,8 @@ from migrator.dashboard.prometheus import (
     textfile_registry,
     write_textfile,
 )
+from migrator.dashboard.run_pages import render_run_page, site_environment
+from migrator.dashboard.views import DEFAULT_NIGHT_START, DEFAULT_NIGHTS
 from migrator.errors import ConfigError
 from migrator.results.store import ResultsStore, RunRecord, load_run, parse_selector
 from tests.nightly_runs import LAST_NIGHT, RUNS, nightly, record
@@ -486,6 +482,6 @@ def test_cli_on_the_recorded_runs(tmp_path: Path, runner: CliRunner) -> None:
     ("failed-after-switchover", "bad"), ("error", "bad")])
 def test_run_page_badge_follows_the_outcome_severity(outcome: str, badge: str) -> None:
     row = {"scenario": "s", "run_id": "r", "outcome": outcome, "origin": None, "error": None}
-    page = render_run_page(_environment(), row, {}, {"freeze_ms": 1.0}, {"freeze_ms": "ms"},
+    page = render_run_page(site_environment(), row, {}, {"freeze_ms": 1.0}, {"freeze_ms": "ms"},
                            "../s.html")
     assert f'<span class="badge {badge}">{outcome}</span>' in page

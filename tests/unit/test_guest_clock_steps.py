@@ -31,7 +31,8 @@ from migrator.metrics.guest import WRAPPED, load_guest
 from migrator.metrics.run_page import load_run_page_data, run_clock
 from migrator.metrics.summary import build_report
 from migrator.model import Report
-from migrator.report.html import render_run_html, stall_tables
+from migrator.report.html import render_run_html
+from migrator.report.run_tables import stall_tables
 from migrator.report.sources import Sources
 from tests.unit.rendering import terminal_text
 

@@ -15,14 +15,8 @@ import pytest
 from migrator.metrics.guest import load_guest
 from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
 from migrator.metrics.summary import build_report, write_report
-from migrator.report.html import (
-    MAX_POINTS,
-    _keep_largest,
-    blocktime_figure,
-    fetch_cdf_figure,
-    render_run_html,
-    write_run_html,
-)
+from migrator.report.figures import MAX_POINTS, _keep_largest, blocktime_figure, fetch_cdf_figure
+from migrator.report.html import render_run_html, write_run_html
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime")

@@ -11,7 +11,7 @@ import pytest
 from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters
 from migrator.metrics.summary import build_report
 from migrator.model import Metric, Report
-from migrator.report.html import comparison_table, headline_tables
+from migrator.report.run_tables import comparison_table, headline_tables
 from migrator.report.sources import Sources
 from tests.unit.rendering import terminal_text
 

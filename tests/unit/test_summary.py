@@ -16,7 +16,7 @@ from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.summary import build_report, write_report
 from migrator.metrics.trace import analyze_trace
 from migrator.model import Report
-from migrator.report.html import fetch_table
+from migrator.report.run_tables import fetch_table
 from migrator.report.sources import Sources
 from tests.unit.rendering import terminal_text
 
