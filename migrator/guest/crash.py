@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["kernel_crash"]
+from migrator.errors import GuestError, MigratorError
+from migrator.rundir import RunDir
+
+__all__ = ["attribute_to_guest_crash", "first_guest_crash", "kernel_crash"]
 
 # Lines the Linux kernel prints first when it oopses or panics.
 _CRASH = re.compile(
@@ -23,3 +26,28 @@ def kernel_crash(console_text: str) -> str | None:
         if match:
             return _TIMESTAMP.sub("", match.group(1)).strip()
     return None
+
+
+def first_guest_crash(run: RunDir) -> dict[str, str] | None:
+    """The first guest kernel crash on a console, ``{"side", "line"}``; None if none crashed."""
+    for side in ("dst", "src"):
+        try:
+            text = (run.side(side) / "serial.log").read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        crash = kernel_crash(text)
+        if crash:
+            return {"side": side, "line": crash}
+    return None
+
+
+def attribute_to_guest_crash(error: MigratorError, crash: dict[str, str] | None) -> MigratorError:
+    """Name a guest kernel crash behind a QEMU that exited or a console that went quiet."""
+    if crash is None:
+        return error
+    side = crash["side"]
+    diagnosed = GuestError(
+        f"the guest kernel crashed on {side} ({crash['line']}); see {side}/serial.log"
+    )
+    diagnosed.__cause__ = error
+    return diagnosed

@@ -30,12 +30,14 @@ import gzip
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from migrator.config.models import Scenario
 from migrator.errors import HostError, HugepageShortfall, MissingResource, PreflightError
+from migrator.guest.console import Side
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import reserve_hugepages
 from migrator.qemu.probe import QemuFacts
@@ -53,6 +55,8 @@ __all__ = [
     "decide_hgm",
     "decide_hgm_between",
     "detect_hgm",
+    "detect_hgm_for_sides",
+    "hgm_not_applicable",
     "kernel_config_enables_hgm",
     "probe_madv_split",
     "read_kernel_config",
@@ -357,6 +361,45 @@ async def detect_hgm(host: Host, qemu: QemuFacts | None) -> HgmSupport:
         qemu_version=qemu.version if qemu is not None else None,
         qemu_doublemap=None if qemu is None else DOUBLEMAP_CAPABILITY in qemu.capabilities,
     )
+
+
+async def detect_hgm_for_sides(
+    hosts: Mapping[Side, Host], qemus: Mapping[Side, QemuFacts],
+    known: Mapping[Side, HgmSupport] | None = None,
+) -> dict[Side, HgmSupport]:
+    """:func:`detect_hgm` for each side of a migration; ``known`` sides are not probed again.
+
+    ``known`` is what the preflight already detected.  One machine in both
+    roles is probed once.
+    """
+    # One after the other: two "hosts" can share one hugepage pool (network
+    # namespaces on one machine), and each probe grows and shrinks it.
+    supports: dict[Side, HgmSupport] = dict(known or {})
+    if "src" not in supports:
+        supports["src"] = await detect_hgm(hosts["src"], qemus["src"])
+    if "dst" not in supports:
+        supports["dst"] = (supports["src"] if hosts["dst"] is hosts["src"]
+                           else await detect_hgm(hosts["dst"], qemus["dst"]))
+    return supports
+
+
+def hgm_not_applicable(scenario: Scenario) -> HgmDecision | None:
+    """The decision when HGM cannot matter to ``scenario``, without probing; None when it can.
+
+    HGM can matter only with a hugetlb backing, post-copy on, and ``hgm`` not ``off``.
+    """
+    vm = scenario.vm
+    if not vm.backing.is_hugetlb:
+        return HgmDecision(vm.hgm, enabled=False, reason=(
+            f"not applicable: vm.backing = {vm.backing.value} has 4 KiB pages (HGM maps "
+            "pieces of hugetlb pages)"))
+    if not scenario.migration.postcopy:
+        return HgmDecision(vm.hgm, enabled=False, reason=(
+            "not applicable: migration.postcopy = false (HGM changes how post-copy "
+            "resolves faults)"))
+    if vm.hgm == "off":
+        return HgmDecision(vm.hgm, enabled=False, reason="hgm = off: not used")
+    return None
 
 
 def decide_hgm(mode: HgmMode, support: HgmSupport) -> HgmDecision:

@@ -21,10 +21,12 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from migrator.aio import first_error
 from migrator.config.models import Accel
 from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
@@ -35,7 +37,8 @@ from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 
-__all__ = ["AccelDecision", "decide_accel", "kvm_probe_argv", "stage_guest"]
+__all__ = ["AccelDecision", "decide_accel", "decide_accel_between", "kvm_probe_argv",
+           "stage_guest"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +165,23 @@ async def decide_accel(
     entry = {**asdict(decision), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     await asyncio.to_thread(_store, cache_file, key, entry)
     return decision
+
+
+async def decide_accel_between(
+    requested: Accel, qemus: Mapping[Host, QemuFacts], guest: GuestArtifacts, cache_file: Path
+) -> tuple[AccelDecision, list[AccelDecision]]:
+    """One accelerator for every QEMU: KVM only if it really runs a guest on every host.
+
+    ``qemus`` holds each distinct host once, with the QEMU it runs.  Returns the
+    accelerator chosen and each host's own decision, in the order of ``qemus``.
+    """
+    # Probed concurrently: a KVM that does not work costs each probe its whole timeout.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(decide_accel(host, requested, qemu, guest, cache_file))
+                     for host, qemu in qemus.items()]
+    except BaseExceptionGroup as error:
+        raise first_error(error) from None
+    decisions = [task.result() for task in tasks]
+    chosen = next((d for d in decisions if d.accel != "kvm"), decisions[0])
+    return chosen, decisions

@@ -310,7 +310,7 @@ def test_after_the_switch_the_statement_follows_what_failed() -> None:
 
 async def test_a_clean_up_error_never_replaces_the_error_that_ended_the_run() -> None:
     from migrator.errors import HostError
-    from migrator.runner import _exit_stack_keeping_first_error
+    from migrator.runner import exit_stack_keeping_first_error
 
     async def failing_cleanup() -> None:
         raise HostError("not connected")
@@ -319,7 +319,7 @@ async def test_a_clean_up_error_never_replaces_the_error_that_ended_the_run() ->
     teardowns: list[str] = []
 
     async def run(failure: Exception | None) -> None:
-        async with _exit_stack_keeping_first_error(
+        async with exit_stack_keeping_first_error(
                 problems, lambda: teardowns.append("begun")) as stack:
             stack.push_async_callback(failing_cleanup)
             if failure is not None:
