@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from migrator import __version__
 from migrator.config.models import Scenario
-from migrator.rundir import RunDir
+from migrator.rundir import RunDir, RunMeta
 
 __all__ = ["Observer", "RunJournal"]
 
@@ -51,7 +51,8 @@ class RunJournal:
         self.teardown_problems: list[str] = []
 
     def save_meta(self) -> None:
-        self.run.write_json("run.json", self.meta)
+        """Write run.json, checked against :class:`RunMeta` (the model every reader uses)."""
+        self.run.write_json("run.json", RunMeta.model_validate(self.meta).document())
 
     def mark(self, what: str, **details: Any) -> None:
         self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
