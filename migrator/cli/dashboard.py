@@ -49,7 +49,7 @@ def dashboard(
         "--textfile", metavar="FILE",
         help="also write the Prometheus textfile here, e.g. into node_exporter's "
              "--collector.textfile.directory (replaced atomically)")] = None,
-    # Defaults: DEFAULT_NIGHTS and DEFAULT_NIGHT_START of migrator.dashboard.build, not
+    # Defaults: DEFAULT_NIGHTS and DEFAULT_NIGHT_START of migrator.dashboard.views, not
     # imported here because that module loads plotly and scipy (a test keeps them equal).
     nights: Annotated[int, typer.Option(
         "--nights", min=1, help="nights before the latest that form the default baseline")] = 7,
