@@ -15,8 +15,11 @@ shown one of the two ways (tests/unit/test_docs_text.py checks that).
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +110,24 @@ def _starts_a_program(command: str) -> bool:
     while words and _ASSIGNMENT.match(words[0]):
         words = words[1:]
     return bool(words) and _PROGRAM.match(words[0]) is not None
+
+
+def run_on_recorded_runs(commands: list[str], where: Path) -> list[str]:
+    """Run ``commands`` in ``where``, whose runs/ holds the recorded run directories
+    (tests/data/runs), as the nightly job runs them; their outputs."""
+    runs = where / "runs"
+    for run in sorted((ROOT / "tests" / "data" / "runs").iterdir()):
+        if run.is_dir():
+            shutil.copytree(run, runs / run.name)
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command)
+        argv[0] = str(ROOT / argv[0])
+        # What the shell does with runs/* (subprocess runs no shell).
+        argv = [arg for word in argv
+                for arg in (sorted(glob.glob(word, root_dir=where)) if "*" in word else [word])]
+        done = subprocess.run(argv, cwd=where, capture_output=True, text=True, timeout=300,
+                              check=False)
+        assert done.returncode == 0, f"{command}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+        outputs.append(done.stdout)
+    return outputs

@@ -1,7 +1,8 @@
 """The guides' commands, read as text: they exist, name only real programs and subcommands,
 and each is either run by the tests or marked with the reason it is not.
 
-Running them is tests/integration/test_docs.py.
+Running them is tests/unit/test_guide_commands.py (on recorded runs) and
+tests/integration/test_docs.py (with real VMs).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 from migrator.cli.main import COMMAND_ORDER
 from tests.guides import NOT_RUN_MARKER, ROOT, code_commands, commands_in, documented_commands
 
-DOCS_TEST = ROOT / "tests" / "integration" / "test_docs.py"
+DOCS_TESTS = (ROOT / "tests" / "unit" / "test_guide_commands.py",
+              ROOT / "tests" / "integration" / "test_docs.py")
 
 
 def test_guides_have_commands() -> None:
@@ -36,14 +38,15 @@ def test_every_guide_command_is_run_or_says_why_not() -> None:
     unaccounted = [f"{c.guide}:{c.line}: {c.command}" for c in code_commands()
                    if not c.run and c.not_run_because is None]
     assert not unaccounted, (
-        f"write these as '$ COMMAND' and run them in {DOCS_TEST.name}, or put a line "
+        f"write these as '$ COMMAND' and run them in {DOCS_TESTS[1].name}, or put a line "
         f"'{NOT_RUN_MARKER} REASON' above them in their code block: {unaccounted}")
 
 
 def test_every_guide_with_run_commands_is_run() -> None:
-    """Each guide with ``$ `` commands has a test in test_docs.py that runs all of them."""
+    """Each guide with ``$ `` commands has a test (in one of DOCS_TESTS) that runs them all."""
     with_commands = {guide for guide, _ in documented_commands()}
-    run = set(re.findall(r'guide_commands\("([\w.-]+\.md)"\)', DOCS_TEST.read_text()))
+    run = {guide for test in DOCS_TESTS
+           for guide in re.findall(r'guide_commands\("([\w.-]+\.md)"\)', test.read_text())}
     assert with_commands <= run, sorted(with_commands - run)
 
 
