@@ -33,12 +33,18 @@ class _Dialogue:
         return self._answers.pop(0) if self._answers else b""
 
 
+def _echo(_argv: tuple[str, ...], line: str) -> str:
+    return line
+
+
 class FakeHost(Host):
     """Files live in a dict; commands are answered by handlers matched on argv[0].
 
     ``on_write`` hooks let a test emulate kernel knobs (writing ``nr_hugepages``
     changes ``free_hugepages``).  ``dialogues`` answer :meth:`exchange_lines`
-    by argv[0]; a command without one is "not found".  Every command, write and
+    by argv[0]; a command without one is "not found".  ``flock`` is there from
+    the start: a fake host's locks are always free (its holder echoes each line,
+    as :mod:`migrator.hosts.pool_claims` expects).  Every command, write and
     exchange is logged in ``calls``.
     """
 
@@ -48,7 +54,7 @@ class FakeHost(Host):
         self.dirs: set[Path] = set()
         self.commands: dict[str, CommandHandler] = {}
         self.on_write: dict[Path, Callable[[bytes], None]] = {}
-        self.dialogues: dict[str, DialogueHandler] = {}
+        self.dialogues: dict[str, DialogueHandler] = {"flock": _echo}
         self.calls: list[tuple[str, ...]] = []
 
     def set_text(self, path: str | Path, text: str) -> None:

@@ -7,19 +7,21 @@ what it read) and shrinks it by exactly what it added, so concurrent users of
 the pool and the machine's own configuration are left alone.
 
 **Claims.**  Two "hosts" can share one kernel, hence one pool: two network
-namespaces on one machine (the test hosts), or two runs driven by one
-controller.  The pool's free count does not show pages that a reservation has
-been promised but that no QEMU has mapped yet, so each reservation also
-*claims* its pages in a process-wide table keyed by the kernel's identity
-(``/proc/sys/kernel/random/boot_id``, read through the :class:`Host`, so the
-same kernel reached as two hosts is recognised) and the page size.  A new
-reservation counts only ``available - claimed`` as free.  This is
-conservative: pages a claimant's QEMU has already mapped are out of
-``available`` *and* still claimed, so the pool may be grown by more than was
-strictly needed (and shrunk back by the same amount on exit), never by less.
-Reading the pool, growing it and recording the claim happen under one lock
-per kernel and page size, so two reservations in one event loop never both
-count the same free pages or lose each other's write to ``nr_hugepages``.
+namespaces on one machine (the test hosts), two runs driven by one controller,
+or two migrator processes started side by side.  The pool's free count does not
+show pages that a reservation has been promised but that no QEMU has mapped
+yet, so each reservation also *claims* its pages: in a process-wide table keyed
+by the kernel's identity (``/proc/sys/kernel/random/boot_id``, read through the
+:class:`Host`, so the same kernel reached as two hosts is recognised) and the
+page size, and in a claim file on the host that other migrator processes see
+(:mod:`migrator.hosts.pool_claims`).  A new reservation counts only
+``available - claimed`` as free.  This is conservative: pages a claimant's QEMU
+has already mapped are out of ``available`` *and* still claimed, so the pool may
+be grown by more than was strictly needed (and shrunk back by the same amount on
+exit), never by less.  Reading the pool, growing it and recording the claim
+happen under one lock per kernel and page size in this process and under the
+host's pool lock across processes, so no two reservations count the same free
+pages or lose each other's write to ``nr_hugepages``.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from secrets import token_hex
 
 from migrator.errors import HostError, HugepageShortfall, MigratorError, MissingResource
 from migrator.hosts.base import Host
+from migrator.hosts.pool_claims import hold_claim, hold_pool_lock, other_processes_claims
 
 __all__ = [
     "BOOT_ID",
@@ -175,52 +178,55 @@ def _release(key: _PoolKey, pages: int) -> None:
 async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> AsyncIterator[int]:
     """Make ``needed`` pages of this size available; yields how many pages were added.
 
-    Pages claimed by this process's other open reservations on the same kernel
-    (see the module docstring) do not count as available.  The claim holds
-    until exit; on exit the pool also shrinks by what was added.  Raises
-    :class:`HugepageShortfall` (after giving back any partial growth) when the
-    kernel cannot supply them.
+    Pages claimed by other open reservations on the same kernel, of this process
+    or of other migrator processes (:mod:`migrator.hosts.pool_claims`), do not
+    count as available.  The claim holds until exit; on exit the pool also
+    shrinks by what was added.  Raises :class:`HugepageShortfall` (after giving
+    back any partial growth) when the kernel cannot supply them.
     """
     key = (await kernel_identity(host), page_size_kib)
     added = 0
     claimed = False
-    try:
-        async with _pool_lock(key):
-            pool = await read_pool(host, page_size_kib)
-            others = _claimed.get(key, 0)
-            shortfall = max(0, needed - (pool.available - others))
-            if shortfall:
-                try:
-                    grown = await _grow(host, page_size_kib, pool.total + shortfall)
-                except PermissionError:
-                    raise HugepageShortfall(page_size_kib, needed,
-                                            max(0, pool.available - others),
-                                            claimed=others) from None
-                added = grown.total - pool.total
-                log.info(
-                    "%s: hugepages-%dkB grown %d -> %d (asked +%d; %d claimed by this process)",
-                    host.name, page_size_kib, pool.total, grown.total, shortfall, others,
-                )
-                if grown.available - others < needed:
-                    raise HugepageShortfall(page_size_kib, needed,
-                                            max(0, grown.available - others), claimed=others)
-            _claimed[key] = _claimed.get(key, 0) + needed
-            claimed = True
-        yield added
-    finally:
+    # Holds this reservation's claim file until after the pool has shrunk back.
+    async with AsyncExitStack() as claim:
         try:
-            if added:
-                async with _pool_lock(key):
-                    now = await read_pool(host, page_size_kib)
-                    await _set_total(host, page_size_kib, max(0, now.total - added))
-                log.info("%s: hugepages-%dkB given back: %d pages",
-                         host.name, page_size_kib, added)
+            async with _pool_lock(key), hold_pool_lock(host):
+                pool = await read_pool(host, page_size_kib)
+                others = _claimed.get(key, 0) + await other_processes_claims(host, page_size_kib)
+                shortfall = max(0, needed - (pool.available - others))
+                if shortfall:
+                    try:
+                        grown = await _grow(host, page_size_kib, pool.total + shortfall)
+                    except PermissionError:
+                        raise HugepageShortfall(page_size_kib, needed,
+                                                max(0, pool.available - others),
+                                                claimed=others) from None
+                    added = grown.total - pool.total
+                    log.info("%s: hugepages-%dkB grown %d -> %d (asked +%d; %d claimed by "
+                             "other reservations)", host.name, page_size_kib, pool.total,
+                             grown.total, shortfall, others)
+                    if grown.available - others < needed:
+                        raise HugepageShortfall(page_size_kib, needed,
+                                                max(0, grown.available - others),
+                                                claimed=others)
+                await claim.enter_async_context(hold_claim(host, page_size_kib, needed))
+                _claimed[key] = _claimed.get(key, 0) + needed
+                claimed = True
+            yield added
         finally:
-            # Dropped only after the shrink (a reservation that reads the pool in
-            # between over-counts, never under-counts), and without awaiting, so a
-            # second cancellation cannot leave the claim behind.
-            if claimed:
-                _release(key, needed)
+            try:
+                if added:
+                    async with _pool_lock(key), hold_pool_lock(host):
+                        now = await read_pool(host, page_size_kib)
+                        await _set_total(host, page_size_kib, max(0, now.total - added))
+                    log.info("%s: hugepages-%dkB given back: %d pages",
+                             host.name, page_size_kib, added)
+            finally:
+                # Dropped only after the shrink (a reservation that reads the pool in
+                # between over-counts, never under-counts), and without awaiting, so a
+                # second cancellation cannot leave the claim behind.
+                if claimed:
+                    _release(key, needed)
 
 
 def _pagesize_kib_of_mount(options: str) -> int | None:

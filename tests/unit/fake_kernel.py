@@ -7,7 +7,7 @@ from pathlib import Path
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.hugepages import BOOT_ID
 
-__all__ = ["POOL", "FakeKernel"]
+__all__ = ["POOL", "FakeKernel", "pool_writes"]
 
 POOL = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB")
 """The 1 GiB pool's sysfs directory."""
@@ -48,3 +48,9 @@ class FakeKernel:
         for host in self.hosts:
             host.files[POOL / "nr_hugepages"] = f"{self.total}\n".encode()
             host.files[POOL / "free_hugepages"] = f"{self.total - self.used}\n".encode()
+
+
+def pool_writes(host: FakeHost) -> list[str]:
+    """What was written to the host's hugepage pool knobs (sysfs), in order."""
+    return [call[2] for call in host.calls
+            if call[0] == "write" and call[1].startswith("/sys/kernel/mm/hugepages/")]

@@ -40,6 +40,7 @@ from migrator.hosts.fake import FakeHost
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.trace import analyze_trace
 from migrator.rundir import JsonlWriter
+from tests.unit.fake_kernel import pool_writes
 from tests.unit.hgm_fakes import (
     DATA,
     QEMU_72,
@@ -128,7 +129,7 @@ async def test_einval_means_not_supported_and_the_pool_is_given_back() -> None:
     )
     assert "KernelPageSize 2048 kB, VmFlags rd wr sh mr mw me ms de ht" in detail
     # Grown by the shortfall (1), shrunk by exactly that.
-    writes = [c[2] for c in host.calls if c[0] == "write"]
+    writes = pool_writes(host)
     assert writes == ["1", "0"]
     (argv,) = probe_calls(host)
     assert argv[:3] == ("python3", "-I", "-c")
@@ -139,7 +140,7 @@ async def test_einval_means_not_supported_and_the_pool_is_given_back() -> None:
 async def test_enough_free_pages_leave_the_pool_alone() -> None:
     host = kernel([probe_report()], total=4, free=2)
     assert (await probe_madv_split(host))[0] == NOT_SUPPORTED
-    assert not [c for c in host.calls if c[0] == "write"]
+    assert not pool_writes(host)
 
 
 async def test_success_is_supported_with_hm_as_evidence() -> None:
@@ -175,7 +176,7 @@ async def test_page_never_available() -> None:
         "could not probe: mmap of a MAP_SHARED|MAP_HUGETLB 2 MiB page failed: "
         "ENOMEM (Cannot allocate memory)"
     )
-    assert [c[2] for c in host.calls if c[0] == "write"] == ["1", "0"] * 3
+    assert pool_writes(host) == ["1", "0"] * 3
 
 
 async def test_no_hugepage_can_be_had() -> None:

@@ -16,7 +16,7 @@ from migrator.hosts.hugepages import (
     hugetlbfs_dir,
     reserve_hugepages,
 )
-from tests.unit.fake_kernel import POOL, FakeKernel
+from tests.unit.fake_kernel import POOL, FakeKernel, pool_writes
 
 
 def kernel_with_pool(total: int, free: int, limit: int) -> FakeHost:
@@ -41,7 +41,7 @@ async def test_enough_free_pages_touches_nothing() -> None:
     host = kernel_with_pool(total=4, free=4, limit=4)
     async with reserve_hugepages(host, 1048576, 2) as added:
         assert added == 0
-    assert not [c for c in host.calls if c[0] == "write"]
+    assert not pool_writes(host)
 
 
 class TransientKernel(FakeKernel):
