@@ -61,6 +61,8 @@ class SideSamples:
     the reply when it runs the command, which a busy main loop delays (the
     destination's replies took up to 0.5 s during the switchover), so the reply
     time is closer to the moment the numbers describe than the request time.
+    ``replies`` counts every reply of the side, with ram statistics or not, with a
+    time or not (a page without ram statistics says how many replies there were).
     """
 
     side: str

@@ -16,7 +16,8 @@ Rows without a finished run say why: "not supported on these hosts: ..." for
 an HGM run the hosts cannot do, the error of a failed run, or "not run".
 The same table is printed (rich), and written as Markdown and CSV beside
 ``suite.json``.  Reports are read, never written: a run directory without a
-``report.json`` (or with an outdated one) is analysed in memory.
+``report.json`` (or with an outdated one) is analysed in memory; a caller that
+has loaded them already (the suite page) passes them in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,11 +54,16 @@ __all__ = [
     "PageSizeRow",
     "PageSizeTable",
     "build_page_size_table",
+    "guest_ram_block",
+    "load_done_reports",
     "load_report",
     "page_label",
     "render_page_size_table",
+    "row_cells",
     "run_metrics",
     "table_csv",
+    "table_footnotes",
+    "table_headers",
     "table_markdown",
     "write_page_size_table",
 ]
@@ -178,6 +184,11 @@ class PageSizeRow:
         return " ".join(part for part in (page_label(self.page_size, self.hgm), others, qemu)
                         if part)
 
+    @property
+    def runs_text(self) -> str:
+        """How many runs finished: ``1``, or ``finished/planned`` with repetitions."""
+        return f"{self.runs}" if self.planned <= 1 else f"{self.runs}/{self.planned}"
+
 
 @dataclass(frozen=True)
 class PageSizeTable:
@@ -206,15 +217,32 @@ def load_report(run_path: Path) -> Report:
     return load_run_report(run_path)[0]
 
 
-def _ram_block(report: Report, page_size: int) -> BlockFetch | None:
-    """The guest RAM block: the block of the backing's page size that took the most faults."""
-    blocks = [block for block in report.fetch if block.page_size == page_size]
+def load_done_reports(runs: Mapping[str, RunRecord], suite_dir: Path) -> dict[str, Report]:
+    """The reports of the runs marked done whose report can be read or derived (see
+    :func:`load_report`), keyed by run id, in the order of ``runs``."""
+    reports = {}
+    for run_id, record in runs.items():
+        path = record.path(suite_dir)
+        if record.status is not RunStatus.DONE or path is None:
+            continue
+        try:
+            reports[run_id] = load_report(path)
+        except MigratorError:
+            continue
+    return reports
+
+
+def guest_ram_block(report: Report, page_size: int | None) -> BlockFetch | None:
+    """The guest RAM block: the block of the backing's page size that took the most faults
+    (of any page size when ``page_size`` is None)."""
+    blocks = [block for block in report.fetch
+              if page_size is None or block.page_size == page_size]
     return max(blocks, key=lambda block: block.faults, default=None)
 
 
 def run_metrics(report: Report, page_size: int) -> dict[str, float | None]:
     """Every column of one run, plus its link bandwidth, wire floor and ratio."""
-    block = _ram_block(report, page_size)
+    block = guest_ram_block(report, page_size)
     values = {column.key: column.read(report, block) for column in COLUMNS}
     transferred = _number(report.transfer["ram.transferred"].value) \
         if "ram.transferred" in report.transfer else None
@@ -283,39 +311,41 @@ def _environment(reports: Sequence[Report]) -> str:
             f"{_distinct(reports, 'guest_kernel')}")
 
 
-def build_page_size_table(suite: Suite, state: SuiteState, out_dir: Path) -> PageSizeTable:
-    """The table of a suite's runs as ``state`` records them (reports read from run dirs)."""
+def build_page_size_table(suite: Suite, state: SuiteState, out_dir: Path,
+                          reports: Mapping[str, Report] | None = None) -> PageSizeTable:
+    """The table of a suite's runs as ``state`` records them.
+
+    ``reports``: the reports of the runs marked done, keyed by run id, as
+    :func:`load_done_reports` loaded them from ``out_dir``; None loads them here.
+    """
     page_axes = suite.page_axes
     other_axes = tuple(axis.name for axis in suite.axes if axis.name not in page_axes)
+    if reports is None:
+        reports = load_done_reports({run.run_id: state.runs[run.run_id] for run in suite.runs
+                                     if run.run_id in state.runs}, out_dir)
     groups: dict[tuple[int, bool, tuple[tuple[str, str], ...]],
                  list[tuple[PlannedRun, RunRecord, Report | None]]] = {}
     order: dict[tuple[tuple[str, str], ...], int] = {}
-    reports: list[Report] = []
+    done: list[Report] = []
     for run in suite.runs:
         record = state.runs.get(run.run_id)
         if record is None:
             continue
         others = tuple((axis, label) for axis, label in run.labels if axis not in page_axes)
         order.setdefault(others, len(order))
-        report = None
-        path = record.path(out_dir)
-        if record.status is RunStatus.DONE and path is not None:
-            try:
-                report = load_report(path)
-            except MigratorError:
-                report = None
+        report = reports.get(run.run_id)
         if report is not None:
-            reports.append(report)
+            done.append(report)
         key = (run.scenario.vm.backing.page_size, run.hgm, others)
         groups.setdefault(key, []).append((run, record, report))
     # Rows name their QEMU when the runs used more than one (a suite comparing builds).
-    mixed = len({report.environment.get("qemu_version") for report in reports}) > 1
+    mixed = len({report.environment.get("qemu_version") for report in done}) > 1
     rows = [_row(page, hgm, others, entries, mixed)
             for (page, hgm, others), entries in sorted(
                 groups.items(), key=lambda item: (item[0][0], item[0][1], order[item[0][2]]))]
     return PageSizeTable(
         suite=suite.name, rows=tuple(rows), other_axes=other_axes,
-        environment=_environment(reports),
+        environment=_environment(done),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
@@ -334,14 +364,15 @@ def _fmt(value: float | None, key: str) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _headers(table: PageSizeTable) -> list[str]:
+def table_headers(table: PageSizeTable) -> list[str]:
+    """The column headers, as the Markdown and HTML tables show them."""
     runs = "runs" if table.repetitions <= 1 else "runs (medians)"
     return ["page size", runs, *(c.header for c in COLUMNS), "p50 / wire floor", "note"]
 
 
-def _cells(row: PageSizeRow) -> list[str]:
-    runs = f"{row.runs}" if row.planned <= 1 else f"{row.runs}/{row.planned}"
-    return [row.label, runs, *(_fmt(row.values[c.key], c.key) for c in COLUMNS),
+def row_cells(row: PageSizeRow) -> list[str]:
+    """The cells of one row as text (numbers formatted), under :func:`table_headers`."""
+    return [row.label, row.runs_text, *(_fmt(row.values[c.key], c.key) for c in COLUMNS),
             _fmt(row.values[RATIO], RATIO), row.note]
 
 
@@ -357,7 +388,9 @@ def _bandwidth_note(table: PageSizeTable) -> str:
     return "measured link bandwidth per row: " + ("; ".join(parts) if parts else "none")
 
 
-def _all_notes(table: PageSizeTable) -> list[str]:
+def table_footnotes(table: PageSizeTable) -> list[str]:
+    """The notes under the table, to be numbered: the column notes, the measured link
+    bandwidth per row, the guests, and how repetitions are summed up."""
     notes = list(table.notes)
     notes.append(_bandwidth_note(table))
     notes.append("guests: " + "; ".join(f"{row.label}: {row.guest}" for row in table.rows))
@@ -372,15 +405,15 @@ def table_markdown(table: PageSizeTable) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    headers = _headers(table)
+    headers = table_headers(table)
     out = [f"## Page-size table: suite `{table.suite}`", "",
            f"{table.environment}; generated {table.generated}.", "",
            line(headers),
            "|" + "|".join("---" if i in (0, len(headers) - 1) else "---:"
                           for i in range(len(headers))) + "|"]
-    out += [line(_cells(row)) for row in table.rows]
+    out += [line(row_cells(row)) for row in table.rows]
     out.append("")
-    out += [f"{number}. {note}" for number, note in enumerate(_all_notes(table), 1)]
+    out += [f"{number}. {note}" for number, note in enumerate(table_footnotes(table), 1)]
     return "\n".join(out) + "\n"
 
 
@@ -429,7 +462,7 @@ def _rich_table(table: PageSizeTable, title: str, columns: Sequence[Column],
     if with_ratio:
         rich_table.add_column("p50 /\nfloor", justify="right", no_wrap=True)
     for row in table.rows:
-        cells = [row.label, _cells(row)[1], *(_fmt(row.values[c.key], c.key) for c in columns)]
+        cells = [row.label, row.runs_text, *(_fmt(row.values[c.key], c.key) for c in columns)]
         if with_ratio:
             cells.append(_fmt(row.values[RATIO], RATIO))
         rich_table.add_row(*cells, style=None if row.status in ("done", "partial") else "dim")
@@ -457,5 +490,5 @@ def render_page_size_table(table: PageSizeTable, console: Console) -> None:
         if row.note:
             console.print(f"[bold]{row.label}[/bold]: {row.note}", highlight=False,
                           soft_wrap=True)
-    for number, note in enumerate(_all_notes(table), 1):
+    for number, note in enumerate(table_footnotes(table), 1):
         console.print(f"[dim]{number}. {note}[/dim]", highlight=False, soft_wrap=True)

@@ -39,7 +39,8 @@ from migrator.bench.suite import PlannedRun, Selection, Suite
 from migrator.config.models import Scenario
 from migrator.errors import ArtifactError, ConfigError, MigratorError
 from migrator.hgm import detect_hgm
-from migrator.metrics.summary import build_report, write_report
+from migrator.metrics.run_artifacts import load_run_artifacts
+from migrator.metrics.summary import build_report, derive_report, write_report
 from migrator.qemu.probe import QemuFacts, probe_qemu
 from migrator.rundir import RunDir, atomic_write
 from migrator.runner import Observer, run_scenario, scenario_hosts
@@ -232,14 +233,15 @@ async def run_and_report(
             except MigratorError as error:
                 log.warning("%s: no partial report: %s", holder[0], error)
         raise
-    report = build_report(run.path)
+    artifacts = load_run_artifacts(run.path)
+    report = derive_report(artifacts)
     write_report(run.path, report)
     if html:
         from migrator.metrics.run_page import load_run_page_data
         from migrator.report.html import write_run_html
 
         try:
-            write_run_html(run.path, load_run_page_data(run.path, report))
+            write_run_html(run.path, load_run_page_data(artifacts, report))
         except MigratorError as error:
             # The run itself is fine; a missing page must not turn it into a failure.
             log.warning("%s: no HTML report: %s", run.path, error)

@@ -3,8 +3,8 @@
 Reads ``DIR/suite.json`` (:func:`load_state`), ``DIR/suite.toml`` (the suite as
 last run, for the page-size table; the table is left out when it cannot be
 read or the suite does not vary ``vm.backing``) and each finished run's report
-(``report.json``, derived again in memory when missing or outdated).  The page
-holds:
+once, for the plots and the page-size table (``report.json``, derived again in
+memory when missing or outdated).  The page holds:
 
 * a table of every run: id, status, error or reason, duration, and a link to
   ``runs/<dir>/report.html`` when that file exists (relative to the page);
@@ -29,11 +29,12 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 
 from migrator.bench.pagesize import (
-    _all_notes,
-    _cells,
-    _headers,
     build_page_size_table,
-    load_report,
+    guest_ram_block,
+    load_done_reports,
+    row_cells,
+    table_footnotes,
+    table_headers,
 )
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
@@ -76,12 +77,6 @@ class RunResult:
     block: BlockFetch | None
 
 
-def _ram_block(report: Report, page_size: int | None) -> BlockFetch | None:
-    """The block of the run's page size with the most faults (any block when unknown)."""
-    blocks = [b for b in report.fetch if page_size is None or b.page_size == page_size]
-    return max(blocks, key=lambda b: b.faults, default=None)
-
-
 def _link(page_dir: Path, run_path: Path | None) -> str | None:
     """``report.html`` of a run relative to the page, when it exists."""
     if run_path is None or not (run_path / "report.html").is_file():
@@ -96,21 +91,15 @@ def _load_suite(suite_dir: Path) -> Suite | None:
         return None
 
 
-def _results(state_runs: dict[str, RunRecord], suite_dir: Path,
+def _results(state_runs: dict[str, RunRecord], reports: dict[str, Report],
              planned: dict[str, PlannedRun]) -> dict[str, RunResult]:
-    """Reports of the runs marked done whose report can be read or derived."""
+    """The finished runs with their reports and guest RAM blocks (any block of the most
+    faults when the run is no longer in the suite file)."""
     out = {}
-    for run_id, record in state_runs.items():
-        path = record.path(suite_dir)
-        if record.status is not RunStatus.DONE or path is None:
-            continue
-        try:
-            report = load_report(path)
-        except MigratorError:
-            continue
+    for run_id, report in reports.items():
         plan = planned.get(run_id)
         page_size = plan.scenario.vm.backing.page_size if plan is not None else None
-        out[run_id] = RunResult(record, report, _ram_block(report, page_size))
+        out[run_id] = RunResult(state_runs[run_id], report, guest_ram_block(report, page_size))
     return out
 
 
@@ -169,16 +158,17 @@ def _run_rows(state_runs: dict[str, RunRecord], suite_dir: Path) -> list[RunRow]
     return rows
 
 
-def _page_size_table(suite: Suite | None, state: SuiteState,
-                     suite_dir: Path) -> tuple[Table | None, list[str]]:
+def _page_size_table(suite: Suite | None, state: SuiteState, suite_dir: Path,
+                     reports: dict[str, Report]) -> tuple[Table | None, list[str]]:
     if suite is None or not suite.varies_backing:
         return None, []
-    table = build_page_size_table(suite, state, suite_dir)
-    headers = _headers(table)
-    rows = [[Cell(text, numeric=0 < i < len(headers) - 1) for i, text in enumerate(_cells(row))]
+    table = build_page_size_table(suite, state, suite_dir, reports)
+    headers = table_headers(table)
+    rows = [[Cell(text, numeric=0 < i < len(headers) - 1)
+             for i, text in enumerate(row_cells(row))]
             for row in table.rows]
     title = f"Page-size table ({table.environment}); times in ms"
-    return Table.of(title, headers, rows, anchor="page-size"), _all_notes(table)
+    return Table.of(title, headers, rows, anchor="page-size"), table_footnotes(table)
 
 
 def render_suite_html(suite_dir: Path) -> str:
@@ -186,7 +176,8 @@ def render_suite_html(suite_dir: Path) -> str:
     state = load_state(suite_dir)
     suite = _load_suite(suite_dir)
     planned = {run.run_id: run for run in suite.runs} if suite is not None else {}
-    results = _results(state.runs, suite_dir, planned)
+    reports = load_done_reports(state.runs, suite_dir)
+    results = _results(state.runs, reports, planned)
     plots: list[Plot] = [
         plot("plot-suite-p50", "Fetch p50 per run",
               "Fetch latency p50 on each finished run's guest RAM block (report.fetch), "
@@ -197,7 +188,7 @@ def render_suite_html(suite_dir: Path) -> str:
               "RAM block (report.fetch[*].histogram; steps are histogram bucket bounds).",
               cdf_figure(results)),
     ]
-    page_size, notes = _page_size_table(suite, state, suite_dir)
+    page_size, notes = _page_size_table(suite, state, suite_dir, reports)
     counts = {status.value: state.count(status) for status in RunStatus if state.count(status)}
     versions = {str(r.report.environment.get("migrator_version") or "") for r in
                 results.values()}

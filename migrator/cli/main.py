@@ -34,6 +34,7 @@ from migrator.cli.results import compare, results_app
 from migrator.errors import ArtifactError, ConfigError, ExitCode, MigratorError
 
 if TYPE_CHECKING:
+    from migrator.metrics.run_artifacts import RunArtifacts
     from migrator.model import Report
 
 __all__ = ["COMMAND_ORDER", "app"]
@@ -105,7 +106,8 @@ def run(
 
     from migrator.cli.progress import LiveProgress
     from migrator.config.loader import load_scenario
-    from migrator.metrics.summary import build_report, write_report
+    from migrator.metrics.run_artifacts import load_run_artifacts
+    from migrator.metrics.summary import derive_report, write_report
     from migrator.outcome import EXIT_CODES, Outcome
     from migrator.report.terminal import render_report
     from migrator.runner import run_scenario
@@ -129,10 +131,11 @@ def run(
         stopped = interrupted(stop, holder.get("path"))
         _report_if_possible(holder.get("path"))
         raise stopped from None
-    report = build_report(run_dir.path)
+    artifacts = load_run_artifacts(run_dir.path)
+    report = derive_report(artifacts)
     write_report(run_dir.path, report)
     if html:
-        _write_html(run_dir.path, report)
+        _write_html(artifacts, report)
     if json_out:
         out.print_json(report.model_dump_json())
     else:
@@ -167,13 +170,14 @@ def _report_if_possible(run_path: Path | None) -> None:
                   soft_wrap=True)
 
 
-def _write_html(run_dir: Path, report: Report) -> None:
-    """The run's HTML page, from ``report`` (just written to report.json: not read back)."""
+def _write_html(artifacts: RunArtifacts, report: Report) -> None:
+    """The run's HTML page, from its artifacts and ``report`` (derived from them and just
+    written to report.json: not read back)."""
     from migrator.metrics.run_page import load_run_page_data
     from migrator.report.html import write_run_html
 
     try:
-        page = write_run_html(run_dir, load_run_page_data(run_dir, report))
+        page = write_run_html(artifacts.path, load_run_page_data(artifacts, report))
     except MigratorError as error:
         raise fail(error) from None
     err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
@@ -187,7 +191,8 @@ def report(
     verbose: VerboseOption = False,
 ) -> None:
     """Rebuild report.json and the summary offline from a run directory's raw files."""
-    from migrator.metrics.summary import build_report, write_report
+    from migrator.metrics.run_artifacts import load_run_artifacts
+    from migrator.metrics.summary import derive_report, write_report
     from migrator.report.terminal import render_report
 
     setup_logging(verbose)
@@ -195,7 +200,8 @@ def report(
         if not run_dir.is_dir():
             raise ConfigError("not a directory" if run_dir.exists() else "no such directory",
                               field=str(run_dir))
-        rebuilt = build_report(run_dir)
+        artifacts = load_run_artifacts(run_dir)
+        rebuilt = derive_report(artifacts)
     except ArtifactError as error:
         # The run directory is this command's input: one it cannot read is bad input.
         raise fail(error, exit_code=ExitCode.BAD_INPUT) from None
@@ -203,7 +209,7 @@ def report(
         raise fail(error) from None
     write_report(run_dir, rebuilt)
     if html:
-        _write_html(run_dir, rebuilt)
+        _write_html(artifacts, rebuilt)
     if json_out:
         out.print_json(rebuilt.model_dump_json())
     else:

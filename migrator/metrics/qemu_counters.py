@@ -24,7 +24,8 @@ from typing import Any
 from migrator.metrics.events import read_jsonl
 from migrator.model import Metric
 
-__all__ = ["CUMULATIVE", "Contradiction", "QemuCounters", "final_source_ram", "load_counters"]
+__all__ = ["CUMULATIVE", "Contradiction", "QemuCounters", "SampledReplies", "final_source_ram",
+           "load_counters", "read_samples"]
 
 FINAL = "QEMU query-migrate after completion"
 LAST_SAMPLE = "QEMU query-migrate, last sample"
@@ -120,15 +121,41 @@ class QemuCounters:
         return [c.warning() for c in self.contradictions.values()]
 
 
-def _samples(run_path: Path) -> dict[str, list[tuple[int, dict[str, Any]]]]:
-    """(reply time ns, reply) of each side's samples, in file order."""
-    replies: dict[str, list[tuple[int, dict[str, Any]]]] = {"src": [], "dst": []}
+@dataclass(frozen=True)
+class SampledReplies:
+    """Each side's ``query-migrate`` replies in ``samples.jsonl``.
+
+    ``timed``: (reply time ns, reply) of the replies that say when they were
+    taken, in file order; ``untimed``: how many replies of each side do not
+    (the run page counts every reply when none carries ram statistics).
+    """
+
+    timed: dict[str, list[tuple[int, dict[str, Any]]]]
+    untimed: dict[str, int]
+
+    def replies(self, side: str) -> int:
+        """How many replies ``side`` recorded, timed or not."""
+        return len(self.timed[side]) + self.untimed[side]
+
+
+def read_samples(run_path: Path) -> SampledReplies:
+    """Both sides' replies in a run directory's ``samples.jsonl`` (see :class:`SampledReplies`).
+
+    A reply's time is when QEMU answered (``reply_ns``), else when it was asked
+    (``host_ns``, older runs).
+    """
+    timed: dict[str, list[tuple[int, dict[str, Any]]]] = {"src": [], "dst": []}
+    untimed = {"src": 0, "dst": 0}
     for record in read_jsonl(run_path / SAMPLES_FILE):
         reply, side = record.get("reply"), record.get("side")
+        if not isinstance(reply, dict) or side not in timed:
+            continue
         when = record.get("reply_ns") or record.get("host_ns")
-        if isinstance(reply, dict) and side in replies and isinstance(when, int):
-            replies[side].append((when, reply))
-    return replies
+        if isinstance(when, int):
+            timed[side].append((when, reply))
+        else:
+            untimed[side] += 1
+    return SampledReplies(timed, untimed)
 
 
 def _contradictions(final: dict[str, dict[str, Any]],
@@ -162,17 +189,18 @@ def final_source_ram(run_path: Path) -> dict[str, Any]:
     return ram if isinstance(ram, dict) else {}
 
 
-def load_counters(run_path: Path) -> QemuCounters:
+def load_counters(run_path: Path, samples: SampledReplies | None = None) -> QemuCounters:
     """Prefer the replies taken after completion, checked against the samples.
 
-    Falls back to the last samples when there is no final reply.
+    Falls back to the last samples when there is no final reply.  ``samples``:
+    the run's samples when the caller has read them already (read here when None).
     """
-    samples = _samples(run_path)
+    sampled = (samples if samples is not None else read_samples(run_path)).timed
     final = run_path / FINAL_FILE
     if final.exists():
         data = json.loads(final.read_text())
         replies = {side: data.get(side, {}) for side in ("src", "dst")}
         return QemuCounters(replies["src"], replies["dst"], FINAL,
-                            _contradictions(replies, samples))
-    last = {side: records[-1][1] if records else {} for side, records in samples.items()}
+                            _contradictions(replies, sampled))
+    last = {side: records[-1][1] if records else {} for side, records in sampled.items()}
     return QemuCounters(last["src"], last["dst"], LAST_SAMPLE)

@@ -1,28 +1,27 @@
-"""Everything a run's HTML page shows, read from the run directory (no plotting).
+"""Everything a run's HTML page shows, derived from the run directory (no plotting).
 
-:func:`load_run_page_data` reads ``report.json`` (derived again from the raw
-artifacts with :func:`build_report` when it is missing or of another schema),
-``run.json``, ``scenario.toml``, the guest consoles, ``timeline.jsonl`` and
-``samples.jsonl``, and returns a :class:`~migrator.pagedata.RunPageData` for
+:func:`load_run_page_data` takes the run's artifacts as
+:func:`~migrator.metrics.run_artifacts.load_run_artifacts` read them (``run.json``,
+``scenario.toml``, the guest consoles, ``timeline.jsonl``, ``samples.jsonl``)
+and its report (the caller's, else ``report.json``, else derived again from
+those artifacts with :func:`derive_report` when it is missing or of another
+schema), and returns a :class:`~migrator.pagedata.RunPageData` for
 :func:`migrator.report.html.render_run_html` to draw.
 """
 
 from __future__ import annotations
 
-import json
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from migrator.errors import ArtifactError
-from migrator.metrics.events import PhaseTimeline, load_events, read_jsonl, time_zero
-from migrator.metrics.guest import GuestObservations, load_guest
+from migrator.metrics.events import PhaseTimeline, time_zero
+from migrator.metrics.guest import GuestObservations
 from migrator.metrics.histogram import Histogram
-from migrator.metrics.summary import build_report, stall_threshold_ms
+from migrator.metrics.qemu_counters import SampledReplies
+from migrator.metrics.run_artifacts import RunArtifacts
+from migrator.metrics.summary import build_report, derive_report, stall_threshold_ms
 from migrator.model import SCHEMA_VERSION, BlockFetch, Report
 from migrator.pagedata import (
     BlockCdf,
@@ -36,17 +35,18 @@ from migrator.pagedata import (
 )
 
 __all__ = ["block_cdf", "fetch_cdfs", "histogram_cdf", "load_run_page_data", "load_run_report",
-           "load_samples", "run_clock", "stall_view"]
+           "run_clock", "side_samples", "stall_view"]
 
 MS = 1e6
 
 
-def load_run_report(run_path: Path) -> tuple[Report, str]:
+def load_run_report(run_path: Path,
+                    artifacts: RunArtifacts | None = None) -> tuple[Report, str]:
     """The run's report and a sentence saying where it came from.
 
     ``report.json`` is a cache of :func:`build_report`: when it is absent, or
     written by another schema version, the report is derived again from the
-    raw artifacts (nothing is written).
+    raw artifacts (``artifacts`` when the caller has read them; nothing is written).
     """
     path = run_path / "report.json"
     if path.exists():
@@ -61,47 +61,31 @@ def load_run_report(run_path: Path) -> tuple[Report, str]:
             why = f"report.json has schema {report.schema_version}, not {SCHEMA_VERSION}"
     else:
         why = "no report.json"
-    return build_report(run_path), f"{why}: derived again from the raw artifacts"
+    derived = derive_report(artifacts) if artifacts is not None else build_report(run_path)
+    return derived, f"{why}: derived again from the raw artifacts"
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing; is this a migrator run directory?") from None
-
-
-def load_samples(run_path: Path, clock: Clock) -> dict[str, SideSamples]:
-    """Both sides' ``samples.jsonl`` replies with ``ram`` members (see :class:`SideSamples`)."""
-    rows: dict[str, list[tuple[int, float, float, float]]] = {"src": [], "dst": []}
-    replies = {"src": 0, "dst": 0}
-    for record in read_jsonl(run_path / "samples.jsonl"):
-        side = record.get("side")
-        reply = record.get("reply")
-        if side not in rows or not isinstance(reply, dict):
-            continue
-        replies[side] += 1
-        ram = reply.get("ram")
-        if not isinstance(ram, dict) or "remaining" not in ram or "transferred" not in ram:
-            continue
-        when = record.get("reply_ns") or record.get("host_ns")
-        if not isinstance(when, int):
-            continue
-        rows[side].append((when, float(ram["remaining"]), float(ram["transferred"]),
-                           float(ram.get("mbps", np.nan))))
+def side_samples(samples: SampledReplies, clock: Clock) -> dict[str, SideSamples]:
+    """Both sides' timed replies with ``ram`` members, in time order (see :class:`SideSamples`)."""
     out = {}
-    for side, data in rows.items():
-        data.sort()
-        arr = np.array([r[1:] for r in data], dtype=np.float64).reshape(-1, 3)
-        t_s = np.array([clock.s(int(r[0])) for r in data], dtype=np.float64)
-        out[side] = SideSamples(side, replies[side], t_s, arr[:, 0], arr[:, 1], arr[:, 2])
+    for side, replies in samples.timed.items():
+        rows = sorted(
+            (when, float(ram["remaining"]), float(ram["transferred"]),
+             float(ram.get("mbps", np.nan)))
+            for when, reply in replies
+            if isinstance(ram := reply.get("ram"), dict)
+            and "remaining" in ram and "transferred" in ram)
+        arr = np.array([r[1:] for r in rows], dtype=np.float64).reshape(-1, 3)
+        t_s = np.array([clock.s(int(r[0])) for r in rows], dtype=np.float64)
+        out[side] = SideSamples(side, samples.replies(side), t_s, arr[:, 0], arr[:, 1],
+                                arr[:, 2])
     return out
 
 
-def run_clock(run_path: Path, report: Report, meta: Mapping[str, Any],
-              guest: GuestObservations) -> Clock:
+def run_clock(artifacts: RunArtifacts, report: Report) -> Clock:
     """The :class:`~migrator.pagedata.Clock` of one run (see there)."""
-    t0, start = time_zero(load_events(run_path).marks, report.phases,
+    meta, guest = artifacts.meta_document, artifacts.guest
+    t0, start = time_zero(artifacts.events.marks, report.phases,
                           int(meta.get("started_ns") or 0))
     if start == "migrate":
         what, axis = "the migrate command", "s since migrate"
@@ -172,23 +156,19 @@ def stall_view(report: Report, guest: GuestObservations, threshold_ms: float) ->
     return StallView(series, len(guest.stalls), unplaced, len(guest.clock_steps), gaps)
 
 
-def load_run_page_data(run_path: Path, report: Report | None = None) -> RunPageData:
-    """What the HTML page of one run directory shows (see module docstring); writes nothing.
+def load_run_page_data(artifacts: RunArtifacts, report: Report | None = None) -> RunPageData:
+    """What the HTML page of one run shows (see module docstring); writes nothing.
 
-    ``report``: the run's report as the caller just built and wrote it to
-    ``report.json``, so it is not read back; None reads (or derives) it here.
+    ``artifacts``: the run directory as :func:`load_run_artifacts` read it.
+    ``report``: the run's report as the caller just derived it from ``artifacts``
+    and wrote it to ``report.json``, so it is not read back; None reads (or
+    derives) it here.
     """
     report, report_origin = ((report, "report.json") if report is not None
-                             else load_run_report(run_path))
-    meta = json.loads(_read_text(run_path / "run.json"))
-    scenario_text = _read_text(run_path / "scenario.toml")
-    try:
-        scenario = tomllib.loads(scenario_text)
-    except tomllib.TOMLDecodeError as error:
-        raise ArtifactError(f"{run_path / 'scenario.toml'}: {error}") from None
-    threshold_ms = stall_threshold_ms(scenario)
-    guest = load_guest(run_path)
-    clock = run_clock(run_path, report, meta, guest)
-    samples = load_samples(run_path, clock)
-    return RunPageData(report, report_origin, meta, scenario_text, threshold_ms, clock,
-                       samples, fetch_cdfs(report), stall_view(report, guest, threshold_ms))
+                             else load_run_report(artifacts.path, artifacts))
+    threshold_ms = stall_threshold_ms(artifacts.scenario)
+    clock = run_clock(artifacts, report)
+    return RunPageData(report, report_origin, artifacts.meta_document, artifacts.scenario_text,
+                       threshold_ms, clock, side_samples(artifacts.samples, clock),
+                       fetch_cdfs(report),
+                       stall_view(report, artifacts.guest, threshold_ms))

@@ -1,28 +1,30 @@
 """report.json from a run directory's raw artifacts, and nothing else.
 
 Pure functions of files: no live process is touched, so ``migrator report RUN``
-rebuilds exactly what ``migrator run`` printed.  Each section names its source;
+rebuilds exactly what ``migrator run`` printed.  :func:`build_report` reads and
+derives in one call; :func:`derive_report` derives from artifacts already read
+(:func:`~migrator.metrics.run_artifacts.load_run_artifacts`), for a caller that
+draws the run page from them too.  Each section names its source;
 where two sources measure one quantity, both land in ``comparisons``.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from migrator.errors import ArtifactError
-from migrator.metrics.events import MigrationEvents, PhaseTimeline, load_events
-from migrator.metrics.guest import GuestObservations, load_guest
+from migrator.metrics.events import MigrationEvents, PhaseTimeline
+from migrator.metrics.guest import GuestObservations
 from migrator.metrics.hgm import hgm_section
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.latency_dist import compare_latency_dist
-from migrator.metrics.qemu_counters import QemuCounters, load_counters
+from migrator.metrics.qemu_counters import QemuCounters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
+from migrator.metrics.run_artifacts import RunArtifacts, load_run_artifacts
 from migrator.metrics.run_outcome import derive_outcome
 from migrator.metrics.trace import analyze_trace
 from migrator.metrics.trace_results import TraceAnalysis
@@ -39,9 +41,9 @@ from migrator.model import (
     Stall,
 )
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
-from migrator.rundir import RunMeta, atomic_write
+from migrator.rundir import atomic_write
 
-__all__ = ["build_report", "stall_threshold_ms", "write_report"]
+__all__ = ["build_report", "derive_report", "stall_threshold_ms", "write_report"]
 
 TRACE_SOURCE = "dst QEMU trace: postcopy_ram_fault_thread_request -> postcopy_place_page"
 BACKLOG_SOURCE = ("dst QEMU trace: placements between postcopy_ram_fault_thread_request and "
@@ -212,16 +214,15 @@ def stall_threshold_ms(scenario: dict[str, Any]) -> float:
 
 def build_report(run_path: Path) -> Report:
     """Derive the report of one run directory (see module docstring)."""
-    meta = RunMeta.read(run_path)
-    scenario_path = run_path / "scenario.toml"
-    try:
-        scenario = tomllib.loads(scenario_path.read_text())
-    except (FileNotFoundError, tomllib.TOMLDecodeError) as error:
-        raise ArtifactError(f"{scenario_path}: {error}") from None
-    ev = load_events(run_path)
+    return derive_report(load_run_artifacts(run_path))
+
+
+def derive_report(artifacts: RunArtifacts) -> Report:
+    """The report of a run from its artifacts as :func:`load_run_artifacts` read them; the
+    destination trace, its RAM blocks and the HGM smaps samples are read here."""
+    run_path, meta, scenario = artifacts.path, artifacts.meta, artifacts.scenario
+    ev, counters, guest = artifacts.events, artifacts.counters, artifacts.guest
     phases = PhaseTimeline.from_events(ev)
-    counters = load_counters(run_path)
-    guest = load_guest(run_path)
     warnings: list[str] = list(counters.warnings)
 
     analysis: TraceAnalysis | None = None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import load_run_page_data
 from migrator.report.html import write_run_html
 from tests.chromium import DevTools
@@ -36,7 +37,7 @@ def test_run_report_renders_in_chromium(run: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / run
     shutil.copytree(RUNS / run, run_dir)
-    page = write_run_html(run_dir, load_run_page_data(run_dir))
+    page = write_run_html(run_dir, load_run_page_data(load_run_artifacts(run_dir)))
     chromium = _chromium()
     started = time.monotonic()
     with DevTools(chromium, tmp_path / "profile", tmp_path / "chromium.log") as browser:

@@ -21,6 +21,8 @@ from migrator.bench.pagesize import (
     CSV_FILE,
     MARKDOWN_FILE,
     build_page_size_table,
+    guest_ram_block,
+    load_done_reports,
     render_page_size_table,
     table_csv,
     table_markdown,
@@ -601,6 +603,35 @@ def test_rows_name_their_qemu_when_the_table_mixes_qemu_builds(tmp_path: Path) -
     (tmp_path / "same").mkdir()
     table = build_page_size_table(*recorded_suite(tmp_path / "same", same))
     assert [row.label for row in table.rows] == ["2 MiB", "1 GiB", "1 GiB+HGM"]
+
+
+def test_page_size_table_takes_the_reports_already_loaded(tmp_path: Path) -> None:
+    copies = {name: tmp_path / name for name in ("hugetlb-2m", "hugetlb-1g")}
+    for name, run_dir in copies.items():
+        shutil.copytree(RUNS / name, run_dir)
+    suite, state, out = recorded_suite(tmp_path, {
+        "2m": [("done", copies["hugetlb-2m"])], "1g": [("failed", copies["hugetlb-1g"])],
+        "1g-hgm": [("unsupported", None)]})
+    reports = load_done_reports(state.runs, out)
+    assert list(reports) == ["page-size=2m,rep=1"]  # only the runs marked done
+    loaded = build_page_size_table(suite, state, out)
+    for run_dir in copies.values():
+        shutil.rmtree(run_dir)
+    given = build_page_size_table(suite, state, out, reports)  # reads no run directory
+    assert given.rows == loaded.rows
+    assert given.environment == loaded.environment
+    assert given.rows[0].values["faults"] == 15
+
+
+def test_guest_ram_block_is_the_block_of_the_page_size_with_most_faults() -> None:
+    report = build_report(RUNS / "hugetlb-2m")
+    two = guest_ram_block(report, 2 << 20)
+    assert two is not None
+    assert two.faults == max(b.faults for b in report.fetch if b.page_size == 2 << 20)
+    assert guest_ram_block(report, 1 << 30) is None
+    anywhere = guest_ram_block(report, None)
+    assert anywhere is not None
+    assert anywhere.faults == max(b.faults for b in report.fetch)
 
 
 def test_rows_split_by_the_other_axes(tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ async def logs_then_fails_async(*args: object, **kwargs: object) -> Any:
 WORKING = {
     "run": (("run", str(DATA / "valid.toml"), "--runs-dir", "{tmp}/runs"),
             "migrator.runner.run_scenario", logs_then_fails_async),
-    "report": (("report", "{tmp}"), "migrator.metrics.summary.build_report", logs_then_fails),
+    "report": (("report", "{tmp}"), "migrator.metrics.run_artifacts.load_run_artifacts",
+               logs_then_fails),
     "hosts check": (("hosts", "check", str(DATA / "valid.toml")),
                     "migrator.cli.hosts.run_checks", logs_then_fails_async),
     "config check": (("config", "check", str(DATA / "valid.toml")),

@@ -28,6 +28,7 @@ from migrator.guest.protocol import (
     parse_line,
 )
 from migrator.metrics.guest import WRAPPED, load_guest
+from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import load_run_page_data, run_clock
 from migrator.metrics.summary import build_report
 from migrator.model import Report
@@ -173,10 +174,10 @@ def test_a_stall_longer_than_the_consoles_recorded_is_a_clock_step(tmp_path: Pat
 def test_the_html_report_lists_the_step_apart_from_the_stalls(tmp_path: Path) -> None:
     run = new_probe_run(tmp_path)
     report = build_report(run)
-    html = render_run_html(load_run_page_data(run))
+    html = render_run_html(load_run_page_data(load_run_artifacts(run)))
     assert "Guest clock steps, not stalls: 1" in html
     assert "18,446,744" not in html
-    clock = run_clock(run, report, json.loads((run / "run.json").read_text()), load_guest(run))
+    clock = run_clock(load_run_artifacts(run), report)
     tables = stall_tables(report, Sources(), clock)
     [rows] = [t.rows for t in tables if t.title.startswith("Guest clock steps")]
     assert [c.text for c in rows[0][1:5]] == ["-6.552", "0", "settle", "clock_step"]

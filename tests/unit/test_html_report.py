@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from migrator.metrics.guest import load_guest
+from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
-from migrator.metrics.summary import build_report, write_report
+from migrator.metrics.summary import build_report, derive_report, write_report
 from migrator.report.figures import MAX_POINTS, _keep_largest, blocktime_figure, fetch_cdf_figure
 from migrator.report.html import render_run_html, write_run_html
 
@@ -29,10 +30,15 @@ _EXTERNAL = re.compile(
 )
 
 
+def run_page(run: Path) -> str:
+    """The HTML page of the run directory ``run``."""
+    return render_run_html(load_run_page_data(load_run_artifacts(run)))
+
+
 @pytest.fixture(scope="module")
 def pages() -> dict[str, str]:
     """Each recorded run rendered once (reading only; nothing is written into tests/data)."""
-    return {run: render_run_html(load_run_page_data(RUNS / run))
+    return {run: run_page(RUNS / run)
             for run in ("hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k")}
 
 
@@ -144,7 +150,7 @@ def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
     meta = json.loads((run / "run.json").read_text())
     meta["scenario"] = "</script><script>alert(1)</script>"
     (run / "run.json").write_text(json.dumps(meta))
-    html = render_run_html(load_run_page_data(run))
+    html = run_page(run)
     assert "<script>alert(1)" not in html
     assert "&lt;/script&gt;&lt;script&gt;alert(1)" in html
 
@@ -152,25 +158,47 @@ def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
 def test_report_json_is_used_when_current_and_rebuilt_when_not(tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(RUNS / "hugetlb-2m", run)
-    page = render_run_html(load_run_page_data(run))
+    page = run_page(run)
     assert "no report.json: derived again from the raw artifacts" in page
     write_report(run, build_report(run))
-    assert "numbers from report.json</div>" in render_run_html(load_run_page_data(run))
+    assert "numbers from report.json</div>" in run_page(run)
     stale = json.loads((run / "report.json").read_text())
     stale["schema_version"] = 0
     (run / "report.json").write_text(json.dumps(stale))
-    page = render_run_html(load_run_page_data(run))
+    page = run_page(run)
     assert "report.json has schema 0, not 1: derived again" in page
+
+
+def test_replies_without_a_time_count_in_the_transfer_note(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-2m", run)
+    with (run / "samples.jsonl").open("a") as samples:
+        samples.write(json.dumps({"side": "dst", "reply": {"status": "active"}}) + "\n")
+    transfer = figures(run_page(run))["plot-transfer"]
+    notes = " ".join(a["text"] for a in transfer["layout"]["annotations"])
+    assert "dst: 11 query-migrate replies, none with ram statistics" in notes
+
+
+def test_the_page_reads_nothing_the_artifacts_hold(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "hugetlb-2m", run)
+    artifacts = load_run_artifacts(run)
+    report = derive_report(artifacts)
+    page = render_run_html(load_run_page_data(artifacts, report))
+    write_report(run, report)
+    assert page == run_page(run)
+    shutil.rmtree(run)
+    assert render_run_html(load_run_page_data(artifacts, report)) == page
 
 
 def test_write_run_html_writes_report_html_atomically(tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(RUNS / "hugetlb-1g", run)
     before = set(run.iterdir())
-    target = write_run_html(run, load_run_page_data(run))
+    target = write_run_html(run, load_run_page_data(load_run_artifacts(run)))
     assert target == run / "report.html"
     assert set(run.iterdir()) - before == {target}  # no temporary file left behind
-    assert target.read_text() == render_run_html(load_run_page_data(run))
+    assert target.read_text() == run_page(run)
 
 
 def test_long_series_keep_their_largest_points() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters
+from migrator.metrics.qemu_counters import LAST_SAMPLE, load_counters, read_samples
 from migrator.metrics.summary import build_report
 from migrator.model import Metric, Report
 from migrator.report.run_tables import comparison_table, headline_tables
@@ -136,3 +136,22 @@ def test_recorded_final_counters_agree_with_their_samples(run: str) -> None:
     counters = load_counters(RUNS / run)
     assert counters.contradictions == {}
     assert counters.warnings == []
+
+
+def test_read_samples_keeps_timed_replies_in_file_order_and_counts_the_others(
+        tmp_path: Path) -> None:
+    ram = {"ram": {"remaining": 5, "transferred": 7}}
+    records = [
+        {"side": "src", "reply_ns": 30, "host_ns": 20, "reply": ram},
+        {"side": "src", "host_ns": 10, "reply": {"status": "active"}},  # an older run
+        {"side": "dst", "reply": {"status": "active"}},  # no time at all
+        {"side": "dst", "reply_ns": 40, "reply": "not a reply"},
+        {"side": "elsewhere", "reply_ns": 50, "reply": ram},
+    ]
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in records) + '{"side": "src", "rep')
+    samples = read_samples(tmp_path)
+    assert samples.timed == {"src": [(30, ram), (10, {"status": "active"})], "dst": []}
+    assert samples.untimed == {"src": 0, "dst": 1}
+    assert (samples.replies("src"), samples.replies("dst")) == (2, 1)
+    assert load_counters(tmp_path, samples) == load_counters(tmp_path)

@@ -18,6 +18,7 @@ from rich.console import Console
 from migrator.metrics.events import load_events, read_jsonl, time_zero
 from migrator.metrics.guest import GuestObservations, HeartbeatArrival, ProbeStall
 from migrator.metrics.recovery import analyze_recovery
+from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import load_run_page_data
 from migrator.metrics.summary import build_report, write_report
 from migrator.model import Metric, Phase, Report
@@ -190,7 +191,7 @@ def test_terminal_colours_the_outcome(report: Report) -> None:
 
 
 def test_html_shows_statement_tables_and_shaded_pauses(report: Report) -> None:
-    html = render_run_html(load_run_page_data(RECORDED))
+    html = render_run_html(load_run_page_data(load_run_artifacts(RECORDED)))
     assert 'class="badge warn">completed-after-recovery' in html
     assert report.statement is not None
     assert f'<div class="statement warn">{report.statement}</div>' in html
