@@ -200,6 +200,11 @@ class RunMeta(_Record):
     @classmethod
     def read(cls, run_path: Path) -> RunMeta:
         """The ``run.json`` of a run directory; ArtifactError when missing or malformed."""
+        return cls.read_with_document(run_path)[0]
+
+    @classmethod
+    def read_with_document(cls, run_path: Path) -> tuple[RunMeta, dict[str, Any]]:
+        """``run.json`` validated, and as written (its keys in file order)."""
         path = run_path / "run.json"
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
@@ -210,7 +215,7 @@ class RunMeta(_Record):
         if not isinstance(document, dict):
             raise ArtifactError(f"{path}: not a JSON object")
         try:
-            return cls.model_validate(document)
+            return cls.model_validate(document), document
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])

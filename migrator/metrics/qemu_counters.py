@@ -100,6 +100,12 @@ class QemuCounters:
     origin: str
     contradictions: dict[tuple[str, str], Contradiction] = field(default_factory=dict)
 
+    @property
+    def final_source_ram(self) -> dict[str, Any]:
+        """The ``ram`` section of the source's final ``query-migrate`` ({} without one)."""
+        ram = self.source.get("ram") if self.origin == FINAL else None
+        return ram if isinstance(ram, dict) else {}
+
     def metric(self, side: str, path: str, unit: str, scale: float = 1.0) -> Metric:
         """A (nested, dot-separated) field as a metric; value None when QEMU did not say.
 

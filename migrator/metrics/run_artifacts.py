@@ -11,7 +11,6 @@ large, are left to the report, so a run page drawn from a current
 
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +45,6 @@ class RunArtifacts:
     counters: QemuCounters
 
 
-def _read_meta(run_path: Path) -> tuple[RunMeta, dict[str, Any]]:
-    """``run.json`` validated, and as written."""
-    try:
-        document = json.loads((run_path / "run.json").read_text(encoding="utf-8"))
-        return RunMeta.model_validate(document), document
-    except (OSError, ValueError):
-        # Read again only to fail: RunMeta.read says what is wrong, as everywhere else.
-        RunMeta.read(run_path)
-        raise
-
-
 def _read_scenario(run_path: Path) -> tuple[str, dict[str, Any]]:
     """``scenario.toml`` as written, and parsed."""
     path = run_path / "scenario.toml"
@@ -73,7 +61,7 @@ def load_run_artifacts(run_path: Path) -> RunArtifacts:
     ArtifactError when ``run.json`` or ``scenario.toml`` is missing or malformed;
     the other artifacts may be absent (a run that stopped early).
     """
-    meta, document = _read_meta(run_path)
+    meta, document = RunMeta.read_with_document(run_path)
     scenario_text, scenario = _read_scenario(run_path)
     events = load_events(run_path)
     samples = read_samples(run_path)

@@ -22,12 +22,10 @@ derived one and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from migrator.errors import IntegrityError, MigratorError
-from migrator.metrics.events import MigrationEvents, read_jsonl
 from migrator.metrics.guest import GuestObservations
-from migrator.metrics.qemu_counters import final_source_ram
+from migrator.metrics.run_artifacts import RunArtifacts
 from migrator.outcome import (
     Outcome,
     Situation,
@@ -50,16 +48,14 @@ class DerivedOutcome:
     disagreement: str | None = None
 
 
-def derive_outcome(run_path: Path, meta: RunMeta, ev: MigrationEvents,
-                   guest: GuestObservations, recoveries: int,
-                   postcopy_asked: bool) -> DerivedOutcome:
-    """The outcome of the run at ``run_path``, from its raw artifacts (see module docstring)."""
+def derive_outcome(run: RunArtifacts, recoveries: int, postcopy_asked: bool) -> DerivedOutcome:
+    """The outcome of ``run``, from its raw artifacts (see module docstring)."""
+    meta = run.meta
     recorded = meta.outcome or "unknown"
     if recorded == Outcome.INTERRUPTED:
         # A signal leaves no raw trace but run.json's own record of it.
         return DerivedOutcome(recorded, meta.statement)
-    derived, statement = describe(_situation(run_path, meta, ev, guest, recoveries,
-                                             postcopy_asked))
+    derived, statement = describe(_situation(run, recoveries, postcopy_asked))
     if derived == recorded:
         return DerivedOutcome(recorded, meta.statement)
     return DerivedOutcome(derived.value, statement, (
@@ -68,16 +64,16 @@ def derive_outcome(run_path: Path, meta: RunMeta, ev: MigrationEvents,
         "query-migrate); the report shows the latter"))
 
 
-def _situation(run_path: Path, meta: RunMeta, ev: MigrationEvents,
-               guest: GuestObservations, recoveries: int, postcopy_asked: bool) -> Situation:
-    statuses = ev.statuses()
-    remaining, transferred = last_source_ram(read_jsonl(run_path / "samples.jsonl"))
+def _situation(run: RunArtifacts, recoveries: int, postcopy_asked: bool) -> Situation:
+    statuses = run.events.statuses()
+    remaining, transferred = last_source_ram(
+        {"side": "src", "reply": reply} for _when, reply in run.samples.timed["src"])
     return Situation(
         switched=switched_over(statuses), recoveries=recoveries,
-        completed=("dst", "completed") in statuses, error=_error(meta, guest, statuses),
-        booted="source-started" in ev.marks, source_remaining_bytes=remaining,
+        completed=("dst", "completed") in statuses, error=_error(run.meta, run.guest, statuses),
+        booted="source-started" in run.events.marks, source_remaining_bytes=remaining,
         destination_received_bytes=transferred,
-        postcopy_missed=(postcopy_missed(statuses, final_source_ram(run_path))
+        postcopy_missed=(postcopy_missed(statuses, run.counters.final_source_ram)
                          if postcopy_asked else None))
 
 

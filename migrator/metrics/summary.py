@@ -335,7 +335,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
     warnings += [f"guest probe: {e}" for e in guest.errors]
     recovery = analyze_recovery(ev, scenario, meta, guest)
     warnings += recovery.warnings
-    outcome = derive_outcome(run_path, meta, ev, guest,
+    outcome = derive_outcome(artifacts,
                              sum(1 for pause in recovery.pauses if pause.result == "recovered"),
                              bool(migration.get("postcopy")))
     if outcome.disagreement:
