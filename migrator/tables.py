@@ -1,8 +1,8 @@
 """The table model every renderer draws: titled columns, rows of cells, notes.
 
-The report's tables are defined once (:mod:`migrator.report.run_tables` and
-:mod:`migrator.report.stall_tables`) and drawn by the terminal (rich), the HTML
-run report and the nightly dashboard, which only lay them out.  What differs
+The report's tables are defined once (:mod:`migrator.report.run_tables`) and
+drawn by the terminal (rich), the HTML run report and the nightly dashboard,
+which only lay them out.  What differs
 between a wide page and an 80-column terminal is said here, by the model:
 
 * a ``detail`` column or :class:`Row` is shown in full, left out by a

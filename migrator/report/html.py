@@ -21,10 +21,9 @@ numbers, and the raw artifacts for the series the report only summarises:
 
 The page embeds plotly.js once, inline, so it opens without network access
 (about 4.8 MB of the page is plotly.js).  The figures are
-:mod:`migrator.report.figures`', the tables those the terminal draws too
-(:mod:`migrator.report.run_tables`, :mod:`migrator.report.stall_tables`,
-:mod:`migrator.report.recovery_tables`), every column of them; this module
-lays them out on the page.
+:mod:`migrator.report.figures`', the tables
+:mod:`migrator.report.run_tables`' (those the terminal draws too, with every
+column); this module lays them out on the page.
 """
 
 from __future__ import annotations
@@ -44,19 +43,20 @@ from migrator.report.figures import (
     stall_timeline_figure,
     transfer_figure,
 )
-from migrator.report.recovery_tables import fault_table, pause_table
 from migrator.report.run_tables import (
     comparison_table,
     environment_line,
     facts_table,
+    fault_table,
     fetch_table,
     headline_tables,
     iso_time,
     latency_dist_table,
+    pause_table,
     phase_table,
+    stall_tables,
 )
 from migrator.report.sources import Sources
-from migrator.report.stall_tables import stall_tables
 from migrator.rundir import atomic_write
 
 __all__ = ["TEMPLATES", "environment", "render_run_html", "write_run_html"]

@@ -1,16 +1,16 @@
-"""The run report's metric tables, each defined once from a :class:`~migrator.model.Report`.
+"""The run report's tables, each defined once from a :class:`~migrator.model.Report`.
 
 The terminal (:mod:`migrator.report.terminal`), the HTML run page
 (:mod:`migrator.report.html`) and the dashboard's run pages
-(:mod:`migrator.dashboard.run_pages`) draw these same tables: headline metrics
-(freeze, timings, transfer, blocktime, integrity), fetch latency per RAMBlock,
-the outside view of the guest's stalls, comparisons of two sources, QEMU's
-latency buckets next to the trace's, and, for the HTML page only, the phases
-and the facts of ``run.json``.  The guest's own view of its stalls is
-:mod:`migrator.report.stall_tables`', the pauses and faults
-:mod:`migrator.report.recovery_tables`'.  Every value cites its source through
-one :class:`~migrator.report.sources.Sources` per page; what a narrow terminal
-leaves out is marked in the model (:mod:`migrator.tables`).
+(:mod:`migrator.dashboard.run_pages`) draw these same tables, each the ones it
+has room for: headline metrics (freeze, timings, transfer, blocktime, the
+outside view of the guest's stalls, integrity), fetch latency per RAMBlock,
+comparisons of two sources, QEMU's latency buckets next to the trace's, the
+guest's stalls and clock steps, post-copy pauses and injected faults, and,
+for the HTML page only, the phases and the facts of ``run.json``.  Every value
+cites its source through one :class:`~migrator.report.sources.Sources` per
+page; what a narrow terminal leaves out or rounds is marked in the model
+(:mod:`migrator.tables`), never defined a second time.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from migrator.model import Metric, Report
+from migrator.model import Metric, PauseRecord, Report
 from migrator.pagedata import Clock
 from migrator.report.sources import Sources
 from migrator.tables import Cell, Column, Note, Row, Table
 from migrator.units import format_size, format_value
 
-__all__ = ["METRIC_COLUMNS", "blocktime_table", "comparison_table", "contradiction",
-           "environment_line", "facts_table", "fetch_table", "freeze_table", "headline_tables",
-           "integrity_table", "iso_time", "latency_dist_table", "metric_row", "metric_table",
-           "number", "outside_table", "phase_table"]
+__all__ = ["METRIC_COLUMNS", "blocktime_table", "clock_step_table", "comparison_table",
+           "contradiction", "environment_line", "facts_table", "fault_table", "fetch_table",
+           "freeze_table", "headline_tables", "integrity_table", "iso_time",
+           "latency_dist_table", "metric_row", "metric_table", "number", "outside_table",
+           "pause_table", "phase_table", "stall_tables", "vcpu_stall_table", "worst_gap_table",
+           "worst_stall_table"]
 
 S = 1e9
 
@@ -227,6 +229,190 @@ def latency_dist_table(report: Report) -> Table | None:
              f"{dist.trace_requests:,} requests; largest disagreement {largest}; at least "
              f"{dist.faults_in_other_buckets:,} faults in other buckets"),
         Note(f"QEMU: {dist.qemu_source}; trace: {dist.trace_source}. {dist.note}", "dim")]
+    return table
+
+
+# The guest's stalls and its clock's steps.  A ``t`` column places an event on the HTML
+# page's time axis, so it is there only when a Clock is given (the terminal has none).
+
+#: How many of the worst heartbeat gaps a compact rendering shows.
+COMPACT_GAPS = 5
+
+
+def _t(clock: Clock | None, ns: int | None) -> list[Cell]:
+    """The ``t, s`` cell of an event on the page's time axis (none without a clock)."""
+    if clock is None:
+        return []
+    return [Cell(format_value(round(clock.s(ns), 4)) if ns else "-", numeric=True)]
+
+
+def _t_column(clock: Clock | None) -> list[str]:
+    return [] if clock is None else ["t, s"]
+
+
+def vcpu_stall_table(report: Report, sources: Sources) -> Table:
+    """Each vCPU's stalls by the guest's own clock: count, max, p99, total, by phase."""
+    table = Table("vCPU stalls by the guest's own clock, ms", [
+        Column("vCPU", numeric=True), Column("stalls", numeric=True),
+        *(Column(h, "ms", rounded=True) for h in ("max", "p99", "total")),
+        Column("stalls by phase"), Column("src", tone="dim")])
+    for vcpu in report.guest_stalls:
+        table.rows.append([
+            Cell(str(vcpu.vcpu), numeric=True), number(vcpu.stalls), number(vcpu.max_ms.value),
+            number(vcpu.p99_ms.value, title=vcpu.p99_ms.source),
+            number(vcpu.total_stalled_ms.value),
+            Cell(", ".join(f"{k} {v}" for k, v in vcpu.by_phase.items())),
+            Cell("", sources.number(vcpu.max_ms.source), vcpu.max_ms.source)])
+    return table
+
+
+def worst_stall_table(report: Report, clock: Clock | None) -> Table:
+    """The longest stalls by the guest's clock, placed on the host's."""
+    table = Table("Worst stalls by the guest clock",
+                  [*_t_column(clock), "duration, ms", "vCPU", "phase"])
+    if clock is not None:
+        table.notes.append(Note("t: host wall clock, placed through the heartbeat before the "
+                                "stall"))
+    for stall in report.worst_guest_stalls:
+        table.rows.append([*_t(clock, stall.host_ns), number(stall.duration_ms),
+                           Cell("-" if stall.vcpu is None else str(stall.vcpu)),
+                           Cell(stall.phase)])
+    return table
+
+
+def worst_gap_table(report: Report, clock: Clock | None) -> Table | None:
+    """The longest gaps between heartbeat arrivals; a compact rendering shows the first
+    :data:`COMPACT_GAPS`."""
+    outside = report.outside_stalls
+    if outside is None:
+        return None
+    table = Table("Worst heartbeat gaps (outside view)",
+                  [*_t_column(clock), Column("duration, ms", numeric=True), "phase"])
+    if clock is not None:
+        table.notes.append(Note("t: host wall clock at the heartbeat that opened the gap"))
+    for index, stall in enumerate(outside.worst):
+        table.rows.append(Row([*_t(clock, stall.host_ns), number(stall.duration_ms),
+                               Cell(stall.phase)], detail=index >= COMPACT_GAPS))
+    return table
+
+
+def clock_step_table(report: Report, sources: Sources, clock: Clock | None) -> Table | None:
+    """The guest clock's steps: not stalls, so apart from the stall tables."""
+    steps = report.guest_clock_steps
+    if steps is None or not steps.steps:
+        return None
+    table = Table(f"Guest clock steps, not stalls: {format_value(steps.count.value)} "
+                  f"[{sources.number(steps.count.source)}], largest back "
+                  f"{format_value(steps.largest_back.value)} ms "
+                  f"[{sources.number(steps.largest_back.source)}]",
+                  [*_t_column(clock), Column("step, ms", "ms", rounded=True),
+                   Column("vCPU", numeric=True), "phase", "reported as", Column("src", tone="dim")])
+    note = "step < 0: the guest's CLOCK_MONOTONIC went back; largest steps first"
+    if clock is not None:
+        note += "; t: host wall clock, placed through the heartbeat before it"
+    table.notes.append(Note(note, "dim"))
+    for step in steps.steps:
+        table.rows.append([
+            *_t(clock, step.host_ns), number(step.step.value), Cell(str(step.vcpu), numeric=True),
+            Cell(step.phase), Cell(step.reported_as),
+            Cell("", sources.number(step.step.source), step.step.source)])
+    return table
+
+
+def stall_tables(report: Report, sources: Sources, clock: Clock | None) -> list[Table]:
+    """Per-vCPU stalls, the worst stalls of both views and the clock's steps, in that order."""
+    tables = [vcpu_stall_table(report, sources), worst_stall_table(report, clock),
+              worst_gap_table(report, clock), clock_step_table(report, sources, clock)]
+    return [table for table in tables if table is not None]
+
+
+# Post-copy pauses and injected faults.  Times are the report's own, in s since the
+# ``migrate`` mark: the HTML plots' t = 0 too, as their cited source says.
+
+def _seconds(metric: Metric, sources: Sources, prefix: str = "") -> Cell:
+    """A time in s to the ms citing its source, or '-'."""
+    if metric.value is None:
+        return Cell("-", numeric=True)
+    return Cell(f"{prefix}{metric.value:,.3f}", sources.number(metric.source), metric.source,
+                numeric=True)
+
+
+def _since(pause: PauseRecord, start_ns: int | None) -> float | None:
+    """``start_ns`` in s since migrate, through the pause's own start (None if unknown)."""
+    if start_ns is None or pause.began.value is None:
+        return None
+    return pause.began.value + (start_ns - pause.began_ns) / 1e9
+
+
+def _from(start: float | None) -> Cell:
+    return Cell("-" if start is None else f"{start:,.3f}", numeric=True)
+
+
+def pause_table(report: Report, sources: Sources) -> Table:
+    """Each post-copy pause: times, attempts, result and what the guest saw through it."""
+    table = Table("Post-copy pauses and recoveries, s since migrate", [
+        Column("#", numeric=True), Column("cause", detail=True),
+        Column("after fault", detail=True), Column("began"), Column("both paused"),
+        Column("recovered"), Column("took"), Column("attempts"), Column("result"),
+        Column("guest gap"), Column("guest gap from", detail=True), Column("probe stall"),
+        Column("probe stall from", detail=True), Column("note", detail=True)], anchor="pauses")
+    for pause in report.recoveries:
+        gap_from = _since(pause, pause.guest_gap_start_ns)
+        stall_from = _since(pause, pause.probe_stall_start_ns)
+        table.rows.append([
+            Cell(str(pause.number), numeric=True), Cell(pause.cause),
+            Cell("-" if pause.fault is None else str(pause.fault)),
+            *(_seconds(m, sources) for m in (pause.began, pause.both_paused, pause.recovered,
+                                             pause.duration)),
+            number(pause.attempts.value, sources.number(pause.attempts.source),
+                   pause.attempts.source),
+            Cell(pause.result, tone="ok" if pause.result == "recovered" else "bad"),
+            _seconds(pause.guest_gap, sources, "≥ " if pause.guest_gap_open else ""),
+            _from(gap_from), _seconds(pause.probe_stall, sources), _from(stall_from),
+            Cell(pause.note)])
+        table.notes.append(Note(_pause_sentence(report, pause, gap_from, stall_from),
+                                compact=True))
+    table.notes.append(Note(
+        "both paused: both sides paused; guest gap: the longest silence between guest "
+        "heartbeat arrivals (host clock) overlapping the pause, and when it began (≥: no "
+        "heartbeat came after it before the run ended); probe stall: the longest stall the "
+        "guest probe saw by its own clock overlapping it", "dim"))
+    return table
+
+
+def _pause_sentence(report: Report, pause: PauseRecord, gap_from: float | None,
+                    stall_from: float | None) -> str:
+    """``#N: cause, after which fault; note; where the guest's gaps began``: the detail
+    columns of one pause in words."""
+    parts = [pause.cause]
+    fault = next((f for f in report.faults if f.index == pause.fault), None)
+    if fault is not None and fault.kind != "migrate-pause" and fault.injected_ns:
+        parts[0] += (f", {(pause.began_ns - fault.injected_ns) / 1e9:.1f} s after fault "
+                     f"{fault.index} ({fault.kind})")
+    if pause.note:
+        parts.append(pause.note)
+    seen = [f"{name} from {start:.3f} s" for name, start in (
+        ("guest gap", gap_from), ("probe stall", stall_from)) if start is not None]
+    if seen:
+        parts.append(", ".join(seen))
+    return f"#{pause.number}: " + "; ".join(parts)
+
+
+def fault_table(report: Report, sources: Sources) -> Table:
+    """Each [[faults]] entry: what, where, when it was due, injected and cleared."""
+    table = Table("Faults injected, s since migrate", [
+        Column("#", numeric=True), Column("kind"), Column("target"), Column("due"),
+        Column("duration", "s", numeric=True), Column("injected"), Column("cleared"),
+        Column("status")], anchor="faults")
+    for fault in report.faults:
+        missing = fault.status in ("not injected", "not recorded")
+        table.rows.append([
+            Cell(str(fault.index), numeric=True), Cell(fault.kind), Cell(fault.target),
+            Cell(fault.due), number(fault.duration_s), _seconds(fault.injected, sources),
+            _seconds(fault.cleared, sources), Cell(fault.status, tone="warn" if missing else "")])
+    table.notes.append(Note("due: the phase the fault waited for, plus after_ms", "dim"))
+    table.notes += [Note(f"#{fault.index} {fault.status}: {fault.reason}")
+                    for fault in report.faults if fault.reason]
     return table
 
 

@@ -1,8 +1,7 @@
 """The report on a terminal: a few lines of text around its tables, drawn with rich.
 
-The tables are the report's own (:mod:`migrator.report.run_tables`,
-:mod:`migrator.report.stall_tables`, :mod:`migrator.report.recovery_tables`),
-the same the HTML page draws; this module lays them out *compact*, to fit 80
+The tables are the report's own (:mod:`migrator.report.run_tables`), the same
+the HTML page draws; this module lays them out *compact*, to fit 80
 columns (:func:`draw_table`), and prints the header, the HGM block, the
 integrity line, the warnings and the legend of the sources the tables cite.
 """
@@ -18,18 +17,21 @@ from rich.text import Text
 
 from migrator.model import HgmSection, Metric, Report
 from migrator.outcome import severity
-from migrator.report.recovery_tables import fault_table, pause_table
 from migrator.report.run_tables import (
     blocktime_table,
+    clock_step_table,
     comparison_table,
+    fault_table,
     fetch_table,
     freeze_table,
     latency_dist_table,
     metric_table,
     outside_table,
+    pause_table,
+    vcpu_stall_table,
+    worst_gap_table,
 )
 from migrator.report.sources import Sources
-from migrator.report.stall_tables import clock_step_table, vcpu_stall_table, worst_gap_table
 from migrator.tables import Cell, Table, Tone
 from migrator.units import format_size
 

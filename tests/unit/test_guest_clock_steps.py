@@ -32,8 +32,8 @@ from migrator.metrics.run_page import load_run_page_data, run_clock
 from migrator.metrics.summary import build_report
 from migrator.model import Report
 from migrator.report.html import render_run_html
+from migrator.report.run_tables import stall_tables
 from migrator.report.sources import Sources
-from migrator.report.stall_tables import stall_tables
 from tests.unit.rendering import terminal_text
 
 ROOT = Path(__file__).resolve().parents[2]
