@@ -190,8 +190,9 @@ def comparison_table(report: Report, sources: Sources) -> Table:
 def _compared(metric: Metric, sources: Sources) -> Cell:
     """One side of a comparison: value and unit citing its source (and what contradicts it)."""
     other = metric.contradicted_by
-    return Cell(f"{format_value(metric.value, metric.unit)} {metric.unit}"
-                f"{contradiction(metric)}".rstrip(),
+    value = "-" if metric.value is None else \
+        f"{format_value(metric.value, metric.unit)} {metric.unit}".rstrip()
+    return Cell(value + contradiction(metric),
                 sources.number(metric.source),
                 metric.source + ("" if other is None else f"; contradicted by {other.source}"),
                 numeric=True, tone="" if other is None else "warn")

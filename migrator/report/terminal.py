@@ -60,10 +60,8 @@ class _Drawn:
         return max(len(text) for text in (self.header, *self.texts))
 
     def narrowest(self) -> int:
-        """The least width that cuts no word of it (no number at all)."""
+        """The least width that cuts no word of it (a number is a word)."""
         words = [word for text in (self.header, *self.texts) for word in text.split()]
-        if self.numeric:
-            words += self.texts
         return max((len(word) for word in words), default=1)
 
 
