@@ -74,15 +74,21 @@ def draw_table(table: Table, console: Console, compact: bool = True) -> None:
     longest word, so a narrow terminal wraps headers and text, never a number.
     """
     title, columns = _columns(table, compact)
-    rich = RichTable(title=escape(title), title_justify="left", show_edge=False)
-    widths = _widths(columns, console.width, rich)
-    for column, width in zip(columns, widths, strict=True):
-        rich.add_column(escape(column.header), justify="right" if column.numeric else "left",
-                        style=TONE_STYLES[column.tone], min_width=column.narrowest(),
-                        width=width)
-    for row in range(len(columns[0].texts) if columns else 0):
-        rich.add_row(*(Text(c.texts[row], style=TONE_STYLES[c.tones[row]]) for c in columns))
-    console.print(rich)
+    rows = len(columns[0].texts) if columns else 0
+    if not rows:
+        # Every row left out: the title and the notes that say what they held.
+        console.print(Text(title), highlight=False)
+    else:
+        rich = RichTable(title=escape(title), title_justify="left", show_edge=False)
+        widths = _widths(columns, console.width, rich)
+        for column, width in zip(columns, widths, strict=True):
+            rich.add_column(escape(column.header), style=TONE_STYLES[column.tone],
+                            justify="right" if column.numeric else "left",
+                            min_width=column.narrowest(), width=width)
+        for row in range(rows):
+            rich.add_row(*(Text(c.texts[row], style=TONE_STYLES[c.tones[row]])
+                           for c in columns))
+        console.print(rich)
     for note in table.notes:
         if compact or not note.compact:
             console.print(Text.assemble("  ", (note.text, TONE_STYLES[note.tone])),
