@@ -21,8 +21,9 @@ numbers, and the raw artifacts for the series the report only summarises:
 
 The page embeds plotly.js once, inline, so it opens without network access
 (about 4.8 MB of the page is plotly.js).  The figures are
-:mod:`migrator.report.figures`', the tables :mod:`migrator.report.run_tables`';
-this module lays them out on the page.
+:mod:`migrator.report.figures`', the tables
+:mod:`migrator.report.run_tables`' (those the terminal draws too, with every
+column); this module lays them out on the page.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from migrator.report.run_tables import (
     fetch_table,
     headline_tables,
     iso_time,
+    latency_dist_table,
     pause_table,
     phase_table,
     stall_tables,
@@ -98,19 +100,20 @@ def render_run_html(data: RunPageData) -> str:
               blocktime_figure(report)),
     ]
     sources = Sources()
-    recovery = [pause_table(report, sources, clock)] if report.recoveries else []
+    recovery = [pause_table(report, sources)] if report.recoveries else []
     if report.faults:
-        recovery.append(fault_table(report, sources, clock))
+        recovery.append(fault_table(report, sources))
     tables_main = headline_tables(report, sources)
     fetch = fetch_table(report, sources)
     stalls = stall_tables(report, sources, clock)
     comparisons = comparison_table(report, sources)
+    buckets = latency_dist_table(report)
     template = environment().get_template("run.html.j2")
     return template.render(
         report=report, report_origin=data.report_origin, plots=plots, recovery=recovery,
         badge=severity(report.outcome),
         plotly_js=Markup(get_plotlyjs()), headline=tables_main, fetch=fetch, stalls=stalls,
-        comparisons=comparisons, phases=phase_table(report, clock),
+        comparisons=comparisons, buckets=buckets, phases=phase_table(report, clock),
         facts=facts_table(meta), scenario_text=data.scenario_text,
         sources=sorted(((n, s) for s, n in sources.numbers.items())),
         t0=f"{iso_time(clock.t0_ns)} ({clock.what})", env_line=environment_line(report),

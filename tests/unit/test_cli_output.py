@@ -26,7 +26,7 @@ def test_a_piped_report_is_never_cut(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "…" not in result.stdout
     # Cells and headers an 80-column table cuts ("ramb…", "faul…", "plac…").
-    header = next(line for line in result.stdout.splitlines() if "ramblock" in line)
+    header = next(line for line in result.stdout.splitlines() if "RAMBlock ┃" in line)
     assert header.split("┃")[1:3] == ["  page ", " faults "]
     assert header.rstrip().endswith("placed at")
     assert "QEMU 7.2.22  accel tcg  backing hugetlb-1g  1024 MiB  1 vCPU  post-copy True  " \

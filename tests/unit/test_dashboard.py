@@ -228,8 +228,8 @@ def test_run_pages_come_from_the_stored_report(regressed: Path, tmp_path: Path) 
     result = build(regressed, tmp_path / "site")
     text = (result.out / "runs" / "cand-0.html").read_text()
     # The run report's own tables (migrator.report.html), from the stored report.json.
-    assert "Fetch latency per RAMBlock, ms" in text
-    assert "Comparisons: one quantity, two sources" in text
+    assert "Per-page fetch latency per RAMBlock, ms" in text
+    assert "Where two sources measure the same thing" in text
     assert "QEMU 7.2.22" in text
     assert "Dimensions (results store)" in text
 
