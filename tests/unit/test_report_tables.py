@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import load_run_page_data
-from migrator.metrics.summary import build_report
+from migrator.metrics.summary import derive_report
 from migrator.model import Report
 from migrator.report.html import render_run_html
 from migrator.report.run_tables import fetch_table, pause_table
@@ -32,7 +33,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Report,
     for run in (*sorted(p for p in RUNS.iterdir() if p.is_dir()), RECOVERY):
         copy = tmp_path_factory.mktemp("tables") / run.name
         shutil.copytree(run, copy)
-        out[run.name] = (build_report(copy), render_run_html(load_run_page_data(copy)))
+        artifacts = load_run_artifacts(copy)
+        report = derive_report(artifacts)
+        out[run.name] = (report, render_run_html(load_run_page_data(artifacts, report)))
     return out
 
 
