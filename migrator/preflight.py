@@ -27,9 +27,9 @@ from migrator.errors import HostError, HugepageShortfall, MigratorError, Preflig
 from migrator.hgm import HgmSupport, detect_hgm
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
-from migrator.migration.plan import plan_migration
+from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.tls import CA_CERT, ENDPOINT_FILES, Endpoint
-from migrator.qemu.probe import QemuFacts, probe_qemu
+from migrator.qemu.probe import QemuFacts, SettingsTrial, probe_qemu_trying
 
 __all__ = [
     "HostReport",
@@ -319,8 +319,11 @@ async def check_host(
     kvm_device = await host.exists(Path("/dev/kvm"))
     qemu: QemuFacts | None = None
     needs: list[Need] = []
+    plan = plan_migration(scenario)
+    refused: list[str] = []
     try:
-        qemu = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)
+        qemu, refused = await probe_qemu_trying(host, scenario.vm.qemu, scenario.vm.qemu_root,
+                                                _settings_trials(plan, roles))
     except MigratorError as error:
         # The error already says what to do.
         root = scenario.vm.qemu_root
@@ -328,11 +331,12 @@ async def check_host(
         needs.append(Need(what=f"QEMU {scenario.vm.qemu}{where}", met=False,
                           detail=str(error)))
     if qemu is not None:
-        plan = plan_migration(scenario)
         wanted = {**(plan.source_capabilities if "source" in roles else {}),
                   **(plan.destination_capabilities if "destination" in roles else {})}
+        # Named in the scenario, even as false: QEMU rejects a name it does not know.
         missing = sorted(name for name, on in wanted.items()
-                         if on and name not in qemu.capabilities)
+                         if (on or name in scenario.migration.capabilities)
+                         and name not in qemu.capabilities)
         needs.append(Need(
             what="migration capabilities " + ", ".join(sorted(n for n, on in wanted.items()
                                                               if on)),
@@ -341,6 +345,13 @@ async def check_host(
             else f"QEMU {qemu.version} has them",
             fix="use a newer QEMU or turn the option off in the scenario" if missing else "",
         ))
+        if not missing:
+            needs.append(Need(
+                what="migration settings (capabilities and parameters)", met=not refused,
+                detail=(f"QEMU {qemu.version} refuses them: " + "; ".join(refused)) if refused
+                else f"QEMU {qemu.version} takes them",
+                fix="change them in [migration] (QEMU's own words say which), or use a QEMU "
+                    "that takes them" if refused else ""))
     pools = []
     for size in HUGEPAGE_SIZES_KIB:
         try:
@@ -383,6 +394,20 @@ async def check_host(
     )
     report._qemu, report._hgm = qemu, hgm
     return report
+
+
+def _settings_trials(plan: MigrationPlan, roles: Sequence[Role]) -> list[SettingsTrial]:
+    """What a host's probe QEMU is handed: the plan of each role it plays.
+
+    The TLS parameters name a credentials object that only the run creates, so
+    they are left out.
+    """
+    sides = {"source": (plan.source_capabilities, plan.source_parameters),
+             "destination": (plan.destination_capabilities, plan.destination_parameters)}
+    return [SettingsTrial(f"the {role}'s", sides[role][0],
+                          {name: value for name, value in sides[role][1].items()
+                           if not name.startswith("tls-")})
+            for role in roles]
 
 
 async def check_hosts(

@@ -14,7 +14,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from migrator.config.base import ADDRESS_PATTERN, ScenarioModel
+from migrator.config.migration import (
+    AfterPasses,
+    AfterSeconds,
+    Immediately,
+    MigrationSpec,
+    RecoverySpec,
+    SwitchoverPolicy,
+    TlsSpec,
+)
 
 __all__ = [
     "NO_ECHO_FIELDS",
@@ -40,13 +51,6 @@ __all__ = [
     "WorkloadSpec",
     "fault_role",
 ]
-
-
-class _Model(BaseModel):
-    # strict: TOML has real booleans and numbers, so "no" for a bool or "1024" for an int is
-    # a mistake to report, never to coerce (check_host_key = "no" must not turn checking off).
-    # Paths and enums still come from strings (Field(strict=False) on those fields).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Backing(StrEnum):
@@ -88,7 +92,7 @@ class Pattern(StrEnum):
     RANDOM = "random"
 
 
-class LocalHostSpec(_Model):
+class LocalHostSpec(ScenarioModel):
     """The machine migrator runs on."""
 
     kind: Literal["local"] = "local"
@@ -96,7 +100,6 @@ class LocalHostSpec(_Model):
 
 # A host or IP address as QEMU's URI and SSH both take it: no spaces, brackets or
 # commas (QEMU option syntax), not empty.
-_ADDRESS = r"^[A-Za-z0-9_.:%-]+$"
 # An environment variable name as a POSIX shell can export it.
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -105,11 +108,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NO_ECHO_FIELDS = frozenset({"identity_passphrase_env"})
 
 
-class SSHHostSpec(_Model):
+class SSHHostSpec(ScenarioModel):
     """A machine reached over SSH; its QEMU-side files live under ``work_dir`` there."""
 
     kind: Literal["ssh"]
-    address: str = Field(pattern=_ADDRESS, description="host name or IP address to SSH to")
+    address: str = Field(pattern=ADDRESS_PATTERN, description="host name or IP address to SSH to")
     port: int = Field(22, ge=1, le=65535)
     user: str = Field("root", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     identity_file: Path | None = Field(
@@ -130,7 +133,7 @@ class SSHHostSpec(_Model):
     )
     connect_timeout_s: float = Field(10.0, gt=0, le=300)
     migration_address: str | None = Field(
-        None, pattern=_ADDRESS,
+        None, pattern=ADDRESS_PATTERN,
         description="address the destination QEMU listens on for the migration stream (the "
                     "source connects to it); unset: address",
     )
@@ -187,7 +190,7 @@ class SSHHostSpec(_Model):
 HostSpec = Annotated[LocalHostSpec | SSHHostSpec, Field(discriminator="kind")]
 
 
-class HostsSpec(_Model):
+class HostsSpec(ScenarioModel):
     """Where the source and destination QEMU run.
 
     Two equal entries are one host running both QEMUs (one SSH connection).
@@ -208,7 +211,7 @@ class HostsSpec(_Model):
         return self
 
 
-class VmSpec(_Model):
+class VmSpec(ScenarioModel):
     """The virtual machine, identical on both sides."""
 
     memory_mib: int = Field(1024, ge=128, le=1 << 22, description="guest RAM in MiB")
@@ -261,7 +264,7 @@ class VmSpec(_Model):
         return self
 
 
-class GuestSpec(_Model):
+class GuestSpec(ScenarioModel):
     """The microguest: distribution kernel + migrator's initramfs."""
 
     kernel: Path | None = Field(
@@ -270,7 +273,7 @@ class GuestSpec(_Model):
     boot_timeout_s: float = Field(120.0, gt=0, le=3600)
 
 
-class WorkloadSpec(_Model):
+class WorkloadSpec(ScenarioModel):
     """What the guest probe does while it is migrated."""
 
     working_set_mib: int = Field(512, ge=1)
@@ -288,152 +291,7 @@ class WorkloadSpec(_Model):
     )
 
 
-class Immediately(_Model):
-    """Switch to post-copy right after the migration starts."""
-
-    policy: Literal["immediately"] = "immediately"
-
-
-class AfterSeconds(_Model):
-    """Switch to post-copy N seconds after the migration starts."""
-
-    policy: Literal["after-seconds"] = "after-seconds"
-    seconds: float = Field(gt=0, le=3600)
-
-
-class AfterPasses(_Model):
-    """Switch to post-copy once N dirty-sync passes have completed (MIGRATION_PASS)."""
-
-    policy: Literal["after-passes"] = "after-passes"
-    passes: int = Field(ge=1, le=1000)
-
-
-SwitchoverPolicy = Annotated[
-    Immediately | AfterSeconds | AfterPasses, Field(discriminator="policy")
-]
-
-
-class RecoverySpec(_Model):
-    """What migrator does when the post-copy stream breaks (see migration/recovery.py).
-
-    After the switch the guest's memory lives on two hosts, so a broken stream
-    must be mended, not abandoned: both QEMUs are brought to ``postcopy-paused``
-    and the stream re-established (``migrate-recover`` on the destination,
-    ``migrate`` with ``resume`` on the source), retrying with backoff.
-    """
-
-    auto: bool = Field(True, description="recover paused post-copy automatically; false: a "
-                                         "pause fails the run (failed after switchover)")
-    stall_timeout_s: float = Field(
-        10.0, gt=0, le=3600,
-        description="post-copy with pages left to send and no byte moving on the source for "
-                    "this long counts as a broken stream (TCP alone may take minutes to notice "
-                    "a dead link): both sides are paused (migrate-pause) and recovered. Keep it "
-                    "above the time one huge page takes to fetch and place (about 1 s for "
-                    "1 GiB pages on bare metal, several under TCG)",
-    )
-    deadline_s: float = Field(
-        300.0, gt=0, le=86400,
-        description="give up one pause's recovery after this long (the VM is then lost)",
-    )
-    backoff_initial_s: float = Field(0.5, gt=0, le=600,
-                                     description="wait after the first failed attempt")
-    backoff_max_s: float = Field(8.0, gt=0, le=3600,
-                                 description="longest wait between attempts (doubling)")
-
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> RecoverySpec:
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError(f"backoff_max_s={self.backoff_max_s:g} is below "
-                             f"backoff_initial_s={self.backoff_initial_s:g}")
-        return self
-
-
-class TlsSpec(_Model):
-    """Migration over TLS: the stream is encrypted and both QEMUs authenticate each other.
-
-    The table's presence (``[migration.tls]``, even empty) turns TLS on.  Each
-    directory holds QEMU ``tls-creds-x509`` files on its host: the source's
-    ``ca-cert.pem``, ``client-cert.pem`` and ``client-key.pem``; the destination's
-    ``ca-cert.pem``, ``server-cert.pem`` and ``server-key.pem``.  Both directories
-    unset: migrator makes a throwaway CA and certificates for the run alone, and
-    removes their keys from the hosts as soon as QEMU has loaded them.
-    """
-
-    source_dir: Path | None = Field(
-        None, strict=False,
-        description="absolute directory ON THE SOURCE HOST holding ca-cert.pem, "
-                    "client-cert.pem and client-key.pem; set with destination_dir or neither "
-                    "(unset: migrator generates throwaway certificates for the run)",
-    )
-    destination_dir: Path | None = Field(
-        None, strict=False,
-        description="absolute directory ON THE DESTINATION HOST holding ca-cert.pem, "
-                    "server-cert.pem and server-key.pem; set with source_dir or neither",
-    )
-    hostname: str | None = Field(
-        None, pattern=_ADDRESS,
-        description="name the source checks the destination's certificate against (QEMU's "
-                    "tls-hostname); unset: the destination's migration address",
-    )
-
-    @model_validator(mode="after")
-    def _both_dirs_or_neither(self) -> TlsSpec:
-        # Half-provided credentials cannot work: a generated CA would not have issued the
-        # other side's certificate.
-        if (self.source_dir is None) != (self.destination_dir is None):
-            given, missing = (("source_dir", "destination_dir") if self.source_dir is not None
-                              else ("destination_dir", "source_dir"))
-            raise ValueError(f"{given} is set but {missing} is not: give both certificate "
-                             "directories, or neither to have migrator generate throwaway "
-                             "certificates for the run")
-        for name, path in (("source_dir", self.source_dir),
-                           ("destination_dir", self.destination_dir)):
-            if path is not None and not path.is_absolute():
-                raise ValueError(f"{name}={str(path)!r} must be an absolute path (a directory "
-                                 "on that host)")
-        return self
-
-
-class MigrationSpec(_Model):
-    """How to migrate."""
-
-    postcopy: bool = True
-    preempt: bool = Field(False, description="postcopy-preempt: urgent pages on their own channel")
-    switchover: SwitchoverPolicy = Field(default_factory=lambda: AfterSeconds(seconds=1.0))
-    max_bandwidth_mib_s: int | None = Field(
-        None, ge=1, le=1 << 20,  # QEMU keeps bytes/s in 64 bits; 1 TiB/s is plenty
-        description="pre-copy bandwidth cap; unset = as fast as the link goes",
-    )
-    max_postcopy_bandwidth_mib_s: int | None = Field(
-        None, ge=1, le=1 << 20,
-        description="post-copy background bandwidth cap; unset = QEMU's default",
-    )
-    downtime_limit_ms: int | None = Field(
-        None, ge=1, le=2000000,
-        description="QEMU's downtime-limit on the source: pre-copy completes once what is left "
-                    "fits in this much time at the measured bandwidth. Unset with postcopy = "
-                    "true: held at 1 ms until the switch (0 would not hold it: see "
-                    "migration/plan.py), so pre-copy cannot complete first; a larger value "
-                    "lets it complete if it can (the run then ends completed-without-postcopy, "
-                    "exit 7). Unset without post-copy: QEMU's default (300 ms)",
-    )
-    transport: Literal["tcp", "unix"] = "tcp"
-    timeout_s: float = Field(600.0, gt=0, le=86400)
-    tls: TlsSpec | None = Field(
-        None, description="migrate over TLS; the [migration.tls] table, even empty, turns it "
-                          "on (unset: a plaintext stream)",
-    )
-    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
-
-    @model_validator(mode="after")
-    def _preempt_needs_postcopy(self) -> MigrationSpec:
-        if self.preempt and not self.postcopy:
-            raise ValueError("preempt = true needs postcopy = true")
-        return self
-
-
-class CollectSpec(_Model):
+class CollectSpec(ScenarioModel):
     """What to observe while migrating."""
 
     query_migrate_hz: float = Field(10.0, gt=0, le=1000)
@@ -450,7 +308,7 @@ Side = Literal["source", "destination"]
 FaultPhase = Literal["precopy", "postcopy", "recovery", "recovered"]
 
 
-class _TimedFault(_Model):
+class _TimedFault(ScenarioModel):
     """A fault injected once, ``after_ms`` after a migration phase begins.
 
     Phases: ``precopy`` (the source reports ``active``), ``postcopy`` (the
@@ -510,7 +368,7 @@ class ConnectionLossFault(_TimedFault):
     side: Side
 
 
-class PoolExhaustedFault(_Model):
+class PoolExhaustedFault(ScenarioModel):
     """The destination's hugepage pool is taken (filled by a hugetlbfs file) before it starts."""
 
     kind: Literal["pool-exhausted"]
@@ -532,7 +390,7 @@ def fault_role(fault: FaultSpec) -> Side:
     return fault.side
 
 
-class Scenario(_Model):
+class Scenario(ScenarioModel):
     """One migration run, fully described."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -28,6 +28,7 @@ from migrator.metrics.run_artifacts import RunArtifacts, load_run_artifacts
 from migrator.metrics.run_outcome import derive_outcome
 from migrator.metrics.trace import analyze_trace
 from migrator.metrics.trace_results import TraceAnalysis
+from migrator.metrics.tuning import tuning_of, tuning_warnings
 from migrator.model import (
     BlockFetch,
     ClockStepRecord,
@@ -256,6 +257,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
         "guest_kernel": meta.guest.kernel_release,
         "host_kernel": meta.controller.kernel,
         "migrator_version": meta.migrator_version,
+        "tuning": tuning_of(meta),
     }
 
     marks = ev.marks
@@ -335,6 +337,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
     warnings += [f"guest probe: {e}" for e in guest.errors]
     recovery = analyze_recovery(ev, scenario, meta, guest)
     warnings += recovery.warnings
+    warnings += tuning_warnings(meta, ev)
     outcome = derive_outcome(artifacts,
                              sum(1 for pause in recovery.pauses if pause.result == "recovered"),
                              bool(migration.get("postcopy")))

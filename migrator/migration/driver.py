@@ -44,6 +44,13 @@ class MigrationResult:
     recoveries: int = 0
 
 
+async def _settings(monitor: Monitor) -> dict[str, Any]:
+    """A QEMU's migration capabilities that are on, and its migration parameters."""
+    capabilities = await monitor.migrate_capabilities()
+    return {"capabilities": sorted(name for name, on in capabilities.items() if on),
+            "parameters": await monitor.execute("query-migrate-parameters")}
+
+
 class MigrationDriver:
     """One migration between two connected monitors."""
 
@@ -75,6 +82,10 @@ class MigrationDriver:
         self.mark("capabilities-set", source=self.plan.source_capabilities,
                   destination=self.plan.destination_capabilities,
                   parameters=self.plan.source_parameters)
+        # What each QEMU reports it now has: the raw record that the asked-for settings
+        # took (the report compares the two).
+        self.mark("settings-in-effect", source=await _settings(self.source),
+                  destination=await _settings(self.destination))
         await self.destination.migrate_incoming(incoming_uri)
         self.mark("incoming-listening", uri=incoming_uri)
 

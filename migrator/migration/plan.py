@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from migrator.config.migration import ParameterValue
 from migrator.config.models import LocalHostSpec, MigrationSpec, Scenario
 from migrator.errors import MissingCapability
 from migrator.hgm.detect import DOUBLEMAP_CAPABILITY
@@ -35,8 +36,8 @@ class MigrationPlan:
 
     source_capabilities: dict[str, bool] = field(default_factory=dict)
     destination_capabilities: dict[str, bool] = field(default_factory=dict)
-    source_parameters: dict[str, int | str] = field(default_factory=dict)
-    destination_parameters: dict[str, int | str] = field(default_factory=dict)
+    source_parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    destination_parameters: dict[str, ParameterValue] = field(default_factory=dict)
 
     @property
     def needed(self) -> set[str]:
@@ -86,8 +87,28 @@ def source_downtime_limit_ms(spec: MigrationSpec) -> int | None:
     return POSTCOPY_HOLD_DOWNTIME_MS if spec.postcopy else None
 
 
-def _parameters(spec: MigrationSpec) -> dict[str, int | str]:
-    parameters: dict[str, int | str] = {
+def _tuning(spec: MigrationSpec) -> tuple[dict[str, bool], dict[str, ParameterValue]]:
+    """Capabilities and parameters both sides get from the scenario's tuning fields
+    (auto-converge, xbzrle, multifd) and its [migration.capabilities] and
+    [migration.parameters] tables."""
+    capabilities: dict[str, bool] = {}
+    parameters: dict[str, ParameterValue] = {}
+    if spec.auto_converge is not None:
+        capabilities["auto-converge"] = True
+        parameters |= {"cpu-throttle-initial": spec.auto_converge.initial_pct,
+                       "cpu-throttle-increment": spec.auto_converge.increment_pct}
+    if spec.xbzrle_cache_mib is not None:
+        capabilities["xbzrle"] = True
+        parameters["xbzrle-cache-size"] = spec.xbzrle_cache_mib * MIB
+    if spec.multifd is not None:
+        capabilities["multifd"] = True
+        parameters |= {"multifd-channels": spec.multifd.channels,
+                       "multifd-compression": spec.multifd.compression}
+    return capabilities | spec.capabilities, parameters | spec.parameters
+
+
+def _parameters(spec: MigrationSpec) -> dict[str, ParameterValue]:
+    parameters: dict[str, ParameterValue] = {
         "max-bandwidth": spec.max_bandwidth_mib_s * MIB
         if spec.max_bandwidth_mib_s
         else UNLIMITED_BANDWIDTH
@@ -119,11 +140,13 @@ def plan_migration(scenario: Scenario, *, hgm: bool = False) -> MigrationPlan:
         common["postcopy-preempt"] = True
     if hgm:
         common[DOUBLEMAP_CAPABILITY] = True
+    tuning_capabilities, tuning_parameters = _tuning(spec)
+    common |= tuning_capabilities
     destination = dict(common)
     if spec.postcopy and scenario.collect.blocktime:
         destination["postcopy-blocktime"] = True
-    source_parameters = _parameters(spec)
-    destination_parameters: dict[str, int | str] = {}
+    source_parameters = _parameters(spec) | tuning_parameters
+    destination_parameters: dict[str, ParameterValue] = dict(tuning_parameters)
     if spec.tls is not None:
         # The credentials object exists by then (migration.tls.enable_tls); the source
         # checks the destination's certificate against tls-hostname.

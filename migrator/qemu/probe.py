@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrator.errors import MissingResource
+from migrator.errors import MissingResource, QmpCommandError
 from migrator.hosts.base import Host
 from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import ROOT_LOADER, QemuLauncher, binary_in_root, qemu_launcher
 from migrator.qemu.process import QemuProcess
 
-__all__ = ["QemuFacts", "probe_qemu", "resolve_binary"]
+__all__ = ["QemuFacts", "SettingsTrial", "probe_qemu", "probe_qemu_trying", "resolve_binary"]
 
 MAKE_ROOT = "scripts/make-qemu-root"
 
@@ -82,8 +83,35 @@ async def resolve_binary(host: Host, binary: str, root: str | None = None) -> st
     return path
 
 
+@dataclass(frozen=True)
+class SettingsTrial:
+    """Migration capabilities and parameters to hand a probe QEMU, and whose they are.
+
+    QEMU checks names, types, ranges and combinations (post-copy with multifd or
+    compression, say) when they are set, so setting them on a ``-machine none``
+    instance before any VM boots gives its verdict, in its own words, for the
+    very binary the run will use.
+    """
+
+    who: str
+    capabilities: Mapping[str, bool]
+    parameters: Mapping[str, object]
+
+
 async def probe_qemu(host: Host, binary: str, root: str | None = None) -> QemuFacts:
     """Start ``binary -machine none`` (from ``root`` if given): its version and capabilities."""
+    facts, _ = await probe_qemu_trying(host, binary, root)
+    return facts
+
+
+async def probe_qemu_trying(host: Host, binary: str, root: str | None = None,
+                            trials: Sequence[SettingsTrial] = ()) -> tuple[QemuFacts, list[str]]:
+    """:func:`probe_qemu`, and each trial's settings handed to the same instance.
+
+    Returns the facts and what QEMU refused, one ``who: QEMU's error`` line per
+    trial it refused.  Capabilities the binary does not have are left out of a
+    trial (the facts say which are missing).
+    """
     path = await resolve_binary(host, binary, root)
     launcher = qemu_launcher(path, root)
     # QEMU's socket and logs on its own host; the monitor's event log here.
@@ -97,6 +125,9 @@ async def probe_qemu(host: Host, binary: str, root: str | None = None) -> QemuFa
                                    start_timeout=15) as qemu:
                 reply = await qemu.monitor.execute("query-version")
                 capabilities = await qemu.monitor.migrate_capabilities()
+                turned_on: set[str] = set()
+                refused = [refusal for trial in trials
+                           if (refusal := await _try(qemu, trial, capabilities, turned_on))]
     q = reply["qemu"]
     return QemuFacts(
         binary=path,
@@ -104,4 +135,23 @@ async def probe_qemu(host: Host, binary: str, root: str | None = None) -> QemuFa
         package=str(reply.get("package", "")).strip(),
         capabilities=tuple(sorted(capabilities)),
         root=root,
-    )
+    ), refused
+
+
+async def _try(qemu: QemuProcess, trial: SettingsTrial, known: Mapping[str, bool],
+               turned_on: set[str]) -> str | None:
+    """QEMU's error for ``trial``'s settings, or None when it took them.
+
+    ``turned_on``: capabilities earlier trials turned on; those this trial does not
+    name are turned off first, so each trial is judged alone.
+    """
+    wanted = {name: on for name, on in trial.capabilities.items() if name in known}
+    try:
+        await qemu.monitor.set_capabilities(
+            {name: False for name in turned_on - wanted.keys()} | wanted)
+        turned_on.clear()
+        turned_on.update(name for name, on in wanted.items() if on)
+        await qemu.monitor.set_parameters(trial.parameters)
+    except QmpCommandError as error:
+        return f"{trial.who}: {error.desc}"
+    return None

@@ -63,6 +63,9 @@ runs = sa.Table(
     sa.Column("hgm", sa.Boolean, nullable=False, server_default=sa.false(),
               comment="hugetlb high-granularity mapping (false until migrator supports it)"),
     sa.Column("switchover", sa.String(32), comment="switchover policy"),
+    sa.Column("tuning", sa.String(1000), nullable=False, server_default="",
+              comment="migration capabilities and parameters beyond post-copy itself "
+                      "(config.migration.tuning_label); empty: none"),
     sa.Column("qemu_version", sa.String(64), index=True, comment="destination QEMU"),
     sa.Column("source_qemu_version", sa.String(64)),
     sa.Column("accel", sa.String(16)),
@@ -164,6 +167,7 @@ def run_dimensions(
         "preempt": env.get("preempt"),
         "hgm": bool(env.get("hgm", False)),
         "switchover": switchover.get("policy") if isinstance(switchover, dict) else None,
+        "tuning": env.get("tuning") or "",
         "qemu_version": env.get("qemu_version"),
         "source_qemu_version": meta.qemu.source.version,
         "accel": env.get("accel"),

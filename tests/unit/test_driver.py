@@ -15,8 +15,13 @@ async def test_prepare_sets_both_sides_then_listens(sides: Any) -> None:
     src, dst, timeline = sides
     driver = driver_for({"preempt": True}, src, dst, timeline)
     await driver.prepare("tcp:127.0.0.1:4444")
-    assert dst.commands == ["migrate-set-capabilities", "migrate-incoming"]
-    assert src.commands == ["migrate-set-capabilities", "migrate-set-parameters"]
+    # Each side is asked what it took (the settings-in-effect mark) before dst listens.
+    taken = ["query-migrate-capabilities", "query-migrate-parameters"]
+    assert dst.commands == ["migrate-set-capabilities", *taken, "migrate-incoming"]
+    assert src.commands == ["migrate-set-capabilities", "migrate-set-parameters", *taken]
+    marks = [json.loads(line) for line in timeline.path.read_text().splitlines()]
+    [settings] = [mark for mark in marks if mark["what"] == "settings-in-effect"]
+    assert set(settings) >= {"source", "destination"}
 
 
 async def test_immediate_switchover(sides: Any) -> None:

@@ -1,0 +1,119 @@
+"""Migration tuning in the scenario: auto-converge, xbzrle, multifd and any other QMP knob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrator.config import parse_scenario
+from migrator.config.migration import tuning_label
+from migrator.errors import ConfigError
+from migrator.metrics.events import MigrationEvents
+from migrator.metrics.tuning import tuning_of, tuning_warnings
+from migrator.migration.plan import plan_migration
+from migrator.rundir import RunMeta
+
+
+def migration(**fields: Any) -> dict[str, Any]:
+    return {"name": "t", "migration": fields}
+
+
+def test_every_tuning_field_reaches_both_sides_plan() -> None:
+    scenario = parse_scenario(migration(
+        auto_converge={"initial_pct": 30, "increment_pct": 5}, xbzrle_cache_mib=32,
+        multifd={"channels": 4, "compression": "zstd"},
+        capabilities={"validate-uuid": True, "zero-page-detection-x": False},
+        parameters={"announce-rounds": 3, "cpu-throttle-tailslow": True}))
+    plan = plan_migration(scenario)
+    for capabilities in (plan.source_capabilities, plan.destination_capabilities):
+        assert {name: capabilities[name] for name in (
+            "auto-converge", "xbzrle", "multifd", "validate-uuid", "zero-page-detection-x")} == {
+            "auto-converge": True, "xbzrle": True, "multifd": True, "validate-uuid": True,
+            "zero-page-detection-x": False}
+    tuned = {"cpu-throttle-initial": 30, "cpu-throttle-increment": 5,
+             "xbzrle-cache-size": 32 << 20, "multifd-channels": 4,
+             "multifd-compression": "zstd", "announce-rounds": 3,
+             "cpu-throttle-tailslow": True}
+    assert tuned.items() <= plan.source_parameters.items()
+    assert plan.destination_parameters == tuned
+    # The run's own settings are still there, untouched.
+    assert plan.source_capabilities["postcopy-ram"] is True
+    assert "downtime-limit" in plan.source_parameters
+
+
+def test_no_tuning_changes_nothing() -> None:
+    plan = plan_migration(parse_scenario({"name": "t"}))
+    assert tuning_label(plan.source_capabilities, plan.source_parameters) == ""
+    assert plan.destination_parameters == {}
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"capabilities": {"postcopy-ram": True}},
+     "capabilities.postcopy-ram: migrator sets it; use migration.postcopy"),
+    ({"capabilities": {"multifd": True}},
+     "capabilities.multifd: migrator sets it; use [migration.multifd]"),
+    ({"parameters": {"downtime-limit": 5}},
+     "parameters.downtime-limit: migrator sets it; use migration.downtime_limit_ms"),
+    ({"parameters": {"xbzrle-cache-size": 5}},
+     "parameters.xbzrle-cache-size: migrator sets it; use migration.xbzrle_cache_mib"),
+    ({"parameters": {"Max Bandwidth": 5}}, "parameters.Max Bandwidth: not a QMP parameter name"),
+    ({"auto_converge": {"initial_pct": 100}}, "migration.auto_converge.initial_pct"),
+    ({"multifd": {"compression": "gzip"}}, "migration.multifd.compression"),
+    ({"capabilities": {"validate-uuid": "yes"}}, "migration.capabilities.validate-uuid"),
+])
+def test_bad_tuning_names_the_field(fields: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_scenario(migration(**fields), source="s.toml")
+    assert expected in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_tuning_label_is_stable_and_selector_safe() -> None:
+    label = tuning_label(
+        {"events": True, "postcopy-ram": True, "xbzrle": True, "validate-uuid": False},
+        {"max-bandwidth": 1, "xbzrle-cache-size": 33554432, "cpu-throttle-tailslow": True,
+         "tls-creds": "x"})
+    assert label == ("cpu-throttle-tailslow=true;validate-uuid=false;xbzrle;"
+                     "xbzrle-cache-size=33554432")
+    assert "," not in label
+
+
+def meta_with_plan(**plan: Any) -> RunMeta:
+    return RunMeta.model_validate({"run_id": "r", "scenario": "s", "plan": plan})
+
+
+def settings_mark(source: dict[str, Any], destination: dict[str, Any]) -> MigrationEvents:
+    return MigrationEvents(events=[], marks={}, timeline=[
+        {"host_ns": 1, "what": "settings-in-effect", "source": source,
+         "destination": destination}])
+
+
+def test_tuning_that_qemu_took_gives_no_warning() -> None:
+    meta = meta_with_plan(source_capabilities={"events": True, "xbzrle": True},
+                          source_parameters={"xbzrle-cache-size": 64})
+    taken = {"capabilities": ["events", "xbzrle"], "parameters": {"xbzrle-cache-size": 64}}
+    assert tuning_of(meta) == "xbzrle;xbzrle-cache-size=64"
+    assert tuning_warnings(meta, settings_mark(taken, {"capabilities": [], "parameters": {}})) \
+        == []
+
+
+def test_tuning_qemu_reports_otherwise_is_a_warning() -> None:
+    meta = meta_with_plan(destination_capabilities={"multifd": True},
+                          destination_parameters={"multifd-channels": 4})
+    taken = {"capabilities": [], "parameters": {"multifd-channels": 2}}
+    assert tuning_warnings(meta, settings_mark({}, taken)) == [
+        "tuning: the destination QEMU reports capability multifd off, the plan asked on "
+        "(settings-in-effect, timeline.jsonl)",
+        "tuning: the destination QEMU reports multifd-channels = 2, the plan asked 4 "
+        "(settings-in-effect, timeline.jsonl)"]
+
+
+def test_recorded_runs_have_no_tuning() -> None:
+    runs = Path(__file__).resolve().parents[1] / "data" / "runs"
+    for run in (path for path in runs.iterdir() if path.is_dir()):
+        meta = RunMeta.read(run)
+        assert tuning_of(meta) == "", run.name
+        assert json.loads((run / "run.json").read_text())["plan"]
