@@ -29,6 +29,7 @@ from migrator.hosts.base import Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
 from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.tls import CA_CERT, ENDPOINT_FILES, Endpoint
+from migrator.qemu.known_issues import postcopy_multifd_refusal
 from migrator.qemu.probe import QemuFacts, SettingsTrial, probe_qemu_trying
 
 __all__ = [
@@ -346,12 +347,17 @@ async def check_host(
             fix="use a newer QEMU or turn the option off in the scenario" if missing else "",
         ))
         if not missing:
+            refused += [refusal for role in roles
+                        if (refusal := postcopy_multifd_refusal(
+                            qemu.version, plan.source_capabilities if role == "source"
+                            else plan.destination_capabilities))]
             needs.append(Need(
                 what="migration settings (capabilities and parameters)", met=not refused,
-                detail=(f"QEMU {qemu.version} refuses them: " + "; ".join(refused)) if refused
+                detail=(f"QEMU {qemu.version} cannot run them: " + "; ".join(refused))
+                if refused
                 else f"QEMU {qemu.version} takes them",
-                fix="change them in [migration] (QEMU's own words say which), or use a QEMU "
-                    "that takes them" if refused else ""))
+                fix="change them in the scenario's migration table (QEMU's own words say "
+                    "which), or use a QEMU that takes them" if refused else ""))
     pools = []
     for size in HUGEPAGE_SIZES_KIB:
         try:

@@ -1,7 +1,17 @@
 """QEMU bugs that change what a run means: refused before boot, or flagged after a run.
 
-One bug so far, with its evidence in docs/qemu-notes.md ("Guest kernel crash after
-post-copy with small TCG guests"):
+**Post-copy with multifd before QEMU 8.1.**  Such a QEMU takes the ``multifd`` and
+``postcopy-ram`` capabilities together without a word, although its post-copy
+does not work with multifd: on Debian 12's 7.2.22 the destination aborted right
+after the switch (``yank_unregister_instance: Assertion
+`QLIST_EMPTY(&entry->yankfns)' failed``; tests/integration/test_migration_tuning.py
+is that run, refused now).  QEMU 8.1 and later refuse the pair themselves
+("Postcopy is not yet compatible with multifd"), which preflight's trial of the
+settings reports, until QEMU learned to do both (11.1 takes it).  So migrator
+refuses the pair before 8.1 (:func:`postcopy_multifd_refusal`).
+
+**Dirty tracking under TCG before QEMU 9.0**, with its evidence in docs/qemu-notes.md
+("Guest kernel crash after post-copy with small TCG guests"):
 
 QEMU before 9.0 under TCG clears the dirty bitmap on a fast path without flushing the
 vCPU TLBs, so later writes to pages already sent are never logged again (fixed upstream
@@ -20,8 +30,10 @@ from __future__ import annotations
 from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
 
 __all__ = [
+    "POSTCOPY_MULTIFD_REFUSED_FROM",
     "TCG_DIRTY_TRACKING_FIXED_IN",
     "TCG_DIRTY_TRACKING_SAFE_PASSES",
+    "postcopy_multifd_refusal",
     "tcg_dirty_tracking_refusal",
     "tcg_dirty_tracking_risk",
 ]
@@ -31,6 +43,34 @@ TCG_DIRTY_TRACKING_SAFE_PASSES = 2
 TCG_DIRTY_TRACKING_FIXED_IN = (9, 0)
 _FIX = ('upstream fix 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG '
         'memory access", in QEMU 9.0')
+
+
+POSTCOPY_MULTIFD_REFUSED_FROM = (8, 1)
+"""The first QEMU that refuses post-copy with multifd itself, rather than crash on it."""
+
+
+def _version(qemu_version: str | None) -> tuple[int, ...] | None:
+    """(major, minor) of a version string; None when it cannot be read."""
+    try:
+        return tuple(int(part) for part in (qemu_version or "").split(".")[:2])
+    except ValueError:
+        return None
+
+
+def postcopy_multifd_refusal(qemu_version: str | None, capabilities: dict[str, bool]) -> str | None:
+    """Why ``capabilities`` (a side's plan) must not run on this QEMU, or None.
+
+    Post-copy with multifd on a QEMU older than 8.1 (see module docstring).
+    """
+    version = _version(qemu_version)
+    if not (capabilities.get("postcopy-ram") and capabilities.get("multifd")):
+        return None
+    if version is None or not version or version >= POSTCOPY_MULTIFD_REFUSED_FROM:
+        return None
+    return (f"QEMU {qemu_version} takes post-copy with multifd but its destination aborts "
+            "after the switch (yank_unregister_instance assertion, measured on 7.2.22); "
+            "QEMU 8.1 and later refuse the pair, 11.1 runs it: drop [migration.multifd] "
+            "or use a newer QEMU (vm.qemu_root)")
 
 
 def _affected(qemu_version: str | None, accel: str | None) -> bool:

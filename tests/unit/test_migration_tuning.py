@@ -14,6 +14,7 @@ from migrator.errors import ConfigError
 from migrator.metrics.events import MigrationEvents
 from migrator.metrics.tuning import tuning_of, tuning_warnings
 from migrator.migration.plan import plan_migration
+from migrator.qemu.known_issues import postcopy_multifd_refusal
 from migrator.rundir import RunMeta
 
 
@@ -117,3 +118,14 @@ def test_recorded_runs_have_no_tuning() -> None:
         meta = RunMeta.read(run)
         assert tuning_of(meta) == "", run.name
         assert json.loads((run / "run.json").read_text())["plan"]
+
+
+@pytest.mark.parametrize(("version", "refused"), [
+    ("7.2.22", True), ("8.0.5", True), ("8.1.0", False), ("10.0.2", False), ("11.1.3", False),
+    ("garbage", False), (None, False)])
+def test_postcopy_with_multifd_is_refused_only_before_8_1(version: str | None,
+                                                          refused: bool) -> None:
+    both = {"postcopy-ram": True, "multifd": True}
+    assert (postcopy_multifd_refusal(version, both) is not None) is refused
+    assert postcopy_multifd_refusal(version, {"multifd": True}) is None
+    assert postcopy_multifd_refusal(version, {"postcopy-ram": True}) is None
