@@ -53,7 +53,7 @@ _BLOCKTIME_TRACE = re.compile(r"trace blocktime vCPU (\d+)")
 F64 = npt.NDArray[np.float64]
 
 
-def _keep_largest(values: F64, limit: int = MAX_POINTS) -> npt.NDArray[np.intp]:
+def largest_indices(values: F64, limit: int = MAX_POINTS) -> npt.NDArray[np.intp]:
     """Indices of the ``limit`` largest values, in their original order."""
     if values.size <= limit:
         return np.arange(values.size)
@@ -212,7 +212,7 @@ def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
     for series in view.series:
         vcpu = series.vcpu
         gaps = series.gaps_ms
-        keep = _keep_largest(gaps)
+        keep = largest_indices(gaps)
         stall_starts = [series.starts_ns[i] for i in keep.tolist()]
         name = f"vCPU {vcpu}: guest stall (guest clock)"
         if keep.size < gaps.size:
@@ -230,7 +230,7 @@ def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
         name = f"outside view: heartbeat gap > {hb.cut_ms:.3g} ms (host clock)"
         if hb.gaps_ms.size > MAX_POINTS:
             name += f", {MAX_POINTS:,} longest of {hb.gaps_ms.size:,}"
-        over = _keep_largest(hb.gaps_ms)
+        over = largest_indices(hb.gaps_ms)
         starts = hb.starts_ns[over]
         fig.add_trace(go.Scatter(
             x=np.array([clock.s(ns) for ns in starts.tolist()]), y=hb.gaps_ms[over],

@@ -16,7 +16,7 @@ from migrator.metrics.guest import load_guest
 from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
 from migrator.metrics.summary import build_report, derive_report, write_report
-from migrator.report.figures import MAX_POINTS, _keep_largest, blocktime_figure, fetch_cdf_figure
+from migrator.report.figures import MAX_POINTS, blocktime_figure, fetch_cdf_figure, largest_indices
 from migrator.report.html import render_run_html, write_run_html
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
@@ -203,11 +203,11 @@ def test_write_run_html_writes_report_html_atomically(tmp_path: Path) -> None:
 
 def test_long_series_keep_their_largest_points() -> None:
     data = np.arange(MAX_POINTS + 500, dtype=np.float64)[::-1].copy()
-    keep = _keep_largest(data)
+    keep = largest_indices(data)
     assert keep.size == MAX_POINTS
     assert list(keep) == sorted(keep)
     assert data[keep].min() == 500
-    assert _keep_largest(data[:10]).tolist() == list(range(10))
+    assert largest_indices(data[:10]).tolist() == list(range(10))
 
 
 def test_qemu_latency_dist_and_several_vcpus_are_plotted() -> None:
