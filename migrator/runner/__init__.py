@@ -76,6 +76,7 @@ from migrator.runner.placement import (
 __all__ = [
     "CACHE_DIR",
     "Observer",
+    "ScenarioRun",
     "exit_stack_keeping_first_error",
     "free_tcp_port",
     "remote_run_dir",
@@ -117,10 +118,12 @@ def _pages_needed(scenario: Scenario) -> tuple[int, int]:
     return page // 1024, scenario.vm.memory_mib * (1 << 20) // page
 
 
-class _Run(RunJournal):
+class ScenarioRun(RunJournal):
     """State of one run while it executes (see :func:`run_scenario`): its journal, and the stages.
 
-    A journal itself, so each stage records what it did as it goes.
+    A journal itself, so each stage records what it did as it goes.  Public for
+    tests of single stages (the HGM decision, the plan); a run is started with
+    :func:`run_scenario`.
     """
 
     def __init__(self, scenario: Scenario, run: RunDir, observer: Observer) -> None:
@@ -492,7 +495,7 @@ async def run_scenario(
     if on_rundir:
         on_rundir(run)
     (run.path / "scenario.toml").write_text(dump_scenario(scenario))
-    state = _Run(scenario, run, observer or Observer())
+    state = ScenarioRun(scenario, run, observer or Observer())
     state.save_meta()
     try:
         await state.execute()

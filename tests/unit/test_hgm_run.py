@@ -28,7 +28,7 @@ from migrator.migration.plan import plan_migration
 from migrator.model import Report
 from migrator.report.terminal import render_report
 from migrator.rundir import RunDir
-from migrator.runner import Observer, _Run
+from migrator.runner import Observer, ScenarioRun
 from tests.unit.hgm_fakes import QEMU_72, QEMU_RFC, ScriptedSmaps, kernel, probe_report, text
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
@@ -154,11 +154,11 @@ def stock_host() -> Host:
     return kernel([probe_report()])
 
 
-def new_run(tmp_path: Path, scenario: Scenario) -> _Run:
-    return _Run(scenario, RunDir.create(tmp_path, scenario.name), Observer())
+def new_run(tmp_path: Path, scenario: Scenario) -> ScenarioRun:
+    return ScenarioRun(scenario, RunDir.create(tmp_path, scenario.name), Observer())
 
 
-def run_json(state: _Run) -> dict[str, Any]:
+def run_json(state: ScenarioRun) -> dict[str, Any]:
     return json.loads((state.run.path / "run.json").read_text())  # type: ignore[no-any-return]
 
 
