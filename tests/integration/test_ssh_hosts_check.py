@@ -95,10 +95,15 @@ def test_facts_and_needs_of_both_hosts(
     # Needs per role: capabilities for each side's part, userfaultfd on the destination
     # only, and the hugepages of both VMs on the one kernel both hosts share.
     src_needs, dst_needs = by_what(source), by_what(destination)
-    assert list(src_needs) == ["migration capabilities events, postcopy-ram",
+    settings = "migration settings (capabilities and parameters)"
+    assert list(src_needs) == ["migration capabilities events, postcopy-ram", settings,
                                "256 free hugepages of 2048 kB"]
     assert list(dst_needs) == ["migration capabilities events, postcopy-blocktime, postcopy-ram",
-                               "256 free hugepages of 2048 kB", "userfaultfd (post-copy)"]
+                               settings, "256 free hugepages of 2048 kB",
+                               "userfaultfd (post-copy)"]
+    # Each side's probe QEMU, over SSH, was handed that side's settings and took them.
+    for needs in (src_needs, dst_needs):
+        assert needs[settings]["detail"].endswith(" takes them")
     assert all(need["met"] and not need["fix"] for need in [*source["needs"],
                                                             *destination["needs"]])
     assert "alongside" not in src_needs["256 free hugepages of 2048 kB"]["detail"]
