@@ -39,6 +39,8 @@ T = TypeVar("T")
 # The width of piped output: wider than any table migrator prints.  rich sizes a table
 # to its content, so a piped table is as wide as it needs and no wider.
 PIPED_WIDTH = 10_000
+#: rich's own default height: nothing migrator prints depends on it.
+PIPED_HEIGHT = 25
 
 ScenarioArgument = Annotated[Path, typer.Argument(metavar="SCENARIO.toml",
                                                   help="scenario TOML file")]
@@ -59,9 +61,14 @@ def stdout_console() -> Console:
     cuts (and pads to the console's width, so a wide one would fill logs with
     spaces), and messages printed with ``soft_wrap``, which are never wrapped.
     """
-    if _is_tty(sys.stdout) or os.environ.get("COLUMNS", "").isdigit():
-        return Console()  # rich reads COLUMNS itself
-    return Console(width=PIPED_WIDTH)
+    columns = os.environ.get("COLUMNS", "")
+    # Width with a height: rich takes a width alone as a hint that TERM=dumb overrides
+    # with 80 columns once FORCE_COLOR has made the stream a "terminal" (CI jobs set both).
+    if columns.isdigit():
+        return Console(width=int(columns), height=PIPED_HEIGHT)
+    if _is_tty(sys.stdout):
+        return Console()
+    return Console(width=PIPED_WIDTH, height=PIPED_HEIGHT)
 
 
 def _is_tty(stream: TextIO | None) -> bool:

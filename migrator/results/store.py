@@ -59,6 +59,7 @@ __all__ = [
     "Selector",
     "alembic_config",
     "load_run",
+    "newest_revision",
     "parse_selector",
     "resolve_url",
     "upgrade",
@@ -112,6 +113,13 @@ def upgrade(connection: Connection, revision: str = "head") -> None:
     # once overwrite each other's environment.
     with _ALEMBIC_LOCK:
         _upgrade(connection, revision)
+
+
+def newest_revision() -> str:
+    """The newest schema revision this migrator knows (what :func:`upgrade` migrates to)."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "migrator/results/migrations has no revision"
+    return head
 
 
 def _upgrade(connection: Connection, revision: str) -> None:

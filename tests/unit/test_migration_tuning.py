@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from migrator.metrics.events import MigrationEvents
 from migrator.metrics.tuning import tuning_of, tuning_warnings
 from migrator.migration.plan import plan_migration
 from migrator.qemu.known_issues import postcopy_multifd_refusal
+from migrator.results.store import ResultsStore, parse_selector
 from migrator.rundir import RunMeta
 
 
@@ -129,3 +131,21 @@ def test_postcopy_with_multifd_is_refused_only_before_8_1(version: str | None,
     assert (postcopy_multifd_refusal(version, both) is not None) is refused
     assert postcopy_multifd_refusal(version, {"multifd": True}) is None
     assert postcopy_multifd_refusal(version, {"postcopy-ram": True}) is None
+
+
+def test_the_results_store_keeps_the_tuning_as_a_dimension(tmp_path: Path) -> None:
+    runs = Path(__file__).resolve().parents[1] / "data" / "runs"
+    tuned = tmp_path / "tuned"
+    shutil.copytree(runs / "hugetlb-2m", tuned)
+    meta = json.loads((tuned / "run.json").read_text())
+    meta["run_id"] += "-tuned"
+    meta["plan"]["source_capabilities"]["xbzrle"] = True
+    meta["plan"]["source_parameters"]["xbzrle-cache-size"] = 1 << 25
+    (tuned / "run.json").write_text(json.dumps(meta))
+    with ResultsStore.open(tmp_path / "results.sqlite", create=True) as store:
+        store.import_run(runs / "hugetlb-2m")
+        store.import_run(tuned)
+        [row] = store.select(parse_selector("tuning=xbzrle;xbzrle-cache-size=33554432"))
+        assert row["run_id"] == meta["run_id"]
+        [plain] = store.select(parse_selector("tuning="))
+        assert plain["tuning"] == ""

@@ -182,7 +182,9 @@ def test_terminal_shows_the_statement_and_both_tables(report: Report) -> None:
 
 def test_terminal_colours_the_outcome(report: Report) -> None:
     def ansi(outcome: str) -> str:
-        console = Console(record=True, width=100, force_terminal=True, color_system="standard")
+        # A height too, or TERM=dumb overrides the width (rich's rule for dumb terminals).
+        console = Console(record=True, width=100, height=50, force_terminal=True,
+                          color_system="standard")
         render_report(report.model_copy(update={"outcome": outcome}), console)
         return console.export_text(styles=True).splitlines()[0]
 

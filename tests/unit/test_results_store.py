@@ -26,6 +26,7 @@ from migrator.results.store import (
     ResultsStore,
     RunRecord,
     load_run,
+    newest_revision,
     parse_selector,
     resolve_url,
     upgrade,
@@ -33,8 +34,6 @@ from migrator.results.store import (
 from migrator.rundir import RunMeta
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
-#: The newest migration in migrator/results/migrations/versions/.
-HEAD_REVISION = "0003"
 RECORDED = ("hugetlb-1g", "hugetlb-2m", "crashed-memfd-4k")
 
 
@@ -67,7 +66,7 @@ def count(store: ResultsStore, table: sa.Table) -> int:
 def test_recorded_runs_round_trip(store: ResultsStore) -> None:
     results = [store.import_run(RUNS / name) for name in RECORDED]
     assert [r.status for r in results] == ["added"] * 3
-    assert store.revision() == HEAD_REVISION
+    assert store.revision() == newest_revision()
 
     completed = store.select()
     assert {r["backing"] for r in completed} == {"hugetlb-1g", "hugetlb-2m"}
@@ -246,7 +245,7 @@ def test_unreachable_server_is_a_store_error(tmp_path: Path) -> None:
 
 def test_store_in_a_new_directory(tmp_path: Path) -> None:
     with ResultsStore.open(tmp_path / "a" / "b" / "results.sqlite") as store:
-        assert store.revision() == HEAD_REVISION
+        assert store.revision() == newest_revision()
 
 
 def test_reading_a_missing_store_creates_nothing(tmp_path: Path) -> None:
@@ -310,7 +309,7 @@ def test_first_schema_is_upgraded_in_place(db: Path) -> None:
     engine.dispose()
 
     with ResultsStore.open(db) as store:
-        assert store.revision() == HEAD_REVISION
+        assert store.revision() == newest_revision()
         [old] = store.select(parse_selector("old-run"))
         assert (old["hgm"], old["migrator_commit"], old["report_sha256"]) == (False, None, None)
         assert old["run_date"] == datetime(2026, 1, 1, tzinfo=UTC)
@@ -353,7 +352,7 @@ def test_threads_opening_a_new_store_at_once(db: Path) -> None:
             return store.revision()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert list(pool.map(open_and_close, range(4))) == [HEAD_REVISION] * 4
+        assert list(pool.map(open_and_close, range(4))) == [newest_revision()] * 4
 
 
 def _revision_from_a_new_process(db: Path) -> str | None:
@@ -367,7 +366,7 @@ def test_processes_opening_a_new_store_at_once(db: Path) -> None:
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(4) as pool:
-        assert pool.map(_revision_from_a_new_process, [db] * 4) == [HEAD_REVISION] * 4
+        assert pool.map(_revision_from_a_new_process, [db] * 4) == [newest_revision()] * 4
 
 
 def test_newer_schema_is_refused(db: Path) -> None:
