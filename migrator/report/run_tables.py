@@ -442,6 +442,8 @@ def environment_line(report: Report) -> str:
         f"host kernel {format_value(env.get('host_kernel'))}",
         f"guest kernel {format_value(env.get('guest_kernel'))}",
     ]
+    if env.get("tuning"):
+        parts.append(f"tuning {env['tuning']}")
     return " · ".join(parts)
 
 

@@ -218,6 +218,8 @@ def render_report(report: Report, console: Console) -> None:
         f"{env.get('preempt')}",
         highlight=False,
     )
+    if env.get("tuning"):
+        console.print(f"tuning {escape(str(env['tuning']))}", highlight=False)
     for table in _tables(report, sources, before_hgm=True):
         draw_table(table, console)
     if report.hgm is not None:

@@ -13,11 +13,14 @@ from migrator.config import parse_scenario
 from migrator.config.migration import tuning_label
 from migrator.errors import ConfigError
 from migrator.metrics.events import MigrationEvents
+from migrator.metrics.summary import build_report
 from migrator.metrics.tuning import tuning_of, tuning_warnings
 from migrator.migration.plan import plan_migration
 from migrator.qemu.known_issues import postcopy_multifd_refusal
+from migrator.report.run_tables import environment_line
 from migrator.results.store import ResultsStore, parse_selector
 from migrator.rundir import RunMeta
+from tests.unit.rendering import terminal_text
 
 
 def migration(**fields: Any) -> dict[str, Any]:
@@ -149,3 +152,18 @@ def test_the_results_store_keeps_the_tuning_as_a_dimension(tmp_path: Path) -> No
         assert row["run_id"] == meta["run_id"]
         [plain] = store.select(parse_selector("tuning="))
         assert plain["tuning"] == ""
+
+
+def test_the_report_shows_the_tuning_in_both_renderers(tmp_path: Path) -> None:
+    runs = Path(__file__).resolve().parents[1] / "data" / "runs"
+    tuned = tmp_path / "tuned"
+    shutil.copytree(runs / "hugetlb-2m", tuned)
+    meta = json.loads((tuned / "run.json").read_text())
+    meta["plan"]["source_capabilities"]["auto-converge"] = True
+    (tuned / "run.json").write_text(json.dumps(meta))
+    report = build_report(tuned)
+    assert report.environment["tuning"] == "auto-converge"
+    assert "tuning auto-converge" in terminal_text(report, width=120)
+    assert "tuning auto-converge" in environment_line(report)
+    plain = build_report(runs / "hugetlb-2m")
+    assert "tuning" not in terminal_text(plain, width=120)
