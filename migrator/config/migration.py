@@ -258,6 +258,15 @@ class MigrationSpec(ScenarioModel):
                     "(unset: off)")
     multifd: MultifdSpec | None = Field(
         None, description="[migration.multifd]: pre-copy over parallel channels (unset: off)")
+    max_passes: int | None = Field(
+        None, ge=1, le=1000,
+        description="pre-copy only: cancel the migration when the source starts a pass "
+                    "beyond this many without having converged; the run ends failed before "
+                    "switchover (exit 4), the guest running on the source")
+    max_seconds: float | None = Field(
+        None, gt=0, le=86400,
+        description="pre-copy only: cancel the migration if it has not converged this long "
+                    "after it started (as max_passes)")
     capabilities: dict[str, bool] = Field(
         default_factory=dict,
         description="[migration.capabilities]: any other QMP migration capability, by name, "
@@ -278,6 +287,17 @@ class MigrationSpec(ScenarioModel):
                 if name in managed:
                     raise ValueError(f"{table}.{name}: migrator sets it; use "
                                      f"{managed[name]}")
+        return self
+
+    @model_validator(mode="after")
+    def _cancel_rules_are_for_precopy(self) -> MigrationSpec:
+        # After the switch a cancel would lose the VM; before it, the switchover policy
+        # decides when pre-copy ends.
+        for name in ("max_passes", "max_seconds"):
+            if self.postcopy and getattr(self, name) is not None:
+                raise ValueError(f"{name} cancels a pre-copy-only migration "
+                                 "(postcopy = false); with post-copy the switchover policy "
+                                 "ends pre-copy")
         return self
 
     @model_validator(mode="after")

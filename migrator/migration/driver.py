@@ -126,8 +126,12 @@ class MigrationDriver:
                           if self.spec.postcopy else None)
             if self.spec.postcopy:
                 requested, skipped = await self._switchover(started, source_done)
+            cancelled = await self._cancel_rule(started, source_done)
             source_end = await source_done
             self.mark("source-finished", status=source_end.data["status"])
+            if cancelled is not None and source_end.data["status"] == "cancelled":
+                raise MigrationError(f"{cancelled}; migrate_cancel sent, the guest stays on "
+                                     "the source")
             if source_end.data["status"] != "completed":
                 # Raising out of the group cancels its other tasks (the waits, recovery).
                 raise MigrationError(
@@ -158,6 +162,39 @@ class MigrationDriver:
         hostname = self.plan.source_parameters.get("tls-hostname")
         hint = tls_hint(desc, str(hostname)) if hostname is not None else None
         return f"{desc}; {hint}" if hint else desc
+
+    async def _cancel_rule(self, started_ns: int,
+                           source_done: asyncio.Task[EventRecord]) -> str | None:
+        """Cancel a pre-copy that exceeds ``max_passes`` or ``max_seconds``; why, or None.
+
+        Returns at once when the scenario sets neither (and always with post-copy,
+        which the scenario model enforces).
+        """
+        rules: list[tuple[str, asyncio.Task[Any]]] = []
+        if self.spec.max_passes is not None:
+            limit = self.spec.max_passes
+            rules.append((f"migration.max_passes: pre-copy did not converge in {limit} passes",
+                          asyncio.create_task(self.source.wait_for_event(
+                              "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) > limit))))
+        if self.spec.max_seconds is not None:
+            remaining = self.spec.max_seconds - (time.time_ns() - started_ns) / 1e9
+            rules.append((f"migration.max_seconds: pre-copy did not converge in "
+                          f"{self.spec.max_seconds:g} s",
+                          asyncio.create_task(asyncio.sleep(max(0.0, remaining)))))
+        if not rules:
+            return None
+        try:
+            await asyncio.wait({source_done, *(task for _, task in rules)},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for _, task in rules:
+                task.cancel()
+        fired = [reason for reason, task in rules if task.done() and not task.cancelled()]
+        if source_done.done() or not fired:
+            return None
+        self.mark("cancel", reason=fired[0])
+        await self.source.migrate_cancel()
+        return fired[0]
 
     async def _switchover(
         self, started_ns: int, source_done: asyncio.Task[EventRecord]

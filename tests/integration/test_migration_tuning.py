@@ -89,3 +89,23 @@ def test_postcopy_with_multifd_passes_preflight_on_a_qemu_that_takes_it(
     checked = migrator("hosts", "check", "--json", str(spec))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert re.fullmatch(r"QEMU 11\.1\.\d+ takes them", settings_need(checked.stdout))
+
+
+def test_a_precopy_past_max_seconds_is_cancelled_and_the_guest_stays_on_the_source(
+        tmp_path: Path) -> None:
+    spec = tmp_path / "cancel.toml"
+    # 8 MiB/s cannot move 512 MiB in 2 s: the rule must fire.
+    spec.write_text(dump_scenario(scenario("it-cancel", migration={
+        "postcopy": False, "max_seconds": 2.0, "max_bandwidth_mib_s": 8,
+        "switchover": {"policy": "immediately"}})))
+    outcome, run_dir = run_expecting_failure(tmp_path, spec)
+    assert outcome.startswith("4 error: failed before switchover: migration.max_seconds: "
+                              "pre-copy did not converge in 2 s; migrate_cancel sent"), outcome
+    assert "still running on the source with its state intact" in outcome
+    assert run_dir is not None
+    timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text()
+                .splitlines()]
+    assert [mark["reason"] for mark in timeline if mark["what"] == "cancel"] == [
+        "migration.max_seconds: pre-copy did not converge in 2 s"]
+    assert json.loads((run_dir / "run.json").read_text())["outcome"] == \
+        "failed-before-switchover"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
+from migrator.config import parse_scenario
+from migrator.errors import ConfigError, MigrationError, MigrationTimeout, QmpCommandError
 from tests.unit.scripted_monitor import ScriptedMonitor, complete, driver_for, later
 
 
@@ -96,3 +99,53 @@ async def test_start_postcopy_refused_while_running_is_raised(sides: Any) -> Non
     driver = driver_for({"switchover": {"policy": "immediately"}}, src, dst, timeline)
     with pytest.raises(QmpCommandError, match="nope"):
         await driver.run("tcp:x")
+
+
+def cancelled_on_request(src: ScriptedMonitor, dst: ScriptedMonitor) -> None:
+    """QEMU's answer to migrate_cancel: both sides leave the migration."""
+    def on_cancel(m: ScriptedMonitor, a: object) -> None:
+        src.emit("MIGRATION", status="cancelled")
+        dst.emit("MIGRATION", status="failed")
+
+    src.reactions["migrate_cancel"] = on_cancel
+
+
+async def test_max_passes_cancels_a_precopy_that_does_not_converge(sides: Any) -> None:
+    src, dst, timeline = sides
+
+    def on_migrate(m: ScriptedMonitor, a: object) -> None:
+        for number in (1, 2, 3):
+            later(0.02 * number, functools.partial(src.emit, "MIGRATION_PASS", **{"pass": number}))
+
+    src.reactions["migrate"] = on_migrate
+    cancelled_on_request(src, dst)
+    driver = driver_for({"postcopy": False, "max_passes": 2}, src, dst, timeline)
+    with pytest.raises(MigrationError) as caught:
+        await driver.run("tcp:x")
+    assert str(caught.value) == ("migration.max_passes: pre-copy did not converge in 2 passes; "
+                                 "migrate_cancel sent, the guest stays on the source")
+    assert src.commands == ["migrate", "migrate_cancel"]
+    # Cancelled as pass 3 began, not before.
+    assert len(src.find_events("MIGRATION_PASS")) == 3
+
+
+async def test_max_seconds_cancels_and_a_converging_precopy_is_left_alone(
+        sides: Any, tmp_path: Path) -> None:
+    src, dst, timeline = sides
+    cancelled_on_request(src, dst)
+    driver = driver_for({"postcopy": False, "max_seconds": 0.05}, src, dst, timeline)
+    with pytest.raises(MigrationError, match=r"^migration.max_seconds: pre-copy did not "
+                                             r"converge in 0.05 s; migrate_cancel sent"):
+        await driver.run("tcp:x")
+
+    src2, dst2 = ScriptedMonitor("src", tmp_path / "2"), ScriptedMonitor("dst", tmp_path / "2")
+    src2.reactions["migrate"] = lambda m, a: complete(src2, dst2, delay=0.01)
+    driver = driver_for({"postcopy": False, "max_seconds": 5.0}, src2, dst2, timeline)
+    result = await driver.run("tcp:x")
+    assert result.source_status == "completed"
+    assert "migrate_cancel" not in src2.commands
+
+
+def test_cancel_rules_are_for_precopy_only() -> None:
+    with pytest.raises(ConfigError, match="max_passes cancels a pre-copy-only migration"):
+        parse_scenario({"name": "t", "migration": {"max_passes": 3}})
