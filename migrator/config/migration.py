@@ -23,6 +23,7 @@ __all__ = [
     "MigrationSpec",
     "MultifdSpec",
     "ParameterValue",
+    "PauseSourceAfterPasses",
     "RecoverySpec",
     "SwitchoverPolicy",
     "TlsSpec",
@@ -50,8 +51,22 @@ class AfterPasses(ScenarioModel):
     passes: int = Field(ge=1, le=1000)
 
 
+class PauseSourceAfterPasses(ScenarioModel):
+    """Pre-copy only: pause the source's vCPUs once N dirty-sync passes have completed.
+
+    The guest's memory then stops changing, so pre-copy converges and completes;
+    the destination is resumed after it.  The guest is frozen from the pause to
+    the resume (the report's freeze), as with QEMU's own benchmark's strategy of
+    stopping the source after N iterations.
+    """
+
+    policy: Literal["pause-source-after-passes"] = "pause-source-after-passes"
+    passes: int = Field(ge=1, le=1000)
+
+
 SwitchoverPolicy = Annotated[
-    Immediately | AfterSeconds | AfterPasses, Field(discriminator="policy")
+    Immediately | AfterSeconds | AfterPasses | PauseSourceAfterPasses,
+    Field(discriminator="policy")
 ]
 
 
@@ -287,6 +302,14 @@ class MigrationSpec(ScenarioModel):
                 if name in managed:
                     raise ValueError(f"{table}.{name}: migrator sets it; use "
                                      f"{managed[name]}")
+        return self
+
+    @model_validator(mode="after")
+    def _pausing_the_source_is_for_precopy(self) -> MigrationSpec:
+        if self.postcopy and isinstance(self.switchover, PauseSourceAfterPasses):
+            raise ValueError('switchover policy "pause-source-after-passes" ends a '
+                             "pre-copy-only migration (postcopy = false); with post-copy use "
+                             '"after-passes"')
         return self
 
     @model_validator(mode="after")

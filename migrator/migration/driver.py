@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from migrator.aio import first_error
-from migrator.config.models import AfterPasses, AfterSeconds, Immediately, MigrationSpec
+from migrator.config.models import (
+    AfterPasses,
+    AfterSeconds,
+    Immediately,
+    MigrationSpec,
+    PauseSourceAfterPasses,
+)
 from migrator.errors import MigrationError, MigrationTimeout, QmpCommandError
 from migrator.migration.plan import MigrationPlan
 from migrator.migration.recovery import PostcopyRecovery
@@ -126,6 +132,7 @@ class MigrationDriver:
                           if self.spec.postcopy else None)
             if self.spec.postcopy:
                 requested, skipped = await self._switchover(started, source_done)
+            paused = await self._pause_source(source_done)
             cancelled = await self._cancel_rule(started, source_done)
             source_end = await source_done
             self.mark("source-finished", status=source_end.data["status"])
@@ -147,6 +154,10 @@ class MigrationDriver:
                 f"migration {destination_end.data['status']} on the destination: "
                 f"{await self._error_desc(self.destination)}"
             )
+        if paused:
+            # The source was paused, so the destination keeps the guest paused: resume it.
+            await self.destination.execute("cont")
+            self.mark("destination-resumed")
         return MigrationResult(
             str(source_end.data["status"]), str(destination_end.data["status"]),
             requested, skipped, self.recovery.recoveries,
@@ -162,6 +173,25 @@ class MigrationDriver:
         hostname = self.plan.source_parameters.get("tls-hostname")
         hint = tls_hint(desc, str(hostname)) if hostname is not None else None
         return f"{desc}; {hint}" if hint else desc
+
+    async def _pause_source(self, source_done: asyncio.Task[EventRecord]) -> bool:
+        """Pause the source's vCPUs after N passes (``pause-source-after-passes``); whether
+        it was paused (False at once for any other policy, or if pre-copy finished first)."""
+        policy = self.spec.switchover
+        if self.spec.postcopy or not isinstance(policy, PauseSourceAfterPasses):
+            return False
+        reached = asyncio.create_task(self.source.wait_for_event(
+            "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) >= policy.passes))
+        try:
+            await asyncio.wait({reached, source_done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reached.cancel()
+        if source_done.done():
+            self.mark("pause-skipped", reason="pre-copy finished before the pause policy fired")
+            return False
+        await self.source.execute("stop")
+        self.mark("source-paused", passes=policy.passes)
+        return True
 
     async def _cancel_rule(self, started_ns: int,
                            source_done: asyncio.Task[EventRecord]) -> str | None:

@@ -149,3 +149,37 @@ async def test_max_seconds_cancels_and_a_converging_precopy_is_left_alone(
 def test_cancel_rules_are_for_precopy_only() -> None:
     with pytest.raises(ConfigError, match="max_passes cancels a pre-copy-only migration"):
         parse_scenario({"name": "t", "migration": {"max_passes": 3}})
+
+
+async def test_pause_source_after_passes_stops_the_source_then_resumes_the_destination(
+        sides: Any) -> None:
+    src, dst, timeline = sides
+
+    def on_migrate(m: ScriptedMonitor, a: object) -> None:
+        for number in (1, 2):
+            later(0.02 * number, functools.partial(src.emit, "MIGRATION_PASS", **{"pass": number}))
+
+    paused_at: list[int] = []
+
+    def on_stop(m: ScriptedMonitor, a: object) -> None:
+        paused_at.append(len(src.find_events("MIGRATION_PASS")))
+        complete(src, dst)  # with the guest's memory still, pre-copy converges
+
+    src.reactions["migrate"] = on_migrate
+    src.reactions["stop"] = on_stop
+    driver = driver_for({"postcopy": False,
+                         "switchover": {"policy": "pause-source-after-passes", "passes": 2}},
+                        src, dst, timeline)
+    result = await driver.run("tcp:x")
+    assert result.source_status == result.destination_status == "completed"
+    assert paused_at == [2]
+    assert src.commands == ["migrate", "stop"]
+    assert dst.commands[-1] == "cont"
+    marks = [json.loads(line)["what"] for line in timeline.path.read_text().splitlines()]
+    assert marks.index("source-paused") < marks.index("destination-resumed")
+
+
+def test_pausing_the_source_is_for_precopy_only() -> None:
+    with pytest.raises(ConfigError, match='"pause-source-after-passes" ends a pre-copy-only'):
+        parse_scenario({"name": "t", "migration": {
+            "switchover": {"policy": "pause-source-after-passes", "passes": 2}}})
