@@ -36,6 +36,7 @@ __all__ = [
     "Phase",
     "Report",
     "Stall",
+    "ThreadCpu",
 ]
 
 SCHEMA_VERSION = 1
@@ -372,6 +373,20 @@ class FaultRecord(_Model):
         return "-" if self.at is None else f"{self.at} + {self.after_ms or 0:,} ms"
 
 
+class ThreadCpu(_Model):
+    """Host CPU time of one QEMU thread, or of one kind of thread, on one side."""
+
+    side: str
+    """``src`` or ``dst``."""
+    thread: str
+    """"vCPU N", "migration", "return path", "post-copy fault", "post-copy listen",
+    "multifd", "main loop" or "other" (``metrics.threads.thread_kind``)."""
+    precopy: Metric
+    postcopy: Metric
+    sampled: Metric
+    """Over the whole sampled span."""
+
+
 class Report(_Model):
     """Everything derived from one run directory."""
 
@@ -409,3 +424,6 @@ class Report(_Model):
         default_factory=list, description="every post-copy pause, recovered or not, in order")
     faults: list[FaultRecord] = Field(
         default_factory=list, description="every [[faults]] entry, by index")
+    thread_cpu: list[ThreadCpu] = Field(
+        default_factory=list,
+        description="host CPU time per QEMU thread kind and side (SIDE/threads.jsonl)")

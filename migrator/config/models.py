@@ -299,6 +299,11 @@ class CollectSpec(ScenarioModel):
     query_migrate_hz: float = Field(10.0, gt=0, le=1000)
     trace: bool = Field(True, description="destination QEMU trace of page requests/placements")
     blocktime: bool = Field(True, description="postcopy-blocktime capability on the destination")
+    threads_hz: float = Field(
+        10.0, gt=0, le=100,
+        description="samples per second of each QEMU thread's CPU time (/proc/PID/task/*/stat "
+                    "on its host, both sides)",
+    )
     smaps_hz: float = Field(
         10.0, gt=0, le=100,
         description="samples per second of the destination QEMU's /proc/PID/smaps (guest RAM "

@@ -26,6 +26,7 @@ from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
 from migrator.metrics.run_artifacts import RunArtifacts, load_run_artifacts
 from migrator.metrics.run_outcome import derive_outcome
+from migrator.metrics.threads import thread_cpu
 from migrator.metrics.trace import analyze_trace
 from migrator.metrics.trace_results import TraceAnalysis
 from migrator.metrics.tuning import tuning_of, tuning_warnings
@@ -363,6 +364,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
         integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
         recoveries=recovery.pauses, faults=recovery.faults,
+        thread_cpu=thread_cpu(run_path, ev),
     )
 
 

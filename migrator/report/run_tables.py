@@ -26,12 +26,33 @@ from migrator.report.sources import Sources
 from migrator.tables import Cell, Column, Note, Row, Table
 from migrator.units import format_size, format_value
 
-__all__ = ["METRIC_COLUMNS", "blocktime_table", "clock_step_table", "comparison_table",
-           "contradiction", "environment_line", "facts_table", "fault_table", "fetch_table",
-           "freeze_table", "headline_tables", "integrity_table", "iso_time",
-           "latency_dist_table", "metric_row", "metric_table", "number", "outside_table",
-           "pause_table", "phase_table", "stall_tables", "vcpu_stall_table", "worst_gap_table",
-           "worst_stall_table"]
+__all__ = [
+    "METRIC_COLUMNS",
+    "blocktime_table",
+    "clock_step_table",
+    "comparison_table",
+    "contradiction",
+    "environment_line",
+    "facts_table",
+    "fault_table",
+    "fetch_table",
+    "freeze_table",
+    "headline_tables",
+    "integrity_table",
+    "iso_time",
+    "latency_dist_table",
+    "metric_row",
+    "metric_table",
+    "number",
+    "outside_table",
+    "pause_table",
+    "phase_table",
+    "stall_tables",
+    "thread_cpu_table",
+    "vcpu_stall_table",
+    "worst_gap_table",
+    "worst_stall_table",
+]
 
 S = 1e9
 
@@ -83,6 +104,23 @@ def blocktime_table(report: Report, sources: Sources) -> Table:
     return metric_table("Blocktime", {**report.blocktime, **report.qemu_latency}, sources)
 
 
+def thread_cpu_table(report: Report, sources: Sources) -> Table | None:
+    """Host CPU time per QEMU thread kind, side and phase (None for runs without samples)."""
+    if not report.thread_cpu:
+        return None
+    by_side = {row.side: row.sampled.source for row in report.thread_cpu}
+    cited = " ".join(f"{side} [{sources.number(source)}]" for side, source in by_side.items())
+    table = Table(f"Host CPU per QEMU thread, CPU s ({cited})", [
+        Column("side"), Column("thread"),
+        *(Column(header, "CPU s", numeric=True, rounded=True)
+          for header in ("pre-copy", "post-copy", "sampled"))], anchor="threads")
+    for row in report.thread_cpu:
+        table.rows.append([Cell(row.side), Cell(row.thread),
+                           *(number(metric.value) for metric in
+                             (row.precopy, row.postcopy, row.sampled))])
+    return table
+
+
 def integrity_table(report: Report) -> Table | None:
     """The guest's verify line, field by field."""
     if not report.integrity:
@@ -99,8 +137,8 @@ def headline_tables(report: Report, sources: Sources) -> list[Table]:
     tables = [freeze_table(report, sources),
               metric_table("Timings", report.timings, sources),
               metric_table("Transfer", report.transfer, sources),
-              blocktime_table(report, sources), outside_table(report, sources),
-              integrity_table(report)]
+              blocktime_table(report, sources), thread_cpu_table(report, sources),
+              outside_table(report, sources), integrity_table(report)]
     return [table for table in tables if table is not None]
 
 

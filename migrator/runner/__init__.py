@@ -58,7 +58,8 @@ from migrator.preflight import Role, check_hosts, raise_unmet
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
-from migrator.rundir import JsonlWriter, RunDir
+from migrator.qemu.threads import THREADS_FILE, sample_threads
+from migrator.rundir import SIDES, JsonlWriter, RunDir
 from migrator.runner import decisions
 from migrator.runner.journal import Observer, RunJournal
 from migrator.runner.placement import (
@@ -349,9 +350,14 @@ class ScenarioRun(RunJournal):
         samples = _ObservedWriter(self.run, self.observer)
         stack.callback(samples.close)
         hz = scenario.collect.query_migrate_hz
+        threads = {side: JsonlWriter(self.run.side(side) / THREADS_FILE) for side in SIDES}
+        for writer in threads.values():
+            stack.callback(writer.close)
         async with background(
             sample_query_migrate(src.monitor, "src", samples, hz),  # type: ignore[arg-type]
             sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
+            *(sample_threads(qemu.host, qemu.pid, threads[side], scenario.collect.threads_hz)
+              for side, qemu in (("src", src), ("dst", dst)) if qemu.pid is not None),
         ):
             self.observer.phase("migrating")
             faults = FaultTargets(hosts=hosts, qemus={"src": src, "dst": dst},

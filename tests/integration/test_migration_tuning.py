@@ -49,6 +49,12 @@ def test_tuning_reaches_both_qemus_and_the_report(runs_root: Path) -> None:
         "announce-rounds=3;auto-converge;cpu-throttle-increment=5;cpu-throttle-initial=30;"
         "validate-uuid;xbzrle;xbzrle-cache-size=16777216")
     assert not [w for w in report.warnings if w.startswith("tuning:")]
+    # Both QEMUs' threads were sampled: where the post-copy time went on each host.
+    kinds = {(row.side, row.thread): row for row in report.thread_cpu}
+    assert {("src", "vCPU 0"), ("src", "migration"), ("dst", "vCPU 0"),
+            ("dst", "post-copy fault")} <= kinds.keys()
+    assert (kinds[("src", "migration")].sampled.value or 0) > 0
+    assert kinds[("dst", "post-copy fault")].postcopy.value is not None
 
 
 def test_postcopy_with_multifd_is_refused_before_boot_on_qemu_7_2(
