@@ -6,7 +6,9 @@ few times, then splits each run's wall time using the run's own timeline
 warm-up, migration, settle, verify) and what is migrator's (start-up and
 imports, preflight, guest build or cache check, accelerator decision,
 hugepage reservation, QEMU launch, teardown, report).  Target: under 3 s of
-migrator overhead per run.
+migrator overhead per run.  It also prints the controller's own CPU time (the
+migrator process's user + system time, its threads included, QEMU and other child
+processes not): issue 13's target is 0.3 s per run.
 
     .venv/bin/python benchmarks/main_job_overhead.py [--runs 3] [--scenario FILE]
 """
@@ -34,18 +36,34 @@ VM_TIME = (
 )
 
 
+# ``python -m migrator ARGS`` that writes its own CPU time (RUSAGE_SELF) to a file on exit.
+_MEASURED = (
+    "import atexit, json, resource, runpy, sys\n"
+    "out = sys.argv[1]\n"
+    "def report():\n"
+    "    usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "    with open(out, 'w') as f:\n"
+    "        json.dump({'user': usage.ru_utime, 'system': usage.ru_stime}, f)\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['migrator', *sys.argv[2:]]\n"
+    "runpy.run_module('migrator', run_name='__main__')\n"
+)
+
+
 def one_run(scenario: Path, runs: Path) -> dict[str, float]:
     """Run the main job once; returns seconds per stretch plus total and overhead."""
+    cpu_file = runs / "cpu.json"
     began = time.time_ns()
     done = subprocess.run(
-        [sys.executable, "-m", "migrator", "run", str(scenario), "--runs-dir", str(runs),
-         "--json"],
+        [sys.executable, "-c", _MEASURED, str(cpu_file), "run", str(scenario),
+         "--runs-dir", str(runs / "runs"), "--json"],
         capture_output=True, text=True, check=False,
     )
     ended = time.time_ns()
     if done.returncode != 0:
         sys.exit(f"migrator run failed ({done.returncode}): {done.stderr.strip()[-400:]}")
-    run_dir = max(runs.iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = max((runs / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    cpu = json.loads(cpu_file.read_text())
     marks: dict[str, int] = {}
     for line in (run_dir / "timeline.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -62,6 +80,7 @@ def one_run(scenario: Path, runs: Path) -> dict[str, float]:
     out["teardown (shutdown -> cleaned up)"] = (marks["cleaned-up"] - marks["shutdown"]) / 1e9
     out["report (cleaned up -> exit)"] = (ended - marks["cleaned-up"]) / 1e9
     out["migrator overhead (total - VM time)"] = out["total"] - vm
+    out["controller CPU, user + system (migrator process)"] = cpu["user"] + cpu["system"]
     return out
 
 
