@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["background", "finish_even_if_cancelled", "first_error", "guarded"]
+__all__ = ["background", "finish_even_if_cancelled", "first_error", "guarded", "paced"]
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +88,21 @@ async def finish_even_if_cancelled(work: Awaitable[T]) -> T:
             task.exception()  # retrieved: the cancellation is what the caller sees
         raise asyncio.CancelledError
     return task.result()
+
+
+async def paced(hz: float) -> AsyncIterator[None]:
+    """Yield ``hz`` times a second, the first time at once, until the consumer stops.
+
+    A sampler loops over it: ``async for _ in paced(hz): take one sample``.  One that
+    fell behind (a slow reply, a busy host) carries on at the rate from then on and
+    never bursts to catch up.
+    """
+    loop = asyncio.get_running_loop()
+    period = 1.0 / hz
+    due = loop.time()
+    while True:
+        yield
+        due += period
+        now = loop.time()
+        due = max(due, now)
+        await asyncio.sleep(due - now)

@@ -26,7 +26,6 @@ when and how fast the pieces went back to huge mappings.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from migrator.aio import paced
 from migrator.errors import ArtifactError, HostError
 from migrator.hosts.base import Host
 from migrator.rundir import JsonlWriter
@@ -428,11 +428,8 @@ async def sample_smaps(
     ``{"host_ns", "error"}`` and ends sampling.
     """
     path = Path(f"/proc/{pid}/smaps")
-    loop = asyncio.get_running_loop()
-    period = 1.0 / hz
-    due = loop.time()
     locked: int | None = None
-    while True:
+    async for _ in paced(hz):
         host_ns = time.time_ns()
         try:
             data = await host.read_file(path)
@@ -455,10 +452,6 @@ async def sample_smaps(
             vma = find_guest_ram(vmas, vma_filter)
         locked = vma.start if vma is not None else locked
         out.write(SmapsSample.of(host_ns, vma).to_record())
-        due += period
-        now = loop.time()
-        due = max(due, now)  # fell behind (slow read): do not burst to catch up
-        await asyncio.sleep(due - now)
 
 
 def load_samples(path: Path) -> list[SmapsSample]:

@@ -8,12 +8,12 @@ recorded as evidence of the stall.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from qemu.qmp import QMPError
 
+from migrator.aio import paced
 from migrator.errors import QmpCommandError, QmpConnectionLost, QmpTimeout
 from migrator.qemu.monitor import Monitor
 from migrator.rundir import JsonlWriter
@@ -27,10 +27,7 @@ async def sample_query_migrate(
     monitor: Monitor, side: str, out: JsonlWriter, hz: float, *, reply_timeout: float = 120.0
 ) -> None:
     """Sample until cancelled or until the QMP connection is gone."""
-    loop = asyncio.get_running_loop()
-    period = 1.0 / hz
-    due = loop.time()
-    while True:
+    async for _ in paced(hz):
         sent_ns = time.time_ns()
         try:
             reply = await monitor.query_migrate(timeout=reply_timeout)
@@ -46,7 +43,3 @@ async def sample_query_migrate(
             out.write(
                 {"side": side, "host_ns": sent_ns, "reply_ns": time.time_ns(), "reply": reply}
             )
-        due += period
-        now = loop.time()
-        due = max(due, now)  # fell behind (QEMU busy): do not burst to catch up
-        await asyncio.sleep(due - now)

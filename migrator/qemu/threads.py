@@ -13,10 +13,10 @@ the sample was asked), after a first record ``{"host_ns", "clock_ticks_per_s"}``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
+from migrator.aio import paced
 from migrator.errors import HostError
 from migrator.hosts.base import Host
 from migrator.rundir import JsonlWriter
@@ -67,11 +67,8 @@ async def sample_threads(host: Host, pid: int, out: JsonlWriter, hz: float) -> N
     Runs until cancelled or until the process is gone.
     """
     out.write({"host_ns": time.time_ns(), "clock_ticks_per_s": await _clock_ticks(host)})
-    loop = asyncio.get_running_loop()
-    period = 1.0 / hz
-    due = loop.time()
     async with host.exchange_lines(["sh", "-c", _STAT_LOOP, "sh", str(pid)]) as stats:
-        while True:
+        async for _ in paced(hz):
             host_ns = time.time_ns()
             try:
                 answer = await stats.ask("sample", timeout=10.0)
@@ -84,7 +81,3 @@ async def sample_threads(host: Host, pid: int, out: JsonlWriter, hz: float) -> N
                 log.debug("%s: pid %d gone, thread sampler stops", host.name, pid)
                 return
             out.write({"host_ns": host_ns, "threads": [list(thread) for thread in threads]})
-            due += period
-            now = loop.time()
-            due = max(due, now)  # fell behind: do not burst to catch up
-            await asyncio.sleep(due - now)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
-from migrator.aio import background, finish_even_if_cancelled, first_error, guarded
+from migrator.aio import background, finish_even_if_cancelled, first_error, guarded, paced
 from migrator.errors import QemuExitedError
 
 
@@ -80,3 +81,20 @@ async def test_finish_even_if_cancelled_survives_repeated_cancellation() -> None
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert finished == ["undone"]
+
+
+async def test_paced_keeps_the_rate_and_never_bursts() -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    times: list[float] = []
+    async for _ in paced(50):
+        times.append(loop.time() - began)
+        if len(times) == 3:
+            await asyncio.sleep(0.1)  # a slow sample: five periods late
+        if len(times) == 6:
+            break
+    assert times[0] < 0.01  # the first at once
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # After the slow one, the next comes at once, then one period apart: no catch-up burst.
+    assert all(gap >= 0.015 for gap in gaps[3:])
+    assert gaps[2] >= 0.1
