@@ -65,7 +65,7 @@ def postcopy_multifd_refusal(qemu_version: str | None, capabilities: dict[str, b
     version = _version(qemu_version)
     if not (capabilities.get("postcopy-ram") and capabilities.get("multifd")):
         return None
-    if version is None or not version or version >= POSTCOPY_MULTIFD_REFUSED_FROM:
+    if version is None or version >= POSTCOPY_MULTIFD_REFUSED_FROM:
         return None
     return (f"QEMU {qemu_version} takes post-copy with multifd but its destination aborts "
             "after the switch (yank_unregister_instance assertion, measured on 7.2.22); "
@@ -75,13 +75,8 @@ def postcopy_multifd_refusal(qemu_version: str | None, capabilities: dict[str, b
 
 def _affected(qemu_version: str | None, accel: str | None) -> bool:
     """True for a QEMU older than 9.0 running under TCG (an unreadable version is not)."""
-    if accel != "tcg" or not qemu_version:
-        return False
-    try:
-        version = tuple(int(part) for part in qemu_version.split(".")[:2])
-    except ValueError:
-        return False
-    return version < TCG_DIRTY_TRACKING_FIXED_IN
+    version = _version(qemu_version)
+    return accel == "tcg" and version is not None and version < TCG_DIRTY_TRACKING_FIXED_IN
 
 
 def _bounded(spec: MigrationSpec) -> bool:
