@@ -132,7 +132,7 @@ def _upgrade(connection: Connection, revision: str) -> None:
         except CommandError:
             raise StoreError(
                 f"{_safe(connection.engine.url)}: schema revision {current!r} is newer than this "
-                f"migrator knows (newest {scripts.get_current_head()!r}); upgrade migrator"
+                f"migrator knows (newest {newest_revision()!r}); upgrade migrator"
             ) from None
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
