@@ -24,7 +24,7 @@ from typing import Any
 from migrator.metrics.events import read_jsonl
 from migrator.model import Metric
 
-__all__ = ["CUMULATIVE", "Contradiction", "QemuCounters", "SampledReplies", "final_source_ram",
+__all__ = ["CUMULATIVE", "Contradiction", "QemuCounters", "SampledReplies",
            "load_counters", "read_samples"]
 
 FINAL = "QEMU query-migrate after completion"
@@ -184,15 +184,6 @@ def _contradictions(final: dict[str, dict[str, Any]],
                 found[side, path] = Contradiction(side, path, unit, value, highest, when,
                                                   (last_ns - when) / 1e6)
     return found
-
-
-def final_source_ram(run_path: Path) -> dict[str, Any]:
-    """The ``ram`` section of the source's final ``query-migrate`` ({} when there is none)."""
-    try:
-        ram = json.loads((run_path / FINAL_FILE).read_text()).get("src", {}).get("ram", {})
-    except (FileNotFoundError, ValueError, AttributeError):
-        return {}
-    return ram if isinstance(ram, dict) else {}
 
 
 def load_counters(run_path: Path, samples: SampledReplies | None = None) -> QemuCounters:

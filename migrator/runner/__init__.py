@@ -40,7 +40,7 @@ from migrator.hgm import GuestRamFilter, HgmDecision, HgmSupport, sample_smaps
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.metrics.events import load_events, read_jsonl
-from migrator.metrics.qemu_counters import final_source_ram
+from migrator.metrics.qemu_counters import load_counters
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.sampler import sample_query_migrate
@@ -424,7 +424,7 @@ def _postcopy_missed(scenario: Scenario, run: RunDir,
     """Why a run that asked for post-copy fetched nothing post-copy; None if it did."""
     if not scenario.migration.postcopy:
         return None
-    return postcopy_missed(statuses, final_source_ram(run.path))
+    return postcopy_missed(statuses, load_counters(run.path).final_source_ram)
 
 
 async def _heartbeats_continue(console: GuestConsole) -> None:
