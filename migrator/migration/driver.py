@@ -52,9 +52,10 @@ class MigrationResult:
 
 async def _settings(monitor: Monitor) -> dict[str, Any]:
     """A QEMU's migration capabilities that are on, and its migration parameters."""
-    capabilities = await monitor.migrate_capabilities()
+    capabilities, parameters = await asyncio.gather(
+        monitor.migrate_capabilities(), monitor.execute("query-migrate-parameters"))
     return {"capabilities": sorted(name for name, on in capabilities.items() if on),
-            "parameters": await monitor.execute("query-migrate-parameters")}
+            "parameters": parameters}
 
 
 class MigrationDriver:
@@ -90,8 +91,9 @@ class MigrationDriver:
                   parameters=self.plan.source_parameters)
         # What each QEMU reports it now has: the raw record that the asked-for settings
         # took (the report compares the two).
-        self.mark("settings-in-effect", source=await _settings(self.source),
-                  destination=await _settings(self.destination))
+        source, destination = await asyncio.gather(_settings(self.source),
+                                                   _settings(self.destination))
+        self.mark("settings-in-effect", source=source, destination=destination)
         await self.destination.migrate_incoming(incoming_uri)
         self.mark("incoming-listening", uri=incoming_uri)
 
@@ -174,19 +176,42 @@ class MigrationDriver:
         hint = tls_hint(desc, str(hostname)) if hostname is not None else None
         return f"{desc}; {hint}" if hint else desc
 
+    def _pass_reached(self, passes: int) -> asyncio.Task[Any]:
+        """A task that ends once the source reports dirty-sync pass ``passes`` (or later)."""
+        return asyncio.create_task(self.source.wait_for_event(
+            "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) >= passes))
+
+    @staticmethod
+    def _seconds_after(started_ns: int, seconds: float) -> asyncio.Task[Any]:
+        """A task that ends ``seconds`` after ``started_ns`` (host wall clock)."""
+        remaining = seconds - (time.time_ns() - started_ns) / 1e9
+        return asyncio.create_task(asyncio.sleep(max(0.0, remaining)))
+
+    @staticmethod
+    async def _first_trigger(triggers: list[asyncio.Task[Any]],
+                             source_done: asyncio.Task[EventRecord]) -> int | None:
+        """Wait for the first of ``triggers`` or the end of the migration on the source.
+
+        The index of the trigger that fired, None when the migration ended first;
+        every trigger is cancelled on the way out.
+        """
+        try:
+            await asyncio.wait({source_done, *triggers}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for trigger in triggers:
+                trigger.cancel()
+        if source_done.done():
+            return None
+        return next((index for index, trigger in enumerate(triggers)
+                     if trigger.done() and not trigger.cancelled()), None)
+
     async def _pause_source(self, source_done: asyncio.Task[EventRecord]) -> bool:
         """Pause the source's vCPUs after N passes (``pause-source-after-passes``); whether
         it was paused (False at once for any other policy, or if pre-copy finished first)."""
         policy = self.spec.switchover
         if self.spec.postcopy or not isinstance(policy, PauseSourceAfterPasses):
             return False
-        reached = asyncio.create_task(self.source.wait_for_event(
-            "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) >= policy.passes))
-        try:
-            await asyncio.wait({reached, source_done}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reached.cancel()
-        if source_done.done():
+        if await self._first_trigger([self._pass_reached(policy.passes)], source_done) is None:
             self.mark("pause-skipped", reason="pre-copy finished before the pause policy fired")
             return False
         await self.source.execute("stop")
@@ -200,31 +225,24 @@ class MigrationDriver:
         Returns at once when the scenario sets neither (and always with post-copy,
         which the scenario model enforces).
         """
-        rules: list[tuple[str, asyncio.Task[Any]]] = []
+        reasons: list[str] = []
+        triggers: list[asyncio.Task[Any]] = []
         if self.spec.max_passes is not None:
             limit = self.spec.max_passes
-            rules.append((f"migration.max_passes: pre-copy did not converge in {limit} passes",
-                          asyncio.create_task(self.source.wait_for_event(
-                              "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) > limit))))
+            reasons.append(f"migration.max_passes: pre-copy did not converge in {limit} passes")
+            triggers.append(self._pass_reached(limit + 1))
         if self.spec.max_seconds is not None:
-            remaining = self.spec.max_seconds - (time.time_ns() - started_ns) / 1e9
-            rules.append((f"migration.max_seconds: pre-copy did not converge in "
-                          f"{self.spec.max_seconds:g} s",
-                          asyncio.create_task(asyncio.sleep(max(0.0, remaining)))))
-        if not rules:
+            reasons.append(f"migration.max_seconds: pre-copy did not converge in "
+                           f"{self.spec.max_seconds:g} s")
+            triggers.append(self._seconds_after(started_ns, self.spec.max_seconds))
+        if not triggers:
             return None
-        try:
-            await asyncio.wait({source_done, *(task for _, task in rules)},
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for _, task in rules:
-                task.cancel()
-        fired = [reason for reason, task in rules if task.done() and not task.cancelled()]
-        if source_done.done() or not fired:
+        fired = await self._first_trigger(triggers, source_done)
+        if fired is None:
             return None
-        self.mark("cancel", reason=fired[0])
+        self.mark("cancel", reason=reasons[fired])
         await self.source.migrate_cancel()
-        return fired[0]
+        return reasons[fired]
 
     async def _switchover(
         self, started_ns: int, source_done: asyncio.Task[EventRecord]
@@ -233,25 +251,15 @@ class MigrationDriver:
         policy = self.spec.switchover
         trigger: asyncio.Task[Any] | None = None
         if isinstance(policy, AfterSeconds):
-            remaining = policy.seconds - (time.time_ns() - started_ns) / 1e9
-            trigger = asyncio.create_task(asyncio.sleep(max(0.0, remaining)))
+            trigger = self._seconds_after(started_ns, policy.seconds)
         elif isinstance(policy, AfterPasses):
-            trigger = asyncio.create_task(
-                self.source.wait_for_event(
-                    "MIGRATION_PASS", lambda r: int(r.data.get("pass", 0)) >= policy.passes
-                )
-            )
+            trigger = self._pass_reached(policy.passes)
         else:
             assert isinstance(policy, Immediately)
-        if trigger is not None:
-            try:
-                await asyncio.wait({trigger, source_done}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                trigger.cancel()
-            if source_done.done():
-                reason = "pre-copy finished before the switchover policy fired"
-                self.mark("postcopy-skipped", reason=reason)
-                return None, reason
+        if trigger is not None and await self._first_trigger([trigger], source_done) is None:
+            reason = "pre-copy finished before the switchover policy fired"
+            self.mark("postcopy-skipped", reason=reason)
+            return None, reason
         try:
             await self.source.start_postcopy()
         except QmpCommandError as error:
