@@ -129,21 +129,31 @@ COMPACT_MEMORY = Path("/proc/sys/vm/compact_memory")
 GROW_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
 
 
-async def _grow(host: Host, page_size_kib: int, total: int) -> HugepagePool:
-    """Ask for ``total`` pages in the pool, retrying with memory compaction; the pool after."""
-    await _set_total(host, page_size_kib, total)
-    grown = await read_pool(host, page_size_kib)
-    for delay in GROW_RETRY_DELAYS_S:
-        if grown.total >= total:
-            break
-        log.info("%s: hugepages-%dkB grew to %d of %d; compacting memory and asking again",
-                 host.name, page_size_kib, grown.total, total)
-        # Best effort: compaction makes contiguous ranges; without it the retry may still do.
-        with contextlib.suppress(OSError, MigratorError):
-            await host.write_file(COMPACT_MEMORY, b"1\n")
-        await asyncio.sleep(delay)
+async def _grow(host: Host, page_size_kib: int, before: int, total: int) -> HugepagePool:
+    """Ask for ``total`` pages in the pool, retrying with memory compaction; the pool after.
+
+    Interrupted or failing between the first write and the return (the retries
+    take seconds), it sets the pool back to ``before``: the caller only learns how
+    much it added from the return value, so it could not give the pages back.
+    """
+    try:
         await _set_total(host, page_size_kib, total)
         grown = await read_pool(host, page_size_kib)
+        for delay in GROW_RETRY_DELAYS_S:
+            if grown.total >= total:
+                break
+            log.info("%s: hugepages-%dkB grew to %d of %d; compacting memory and asking again",
+                     host.name, page_size_kib, grown.total, total)
+            # Best effort: compaction makes contiguous ranges; without it the retry may do.
+            with contextlib.suppress(OSError, MigratorError):
+                await host.write_file(COMPACT_MEMORY, b"1\n")
+            await asyncio.sleep(delay)
+            await _set_total(host, page_size_kib, total)
+            grown = await read_pool(host, page_size_kib)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await _set_total(host, page_size_kib, before)
+        raise
     return grown
 
 
@@ -196,7 +206,8 @@ async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> Asyn
                 shortfall = max(0, needed - (pool.available - others))
                 if shortfall:
                     try:
-                        grown = await _grow(host, page_size_kib, pool.total + shortfall)
+                        grown = await _grow(host, page_size_kib, pool.total,
+                                            pool.total + shortfall)
                     except PermissionError:
                         raise HugepageShortfall(page_size_kib, needed,
                                                 max(0, pool.available - others),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,24 @@ async def test_mounts_when_missing_and_unmounts() -> None:
     runs = [c[1:] for c in host.calls if c[0] == "run"]
     assert runs[0][:4] == ("mount", "-t", "hugetlbfs", "-o")
     assert runs[-1] == ("umount", str(mount))
+
+
+async def test_a_reservation_cancelled_while_the_pool_grows_gives_the_growth_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first try finds 1 of 2 pages; Ctrl-C comes while it waits to try again.
+    monkeypatch.setattr(hugepages, "GROW_RETRY_DELAYS_S", (10.0,))
+    kernel = TransientKernel(misses=5, total=0, free=0, limit=8)
+    host = kernel.host()
+
+    async def reserve() -> None:
+        async with reserve_hugepages(host, 1048576, 2):
+            raise AssertionError("the reservation cannot complete")
+
+    task = asyncio.create_task(reserve())
+    await asyncio.sleep(0.1)  # inside the retry delay
+    assert kernel.total == 1
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert kernel.total == 0
+    assert writes(host) == ["2", "0"]
