@@ -40,7 +40,6 @@ from migrator.hgm import GuestRamFilter, HgmDecision, HgmSupport, sample_smaps
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.metrics.events import load_events, read_jsonl
-from migrator.metrics.qemu_counters import load_counters
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.sampler import sample_query_migrate
@@ -134,6 +133,8 @@ class ScenarioRun(RunJournal):
         self.booted = False
         self.recoveries = 0
         self.exited: frozenset[str] = frozenset()
+        #: The ``ram`` section of the source's final query-migrate, once it is taken.
+        self.final_source_ram: dict[str, Any] = {}
 
     def conclude(self, error: MigratorError | None) -> Outcome:
         """State how the run ended (``outcome``, ``statement`` in run.json), from raw artifacts.
@@ -149,8 +150,9 @@ class ScenarioRun(RunJournal):
             recoveries=self.recoveries, error=error,
             booted=self.booted, source_remaining_bytes=remaining,
             destination_received_bytes=transferred, exited=self.exited,
-            postcopy_missed=(_postcopy_missed(self.scenario, self.run, statuses)
-                             if error is None else None)))
+            postcopy_missed=(postcopy_missed(statuses, self.final_source_ram)
+                             if error is None and self.scenario.migration.postcopy
+                             else None)))
         self.meta.update(outcome=outcome.value, statement=statement, recoveries=self.recoveries)
         return outcome
 
@@ -369,10 +371,10 @@ class ScenarioRun(RunJournal):
             finally:
                 self.recoveries = driver.recovery.recoveries
         self.meta["migration"] = asdict(result)
-        self.run.write_json("final-query-migrate.json", {
-            "src": await src.monitor.query_migrate(timeout=30),
-            "dst": await dst.monitor.query_migrate(timeout=30),
-        })
+        final = {"src": await src.monitor.query_migrate(timeout=30),
+                 "dst": await dst.monitor.query_migrate(timeout=30)}
+        self.run.write_json("final-query-migrate.json", final)
+        self.final_source_ram = final["src"].get("ram") or {}
 
     async def _sample_destination_smaps(
         self, stack: AsyncExitStack, dst: QemuProcess, mem_path: Path | None
@@ -417,14 +419,6 @@ class ScenarioRun(RunJournal):
                 f"hold wrong content after migration ({verify.read_mismatches} bad reads "
                 f"during the run); first bad pages {list(verify.first_bad)}"
             )
-
-
-def _postcopy_missed(scenario: Scenario, run: RunDir,
-                     statuses: list[tuple[str, str]]) -> str | None:
-    """Why a run that asked for post-copy fetched nothing post-copy; None if it did."""
-    if not scenario.migration.postcopy:
-        return None
-    return postcopy_missed(statuses, load_counters(run.path).final_source_ram)
 
 
 async def _heartbeats_continue(console: GuestConsole) -> None:
