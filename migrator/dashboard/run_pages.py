@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
+from jinja2 import Environment
 from pydantic import ValidationError
 
 import migrator
@@ -27,6 +27,7 @@ from migrator.dashboard.views import slug
 from migrator.model import SCHEMA_VERSION, Report
 from migrator.outcome import severity
 from migrator.report.html import TEMPLATES as REPORT_TEMPLATES
+from migrator.report.html import environment
 from migrator.report.run_tables import (
     comparison_table,
     environment_line,
@@ -85,11 +86,9 @@ class RunLinks:
         return "../" * depth + quote(self.site_path(run_id))
 
 def site_environment() -> Environment:
-    """The Jinja environment of the dashboard's pages."""
-    # The report's templates come second so that their macros (tables, style) are shared.
-    loader = ChoiceLoader([FileSystemLoader(TEMPLATES), FileSystemLoader(REPORT_TEMPLATES)])
-    return Environment(loader=loader, autoescape=True, undefined=StrictUndefined,
-                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    """The Jinja environment of the dashboard's pages: the report's, with the dashboard's
+    templates first, so that the report's macros (tables, style) are shared."""
+    return environment(TEMPLATES)
 
 
 def layout_version() -> str:

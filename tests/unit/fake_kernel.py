@@ -6,8 +6,9 @@ from pathlib import Path
 
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.hugepages import BOOT_ID
+from migrator.hosts.pool_claims import CLAIMS_DIR
 
-__all__ = ["POOL", "FakeKernel", "pool_writes"]
+__all__ = ["POOL", "FakeKernel", "pool_writes", "writes_besides_claims"]
 
 POOL = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB")
 """The 1 GiB pool's sysfs directory."""
@@ -54,3 +55,9 @@ def pool_writes(host: FakeHost) -> list[str]:
     """What was written to the host's hugepage pool knobs (sysfs), in order."""
     return [call[2] for call in host.calls
             if call[0] == "write" and call[1].startswith("/sys/kernel/mm/hugepages/")]
+
+
+def writes_besides_claims(host: FakeHost) -> list[tuple[str, ...]]:
+    """Every write to the host but a reservation's own claim file (its bookkeeping)."""
+    return [call for call in host.calls
+            if call[0] == "write" and not call[1].startswith(f"{CLAIMS_DIR}/")]

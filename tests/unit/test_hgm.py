@@ -40,7 +40,7 @@ from migrator.hosts.fake import FakeHost
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.trace import analyze_trace
 from migrator.rundir import JsonlWriter
-from tests.unit.fake_kernel import pool_writes
+from tests.unit.fake_kernel import pool_writes, writes_besides_claims
 from tests.unit.hgm_fakes import (
     DATA,
     QEMU_72,
@@ -140,7 +140,7 @@ async def test_einval_means_not_supported_and_the_pool_is_given_back() -> None:
 async def test_enough_free_pages_leave_the_pool_alone() -> None:
     host = kernel([probe_report()], total=4, free=2)
     assert (await probe_madv_split(host))[0] == NOT_SUPPORTED
-    assert not pool_writes(host)
+    assert not writes_besides_claims(host)
 
 
 async def test_success_is_supported_with_hm_as_evidence() -> None:

@@ -17,7 +17,7 @@ from migrator.hosts.hugepages import (
     hugetlbfs_dir,
     reserve_hugepages,
 )
-from tests.unit.fake_kernel import POOL, FakeKernel, pool_writes
+from tests.unit.fake_kernel import POOL, FakeKernel, writes_besides_claims
 
 
 def kernel_with_pool(total: int, free: int, limit: int) -> FakeHost:
@@ -42,7 +42,7 @@ async def test_enough_free_pages_touches_nothing() -> None:
     host = kernel_with_pool(total=4, free=4, limit=4)
     async with reserve_hugepages(host, 1048576, 2) as added:
         assert added == 0
-    assert not pool_writes(host)
+    assert not writes_besides_claims(host)
 
 
 class TransientKernel(FakeKernel):
