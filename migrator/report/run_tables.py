@@ -168,8 +168,8 @@ def fetch_table(report: Report, sources: Sources) -> Table:
         Column("resolved", detail=True), Column("unresolved", detail=True),
         *(Column(key, "ms", source, rounded=True) for key in keys),
         Column("mean", "ms", source, detail=True, rounded=True),
-        Column("backlog p50", "placements", rounded=True),
-        Column("backlog max", "placements", detail=True),
+        Column("backlog p50 (placements)", "placements", rounded=True),
+        Column("backlog max (placements)", "placements", detail=True),
         Column("placed (requested / background / zero)", detail=True),
         Column("placed at", numeric=True), Column("src", tone="dim")], anchor="fetch")
     for block in report.fetch:

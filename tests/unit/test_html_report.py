@@ -135,7 +135,7 @@ def test_tables_carry_units_sources_scenario_and_host_facts(pages: dict[str, str
                  "VM stopped during switchover", "qemu.destination.version", "7.2.22",
                  "Debian 1:7.2+dfsg-7+deb12u18+b3", "controller.kernel", "accel.reason",
                  "src STOP -&gt; dst RESUME, QMP event timestamps (QEMU, host wall clock)",
-                 "<th>backlog p50</th><th>backlog max</th>",
+                 "<th>backlog p50 (placements)</th><th>backlog max (placements)</th>",
                  "dst QEMU trace: placements between postcopy_ram_fault_thread_request"):
         assert text in html, text
     crashed = pages["crashed-memfd-4k"]

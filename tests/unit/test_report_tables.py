@@ -51,7 +51,7 @@ def test_the_page_shows_every_column_the_terminal_its_compact_ones(
     report, html = reports["hugetlb-2m"]
     table = fetch_table(report, Sources())
     detail = [str(c) for c in map(table.column, range(len(table.columns))) if c.detail]
-    assert detail == ["resolved", "unresolved", "mean", "backlog max",
+    assert detail == ["resolved", "unresolved", "mean", "backlog max (placements)",
                       "placed (requested / background / zero)"]
     assert "".join(f"<th>{c}</th>" for c in table.columns) in html
     terminal = terminal_text(report)

@@ -104,7 +104,7 @@ def test_fetch_has_the_backlog_ahead_of_each_request() -> None:
     assert f"{p50:,}" in ram0_cells(terminal_text(report))
     table = fetch_table(report, Sources())
     [row] = [row for row in table.rows if row[0].text == "ram0"]
-    assert [row[table.columns.index(h)].text for h in ("backlog p50", "backlog max")] == [
+    assert [row[table.columns.index(h)].text for h in ("backlog p50 (placements)", "backlog max (placements)")] == [
         f"{p50:,}", f"{top:,}"]
 
 
@@ -122,7 +122,7 @@ def test_reports_written_before_the_backlog_still_load_and_render() -> None:
     assert all(block.backlog_placements == {} for block in report.fetch)
     assert "-" in ram0_cells(terminal_text(report))
     table = fetch_table(report, Sources())
-    columns = [table.columns.index(h) for h in ("backlog p50", "backlog max")]
+    columns = [table.columns.index(h) for h in ("backlog p50 (placements)", "backlog max (placements)")]
     assert {row[column].text for row in table.rows for column in columns} == {"-"}
 
 
