@@ -132,7 +132,8 @@ def thread_cpu(run_path: Path, ev: MigrationEvents) -> list[ThreadCpu]:
         for (_tid, name), one in series.items():
             by_kind[thread_kind(name)].append(one)
         source = (f"/proc/PID/task/*/stat utime+stime on the {side} host, sampled "
-                  f"({side}/{THREADS_FILE}); windows from the migrator timeline")
+                  f"({side}/{THREADS_FILE}); windows from the migrator timeline: migrate -> "
+                  "postcopy-requested -> destination-finished")
 
         def metric(value: float | None, source: str = source) -> Metric:
             return Metric(value=value, unit="CPU s", source=source)

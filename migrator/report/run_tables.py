@@ -113,7 +113,9 @@ def thread_cpu_table(report: Report, sources: Sources) -> Table | None:
     table = Table(f"Host CPU per QEMU thread, CPU s ({cited})", [
         Column("side"), Column("thread"),
         *(Column(header, "CPU s", numeric=True, rounded=True)
-          for header in ("pre-copy", "post-copy", "sampled"))], anchor="threads")
+          # The windows are the driver's marks (migrate, postcopy-requested, finished), not
+          # the phases of the event timeline: the headers say so.
+          for header in ("migrate → switch", "switch → done", "sampled"))], anchor="threads")
     for row in report.thread_cpu:
         table.rows.append([Cell(row.side), Cell(row.thread),
                            *(number(metric.value) for metric in
