@@ -56,7 +56,6 @@ __all__ = [
     "build_page_size_table",
     "guest_ram_block",
     "load_done_reports",
-    "load_report",
     "page_label",
     "render_page_size_table",
     "row_cells",
@@ -212,21 +211,17 @@ def page_label(page_size: int, hgm: bool = False) -> str:
     return format_size(page_size) + ("+HGM" if hgm else "")
 
 
-def load_report(run_path: Path) -> Report:
-    """A run's report: its ``report.json`` when current, else derived now (not written)."""
-    return load_run_report(run_path)[0]
-
-
 def load_done_reports(runs: Mapping[str, RunRecord], suite_dir: Path) -> dict[str, Report]:
     """The reports of the runs marked done whose report can be read or derived (see
-    :func:`load_report`), keyed by run id, in the order of ``runs``."""
+    :func:`~migrator.metrics.run_page.load_run_report`: its ``report.json`` when current,
+    else derived now, not written), keyed by run id, in the order of ``runs``."""
     reports = {}
     for run_id, record in runs.items():
         path = record.path(suite_dir)
         if record.status is not RunStatus.DONE or path is None:
             continue
         try:
-            reports[run_id] = load_report(path)
+            reports[run_id] = load_run_report(path)[0]
         except MigratorError:
             continue
     return reports
