@@ -31,6 +31,8 @@ def run_copy(tmp_path: Path) -> Path:
     return target
 
 
+BACKLOG_COLUMNS = ("backlog p50 (placements)", "backlog max (placements)")
+
 def test_1g_report_shows_the_freeze_qemu_does_not_report() -> None:
     report = build_report(RUNS / "hugetlb-1g")
     assert report.outcome == "completed"
@@ -104,7 +106,7 @@ def test_fetch_has_the_backlog_ahead_of_each_request() -> None:
     assert f"{p50:,}" in ram0_cells(terminal_text(report))
     table = fetch_table(report, Sources())
     [row] = [row for row in table.rows if row[0].text == "ram0"]
-    assert [row[table.columns.index(h)].text for h in ("backlog p50 (placements)", "backlog max (placements)")] == [
+    assert [row[table.columns.index(h)].text for h in BACKLOG_COLUMNS] == [
         f"{p50:,}", f"{top:,}"]
 
 
@@ -122,7 +124,7 @@ def test_reports_written_before_the_backlog_still_load_and_render() -> None:
     assert all(block.backlog_placements == {} for block in report.fetch)
     assert "-" in ram0_cells(terminal_text(report))
     table = fetch_table(report, Sources())
-    columns = [table.columns.index(h) for h in ("backlog p50 (placements)", "backlog max (placements)")]
+    columns = [table.columns.index(h) for h in BACKLOG_COLUMNS]
     assert {row[column].text for row in table.rows for column in columns} == {"-"}
 
 
