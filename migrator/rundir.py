@@ -9,6 +9,7 @@ killed at any moment leaves only whole, parseable artifacts)::
       scenario.toml           the resolved scenario, every default explicit
       run.json                identity, host and QEMU facts, decisions, outcome
       timeline.jsonl          what the driver did and saw, host wall-clock ns
+                              and the controller's own CPU ns so far
       samples.jsonl           query-migrate sampled on both sides
       src/ dst/               per QEMU: argv.json, cmdline.sh, stderr.log,
                               events.jsonl, serial.log, console.jsonl,
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from migrator.errors import ArtifactError
 
-__all__ = ["JsonlWriter", "RunDir", "RunMeta", "atomic_write"]
+__all__ = ["JsonlWriter", "RunDir", "RunMeta", "atomic_write", "timeline_record"]
 
 SIDES = ("src", "dst")
 # A scenario names sides by role (source, destination); a run directory by its folder.
@@ -274,3 +275,14 @@ class RunDir:
 def now_ns() -> int:
     """Host wall clock in ns: the one timeline shared by QMP events, traces and the console."""
     return time.time_ns()
+
+
+def timeline_record(what: str, details: dict[str, Any]) -> dict[str, Any]:
+    """One ``timeline.jsonl`` record: the host wall clock, the step, its details.
+
+    ``controller_cpu_ns`` is the controller process's own CPU time so far (user +
+    system, every thread; QEMU and other child processes not), so what migrator
+    itself costs per stretch of a run can be recomputed from the run directory.
+    """
+    return {"host_ns": now_ns(), "controller_cpu_ns": time.process_time_ns(), "what": what,
+            **details}

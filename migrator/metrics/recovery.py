@@ -266,7 +266,7 @@ def _faults(marks: Iterable[_Item], scenario_faults: list[Any],
         for what in ("fault-not-injected", "fault-cleared", "fault-injected"):
             if what in got:
                 spec.update({k: v for k, v in got[what].details.items()
-                             if k not in ("host_ns", "what", "index")})
+                             if k not in ("host_ns", "controller_cpu_ns", "what", "index")})
         injected, cleared = got.get("fault-injected"), got.get("fault-cleared")
         refused = got.get("fault-not-injected")
         status: Literal["injected", "cleared", "not injected", "not recorded"]

@@ -29,7 +29,7 @@ from migrator.migration.plan import MigrationPlan
 from migrator.migration.recovery import PostcopyRecovery
 from migrator.migration.tls import tls_hint
 from migrator.qemu.monitor import EventRecord, Monitor, status_in
-from migrator.rundir import JsonlWriter
+from migrator.rundir import JsonlWriter, timeline_record
 
 __all__ = ["MigrationDriver", "MigrationResult"]
 
@@ -75,10 +75,10 @@ class MigrationDriver:
 
     def mark(self, what: str, **details: Any) -> int:
         """Record a driver step on the timeline; returns its host ns."""
-        now = time.time_ns()
-        self.timeline.write({"host_ns": now, "what": what, **details})
+        record = timeline_record(what, details)
+        self.timeline.write(record)
         log.info("%s %s", what, details or "")
-        return now
+        return int(record["host_ns"])
 
     async def prepare(self, incoming_uri: str) -> None:
         """Capabilities and parameters on both sides; the destination starts listening."""

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from migrator import __version__
 from migrator.config.models import Scenario
-from migrator.rundir import RunDir, RunMeta
+from migrator.rundir import RunDir, RunMeta, timeline_record
 
 __all__ = ["Observer", "RunJournal"]
 
@@ -55,7 +55,7 @@ class RunJournal:
         self.run.write_json("run.json", RunMeta.model_validate(self.meta).document())
 
     def mark(self, what: str, **details: Any) -> None:
-        self.timeline.write({"host_ns": time.time_ns(), "what": what, **details})
+        self.timeline.write(timeline_record(what, details))
         self.observer.phase(what, ", ".join(f"{k}={v}" for k, v in details.items()))
 
     async def teardown_step(self, stack: AsyncExitStack, step: str,
