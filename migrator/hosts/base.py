@@ -198,6 +198,11 @@ class Host(abc.ABC):
         """Read a whole file as UTF-8 text."""
         return (await self.read_file(path)).decode("utf-8", errors="replace")
 
+    async def sever(self) -> None:
+        """Drop the connection to the host abruptly, as a network failure would (fault
+        injection); only a host reached over a connection can.  The default refuses."""
+        raise HostError(f"{self.name}: a connection-loss fault needs an SSH host")
+
     @contextlib.asynccontextmanager
     async def temp_dir(self, prefix: str = "migrator-") -> AsyncIterator[Path]:
         """A new private (0700) directory on the host, removed with its content on exit."""

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from migrator.config.models import HostSpec, Scenario, SSHHostSpec
 from migrator.errors import ConfigError, HostError, MigratorError
@@ -28,13 +29,15 @@ from migrator.guest.build import GuestArtifacts, kernel_cmdline
 from migrator.guest.console import Side, serial_chardev_args
 from migrator.hosts.base import Host, HostProcess
 from migrator.hosts.local import LocalHost
-from migrator.hosts.ssh import SSHHost, SSHTarget
 from migrator.migration.plan import destination_address
 from migrator.qemu.accel import AccelDecision, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
 from migrator.rundir import SIDES, RunDir
 from migrator.runner.journal import RunJournal
+
+if TYPE_CHECKING:  # asyncssh is imported only by runs that use an SSH host
+    from migrator.hosts.ssh import SSHTarget
 
 __all__ = [
     "JANITOR",
@@ -88,6 +91,8 @@ def ssh_target(spec: SSHHostSpec) -> SSHTarget:
     """
     from pydantic import SecretStr
 
+    from migrator.hosts.ssh import SSHTarget
+
     passphrase = None
     if spec.identity_passphrase_env is not None:
         value = os.environ.get(spec.identity_passphrase_env)
@@ -108,6 +113,8 @@ def ssh_target(spec: SSHHostSpec) -> SSHTarget:
 
 def _open_host(spec: HostSpec) -> AbstractAsyncContextManager[Host]:
     if isinstance(spec, SSHHostSpec):
+        from migrator.hosts.ssh import SSHHost
+
         return SSHHost(ssh_target(spec))
     return contextlib.nullcontext(LocalHost())
 
