@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from migrator.cli.common import ScenarioArgument, VerboseOption, err, fail, out, setup_logging
+from migrator.cli.common import (
+    ScenarioArgument,
+    VerboseOption,
+    err,
+    fail,
+    out,
+    print_json,
+    setup_logging,
+)
 from migrator.errors import ExitCode, MigratorError
 
 if TYPE_CHECKING:
@@ -103,7 +111,7 @@ def check(
     except MigratorError as error:
         raise fail(error) from None
     if json_out:
-        out.print_json(report.model_dump_json())
+        print_json(report.model_dump_json())
     else:
         for host in report.hosts:
             out.print(_host_table(host))

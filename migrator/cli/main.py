@@ -25,6 +25,7 @@ from migrator.cli.common import (
     fail,
     interrupted,
     out,
+    print_json,
     run_until_interrupted,
     setup_logging,
 )
@@ -137,7 +138,7 @@ def run(
     if html:
         _write_html(artifacts, report)
     if json_out:
-        out.print_json(report.model_dump_json())
+        print_json(report.model_dump_json())
     else:
         render_report(report, out)
     out.print(f"run directory: {escape(str(run_dir.path))}", highlight=False, soft_wrap=True)
@@ -211,7 +212,7 @@ def report(
     if html:
         _write_html(artifacts, rebuilt)
     if json_out:
-        out.print_json(rebuilt.model_dump_json())
+        print_json(rebuilt.model_dump_json())
     else:
         render_report(rebuilt, out)
 
