@@ -59,12 +59,13 @@ async def test_local_missing_command_is_a_host_error() -> None:
             pytest.fail("must not get here")
 
 
-async def test_clock_offset_of_this_machine_is_within_its_round_trip() -> None:
-    offset, rtt = await measure_clock_offset(LocalHost())
-    assert offset is not None
-    assert rtt is not None
-    assert 0 < rtt < 100
-    assert abs(offset) <= rtt / 2 + 1
+async def test_clock_offset_of_this_machine_is_zero_without_a_clock_server() -> None:
+    # The same kernel's clock: nothing is started (a fake "controller machine" with no
+    # python3 dialogue would otherwise answer (None, None)).
+    host = FakeHost("here")
+    host.is_controller_machine = True
+    assert await measure_clock_offset(host) == (0.0, 0.0)
+    assert await measure_clock_offset(LocalHost()) == (0.0, 0.0)
 
 
 async def test_clock_offset_takes_the_fastest_round_trip() -> None:
