@@ -30,7 +30,7 @@ from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugep
 from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.tls import CA_CERT, ENDPOINT_FILES, Endpoint
 from migrator.qemu.known_issues import postcopy_multifd_refusal
-from migrator.qemu.probe import QemuFacts, SettingsTrial, probe_qemu_trying
+from migrator.qemu.probe import QemuFacts, SettingsTrial, probe_qemu_cached, probe_qemu_trying
 
 __all__ = [
     "HostReport",
@@ -313,12 +313,14 @@ async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> lis
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
     kvm: tuple[bool | None, str] | None = None, hugepages: Need | None = None,
+    cache_file: Path | None = None,
 ) -> HostReport:
     """Facts and needs of one host in its roles.
 
     ``kvm``: the accelerator verdict, if known.  ``hugepages``: the hugepage need
     as :func:`check_hosts` found it for all hosts together; None checks this host
-    alone.
+    alone.  ``cache_file``: where the QEMU and HGM probes' answers are kept while
+    the host's boot id and the QEMU binary stay the same (None probes afresh).
     """
     vms_on_host = len(roles)
     uname = await host.run(["uname", "-r"])
@@ -328,8 +330,11 @@ async def check_host(
     plan = plan_migration(scenario)
     refused: list[str] = []
     try:
-        qemu, refused = await probe_qemu_trying(host, scenario.vm.qemu, scenario.vm.qemu_root,
-                                                _settings_trials(plan, roles))
+        trials = _settings_trials(plan, roles)
+        qemu, refused = await (
+            probe_qemu_cached(host, scenario.vm.qemu, scenario.vm.qemu_root, trials, cache_file)
+            if cache_file is not None
+            else probe_qemu_trying(host, scenario.vm.qemu, scenario.vm.qemu_root, trials))
     except MigratorError as error:
         # The error already says what to do.
         root = scenario.vm.qemu_root
@@ -391,7 +396,7 @@ async def check_host(
     if scenario.vm.accel is Accel.KVM and kvm is not None:
         needs.append(Need(what="a usable KVM", met=bool(kvm_usable), detail=kvm_detail,
                           fix="" if kvm_usable else "set vm.accel = \"tcg\" or \"auto\""))
-    hgm = await detect_hgm(host, qemu)
+    hgm = await detect_hgm(host, qemu, cache_file)
     offset, rtt = await measure_clock_offset(host)
     report = HostReport(
         roles=roles, host=host.name, kernel=uname.stdout.strip(), kvm_device=kvm_device,
@@ -423,25 +428,27 @@ def _settings_trials(plan: MigrationPlan, roles: Sequence[Role]) -> list[Setting
 
 async def check_hosts(
     scenario: Scenario, source: Host, destination: Host,
-    kvm: dict[str, tuple[bool | None, str]] | None = None,
+    kvm: dict[str, tuple[bool | None, str]] | None = None, cache_file: Path | None = None,
 ) -> PreflightReport:
     """Check both hosts (one machine playing both roles is checked once, for two VMs).
 
     The hugepage needs are checked first and together, so two hosts on one
     kernel (two namespaces of a machine) must find pages for both VMs.
+    ``cache_file`` as for :func:`check_host`.
     """
     kvm = kvm or {}
     if source is destination:
         hosts = [await check_host(source, ["source", "destination"], scenario,
-                                  kvm.get(source.name))]
+                                  kvm.get(source.name), cache_file=cache_file)]
     else:
         pages: list[Need | None] = [None, None]
         if scenario.vm.backing.is_hugetlb:
             pages = list(await _hugepage_needs(scenario, [(source, 1), (destination, 1)]))
         hosts = list(await asyncio.gather(
-            check_host(source, ["source"], scenario, kvm.get(source.name), pages[0]),
+            check_host(source, ["source"], scenario, kvm.get(source.name), pages[0],
+                       cache_file),
             check_host(destination, ["destination"], scenario, kvm.get(destination.name),
-                       pages[1]),
+                       pages[1], cache_file),
         ))
     return PreflightReport(scenario=scenario.name, hosts=hosts)
 

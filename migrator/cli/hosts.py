@@ -35,11 +35,11 @@ hosts_app = typer.Typer(no_args_is_help=True, help="The hosts a scenario runs on
 
 async def _kvm_verdict(host: Host, scenario: Scenario) -> tuple[bool | None, str]:
     """Whether KVM can really run a guest on ``host`` (booted, not guessed)."""
+    from migrator.cache import CACHE_DIR
     from migrator.config.models import Accel
     from migrator.guest.build import ensure_guest
     from migrator.qemu.accel import decide_accel
     from migrator.qemu.probe import probe_qemu
-    from migrator.runner import CACHE_DIR
 
     try:
         facts = await probe_qemu(host, scenario.vm.qemu, scenario.vm.qemu_root)

@@ -26,6 +26,7 @@ which :func:`reserve_hugepages` provides for the duration of the probe only.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -35,11 +36,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from migrator.cache import read_cache, store_in_cache
 from migrator.config.models import Scenario
 from migrator.errors import HostError, HugepageShortfall, MissingResource, PreflightError
 from migrator.guest.console import Side
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import reserve_hugepages
+from migrator.hosts.identity import host_key
 from migrator.qemu.probe import QemuFacts
 from migrator.units import format_size
 
@@ -345,18 +348,34 @@ async def probe_madv_split(host: Host, page_kib: int = PROBE_PAGE_KIB) -> tuple[
     return outcome
 
 
-async def detect_hgm(host: Host, qemu: QemuFacts | None) -> HgmSupport:
-    """Everything that decides HGM post-copy on ``host`` with this QEMU (module docstring)."""
-    release = await _kernel_release(host)
-    config_text, source = await read_kernel_config(host, release)
-    madv_split, detail = await probe_madv_split(host)
+async def detect_hgm(host: Host, qemu: QemuFacts | None,
+                     cache_file: Path | None = None) -> HgmSupport:
+    """Everything that decides HGM post-copy on ``host`` with this QEMU (module docstring).
+
+    With ``cache_file``, the kernel's part is kept there under the host's boot id
+    (:func:`~migrator.hosts.identity.host_key`): a kernel does not gain or lose
+    MADV_SPLIT without a reboot.  Only a definite probe answer is kept, never a
+    "could not probe".
+    """
+    identity = await host_key(host) if cache_file is not None else None
+    key = json.dumps(["hgm-kernel", identity])
+    kernel = (await asyncio.to_thread(read_cache, cache_file)).get(key) \
+        if cache_file is not None and identity is not None else None
+    if not isinstance(kernel, dict):
+        release = await _kernel_release(host)
+        config_text, source = await read_kernel_config(host, release)
+        madv_split, detail = await probe_madv_split(host)
+        kernel = {"kernel_release": release,
+                  "kernel_config": None if config_text is None
+                  else kernel_config_enables_hgm(config_text),
+                  "kernel_config_source": source, "madv_split": madv_split,
+                  "probe_detail": detail}
+        if cache_file is not None and identity is not None \
+                and madv_split in (SUPPORTED, NOT_SUPPORTED):
+            await asyncio.to_thread(store_in_cache, cache_file, key, kernel)
     return HgmSupport(
         host=host.name,
-        kernel_release=release,
-        kernel_config=None if config_text is None else kernel_config_enables_hgm(config_text),
-        kernel_config_source=source,
-        madv_split=madv_split,
-        probe_detail=detail,
+        **kernel,
         qemu_binary=qemu.binary if qemu is not None else None,
         qemu_version=qemu.version if qemu is not None else None,
         qemu_doublemap=None if qemu is None else DOUBLEMAP_CAPABILITY in qemu.capabilities,

@@ -16,17 +16,15 @@ local temporary directory.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from migrator.aio import first_error
+from migrator.cache import read_cache, store_in_cache
 from migrator.config.models import Accel
 from migrator.errors import GuestError, MigratorError
 from migrator.guest.build import GuestArtifacts, kernel_cmdline
@@ -118,28 +116,6 @@ async def _kvm_boots(host: Host, facts: QemuFacts, guest: GuestArtifacts) -> tup
                 return False, f"KVM guest did not start: {error}"
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        cache: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return cache
-
-
-def _store(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Add one verdict to the cache file.
-
-    Read, merged and written under a lock: two hosts probed at once finish their
-    probes at the same moment (both time out), and neither verdict may be lost.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = _read_cache(path)
-        cache[key] = entry
-        path.write_text(json.dumps(cache, indent=1) + "\n")
-
-
 def _cache_key(host: Host, facts: QemuFacts, kernel_release: str) -> str:
     return f"{host.name}|{facts.binary}|{facts.version}|{kernel_release}"
 
@@ -152,7 +128,7 @@ async def decide_accel(
         return AccelDecision(requested.value, requested.value, "explicit", "asked for by name")
     kernel_release = (await host.run(["uname", "-r"])).stdout.strip()
     key = _cache_key(host, facts, kernel_release)
-    cache = await asyncio.to_thread(_read_cache, cache_file)
+    cache = await asyncio.to_thread(read_cache, cache_file)
     if key in cache:
         cached = cache[key]
         return AccelDecision("auto", cached["accel"], "cache",
@@ -163,7 +139,7 @@ async def decide_accel(
                              round(time.monotonic() - began, 2))
     log.info("accelerator: %s (%s)", decision.accel, reason)
     entry = {**asdict(decision), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    await asyncio.to_thread(_store, cache_file, key, entry)
+    await asyncio.to_thread(store_in_cache, cache_file, key, entry)
     return decision
 
 

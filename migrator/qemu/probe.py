@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from migrator.cache import read_cache, store_in_cache
 from migrator.errors import MissingResource, QmpCommandError
 from migrator.hosts.base import Host
+from migrator.hosts.identity import host_key
 from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import ROOT_LOADER, QemuLauncher, binary_in_root, qemu_launcher
 from migrator.qemu.process import QemuProcess
 
-__all__ = ["QemuFacts", "SettingsTrial", "probe_qemu", "probe_qemu_trying", "resolve_binary"]
+__all__ = [
+    "QemuFacts",
+    "SettingsTrial",
+    "probe_qemu",
+    "probe_qemu_cached",
+    "probe_qemu_trying",
+    "resolve_binary",
+]
 
 MAKE_ROOT = "scripts/make-qemu-root"
 
@@ -112,7 +123,39 @@ async def probe_qemu_trying(host: Host, binary: str, root: str | None = None,
     trial it refused.  Capabilities the binary does not have are left out of a
     trial (the facts say which are missing).
     """
+    return await _probe(host, await resolve_binary(host, binary, root), root, trials)
+
+
+async def probe_qemu_cached(host: Host, binary: str, root: str | None,
+                            trials: Sequence[SettingsTrial], cache_file: Path,
+                            ) -> tuple[QemuFacts, list[str]]:
+    """:func:`probe_qemu_trying`, answered from ``cache_file`` while nothing changed.
+
+    The answer is kept under the host's boot id, the binary's identity (see
+    :func:`~migrator.hosts.identity.host_key`), the root and the trials' settings,
+    so a new QEMU, a reboot or other settings probe again.  A host whose identity
+    cannot be read is probed every time.
+    """
     path = await resolve_binary(host, binary, root)
+    identity = await host_key(host, path)
+    if identity is None:
+        return await _probe(host, path, root, trials)
+    key = json.dumps(["qemu-probe", identity, root,
+                      [[t.who, dict(t.capabilities), dict(t.parameters)] for t in trials]],
+                     sort_keys=True, default=str)
+    cached = (await asyncio.to_thread(read_cache, cache_file)).get(key)
+    if isinstance(cached, dict):
+        facts = cached["facts"]
+        return (QemuFacts(**{**facts, "capabilities": tuple(facts["capabilities"])}),
+                list(cached["refused"]))
+    facts, refused = await _probe(host, path, root, trials)
+    await asyncio.to_thread(store_in_cache, cache_file, key,
+                            {"facts": asdict(facts), "refused": refused})
+    return facts, refused
+
+
+async def _probe(host: Host, path: str, root: str | None,
+                 trials: Sequence[SettingsTrial]) -> tuple[QemuFacts, list[str]]:
     launcher = qemu_launcher(path, root)
     # QEMU's socket and logs on its own host; the monitor's event log here.
     with tempfile.TemporaryDirectory(prefix="migrator-probe-") as local:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.aio import background, guarded
+from migrator.cache import CACHE_DIR, HOST_FACTS
 from migrator.config.loader import dump_scenario
 from migrator.config.models import PoolExhaustedFault, Scenario
 from migrator.errors import GuestError, IntegrityError, MigratorError, QemuError, RunFailed
@@ -87,7 +87,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migrator"))
 VERIFY_TIMEOUT_S = 600.0
 # A running guest heartbeats every few ms; this much silence means it is dead or hung.
 HEARTBEAT_SILENCE_S = 30.0
@@ -157,9 +156,11 @@ class ScenarioRun(RunJournal):
         return outcome
 
     async def preflight(self, hosts: dict[Side, Host]) -> dict[Side, QemuFacts]:
-        """The hosts preflight (as ``migrator hosts check``), then the QEMU facts to launch."""
+        """The hosts preflight (as ``migrator hosts check``, but answered from the host
+        facts cache while the hosts' boot ids and QEMU binaries stay the same), then the
+        QEMU facts to launch."""
         source, destination = hosts["src"], hosts["dst"]
-        report = await check_hosts(self.scenario, source, destination)
+        report = await check_hosts(self.scenario, source, destination, cache_file=HOST_FACTS)
         self.run.write_json("preflight.json", report.model_dump(mode="json"))
         raise_unmet(report)
         # The preflight already probed QEMU and HGM on each host: reuse, never probe twice.

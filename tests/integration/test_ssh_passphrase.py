@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from migrator.cache import CACHE_DIR
 from migrator.config import dump_scenario
-from migrator.runner import CACHE_DIR
 from tests.integration.children import migrator
 from tests.integration.conftest import scenario
 from tests.integration.ssh_scenarios import host_entry
