@@ -114,19 +114,34 @@ def kernel(
 
 
 class ScriptedSmaps(FakeHost):
-    """Each read of ``path`` returns the next text (or raises it, if an exception)."""
+    """Each sample of ``path`` answers with the next text, as the host's awk would.
+
+    An exception stands for a file the awk cannot open (it answers -1); the process
+    still exists unless it is a FileNotFoundError.  The texts are not filtered to
+    hugetlb VMAs as the awk does: the sampler filters again (the real awk runs in
+    tests/integration/test_hgm_probe.py).
+    """
 
     def __init__(self, path: Path, reads: list[str | BaseException]) -> None:
         super().__init__()
         self.path = path
         self.reads = reads
+        self.process_exists = True
+        self.dialogues["sh"] = self._sample
 
-    async def read_file(self, path: Path) -> bytes:
-        if path != self.path:
-            return await super().read_file(path)
+    def _sample(self, argv: tuple[str, ...], line: str) -> str:
+        assert argv[4] == str(self.path)  # sh -c LOOP sh PATH FILTER
         if not self.reads:
-            raise FileNotFoundError(path)
+            self.process_exists = False
+            return "-1\t"
         item = self.reads.pop(0)
         if isinstance(item, BaseException):
-            raise item
-        return item.encode()
+            self.process_exists = not isinstance(item, FileNotFoundError)
+            return "-1\t"
+        lines = item.splitlines()
+        return f"{len(lines)}\t" + "\t".join(lines)
+
+    async def exists(self, path: Path) -> bool:
+        if path == self.path.parent:
+            return self.process_exists
+        return await super().exists(path)
