@@ -50,7 +50,6 @@ from migrator.report.run_tables import (
     fault_table,
     fetch_table,
     headline_tables,
-    iso_time,
     latency_dist_table,
     pause_table,
     phase_table,
@@ -58,6 +57,7 @@ from migrator.report.run_tables import (
 )
 from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
+from migrator.units import iso_time
 
 __all__ = ["TEMPLATES", "environment", "render_run_html", "write_run_html"]
 
