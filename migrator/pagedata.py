@@ -17,7 +17,7 @@ import numpy.typing as npt
 from migrator.model import Report
 
 __all__ = ["BlockCdf", "Cdf", "Clock", "HeartbeatGaps", "RunPageData", "SideSamples",
-           "StallSeries", "StallView"]
+           "StallSeries", "StallView", "ThreadLoad"]
 
 F64 = npt.NDArray[np.float64]
 S = 1e9
@@ -132,8 +132,33 @@ class StallView:
 
 
 @dataclass(frozen=True)
+class ThreadLoad:
+    """The CPU use over time of one kind of QEMU thread on one side.
+
+    ``t_s``: the middle of each interval between two consecutive samples of
+    ``SIDE/threads.jsonl`` (s on the page's clock); ``percent``: the CPU time the
+    kind's ``threads`` took in it, summed, in % of one core; ``source`` says where
+    the numbers come from.  ``tick_percent`` is the resolution: one clock tick of
+    the host over the median interval, in % of one core (each point is a multiple
+    of it, give or take a sample answered late).
+    """
+
+    side: str
+    thread: str
+    threads: int
+    t_s: F64
+    percent: F64
+    source: str
+    tick_percent: float
+
+
+@dataclass(frozen=True)
 class RunPageData:
-    """Everything the run page shows, read from one run directory."""
+    """Everything the run page shows, read from one run directory.
+
+    ``switchover_ns``: the source's STOP after ``migrate`` (the start of the
+    freeze phase), where the guest left the source; None when it never did.
+    """
 
     report: Report
     report_origin: str
@@ -144,3 +169,5 @@ class RunPageData:
     samples: dict[str, SideSamples]
     fetch_cdfs: list[BlockCdf]
     stalls: StallView
+    threads: list[ThreadLoad]
+    switchover_ns: int | None

@@ -30,7 +30,6 @@ from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 
 from migrator.bench.pagesize import (
     build_page_size_table,
-    guest_ram_block,
     load_done_reports,
     row_cells,
     table_footnotes,
@@ -39,7 +38,7 @@ from migrator.bench.pagesize import (
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
 from migrator.errors import MigratorError
-from migrator.metrics.run_page import block_cdf
+from migrator.metrics.run_page import block_cdf, guest_ram_block
 from migrator.model import BlockFetch, Report
 from migrator.report import figures
 from migrator.report.figures import Plot, block_cdf_trace, layout, log_axis, note, plot

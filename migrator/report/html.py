@@ -15,6 +15,8 @@ numbers, and the raw artifacts for the series the report only summarises:
 * bytes remaining and throughput: ``samples.jsonl`` (``query-migrate`` of both
   sides);
 * per-vCPU blocktime: ``report.blocktime`` (QEMU's and the trace's);
+* host CPU per QEMU thread over time: ``src|dst/threads.jsonl`` (each thread's
+  utime + stime, sampled from ``/proc``), with the switchover marked;
 * post-copy pauses (shaded on the stall and transfer plots) and injected
   faults: ``report.recoveries`` and ``report.faults``;
 * tables: ``report.json``, ``scenario.toml`` verbatim and ``run.json``.
@@ -41,6 +43,7 @@ from migrator.report.figures import (
     fetch_cdf_figure,
     plot,
     stall_timeline_figure,
+    thread_figure,
     transfer_figure,
 )
 from migrator.report.run_tables import (
@@ -98,6 +101,13 @@ def render_run_html(data: RunPageData) -> str:
               "(destination query-migrate) next to the trace's (report.blocktime). The guest "
               "probe's stalled time is in the legend, hidden by default.",
               blocktime_figure(report)),
+        plot("plot-threads", "Host CPU per QEMU thread",
+              "CPU time each kind of QEMU thread took between two consecutive samples of "
+              "/proc/PID/task/*/stat (utime + stime, src|dst/threads.jsonl, on each QEMU's host), "
+              "in % of one core; threads of one kind are summed. The dashed line is the "
+              "switchover (the source's STOP); bands are the phases. The return path, listen "
+              "thread and main loop are in the legend, hidden by default.",
+              thread_figure(report, data.threads, clock, data.switchover_ns)),
     ]
     sources = Sources()
     recovery = [pause_table(report, sources)] if report.recoveries else []

@@ -24,19 +24,23 @@ from migrator.report.html import write_run_html
 from tests.chromium import DevTools
 from tests.chromium import chromium as _chromium
 
-RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
-PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime")
+DATA = Path(__file__).resolve().parents[1] / "data"
+PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime",
+            "plot-threads")
 
 
-# The crashed run has no destination trace: its fetch plot is empty on purpose.
-EMPTY_PLOTS = {"crashed-memfd-4k": {"plot-fetch-cdf"}}
+# The crashed run has no destination trace: its fetch plot is empty on purpose. The runs
+# of tests/data/runs were recorded before thread sampling: their thread plots are empty.
+EMPTY_PLOTS = {"runs/crashed-memfd-4k": {"plot-fetch-cdf", "plot-threads"},
+               "runs/hugetlb-2m": {"plot-threads"}, "runs/hugetlb-1g": {"plot-threads"}}
 
 
-@pytest.mark.parametrize("run", ["hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k"])
+@pytest.mark.parametrize("run", ["runs/hugetlb-2m", "runs/hugetlb-1g", "runs/crashed-memfd-4k",
+                                 "threads/rec-threads-2m"])
 def test_run_report_renders_in_chromium(run: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / run
-    shutil.copytree(RUNS / run, run_dir)
+    shutil.copytree(DATA / run, run_dir)
     page = write_run_html(run_dir, load_run_page_data(load_run_artifacts(run_dir)))
     chromium = _chromium()
     started = time.monotonic()
@@ -72,7 +76,7 @@ def test_run_report_renders_in_chromium(run: str, tmp_path: Path,
             "clip": {"x": 0, "y": 0, "width": 1400, "height": min(size["height"], 16000),
                      "scale": 1},
         })
-        screenshot = tmp_path / f"{run}-report.png"
+        screenshot = tmp_path / f"{run_dir.name}-report.png"
         screenshot.write_bytes(base64.b64decode(shot["data"]))
         with capsys.disabled():
             print(f"\nscreenshot of the {run} report: {screenshot}")

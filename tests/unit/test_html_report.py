@@ -20,7 +20,9 @@ from migrator.report.figures import MAX_POINTS, blocktime_figure, fetch_cdf_figu
 from migrator.report.html import render_run_html, write_run_html
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
-PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime")
+THREADS_RUN = Path(__file__).resolve().parents[1] / "data" / "threads" / "rec-threads-2m"
+PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime",
+            "plot-threads")
 _NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z-]+)", (.*?)\);</script>')
 # Anything that would make the page fetch from elsewhere when opened.
 _EXTERNAL = re.compile(
@@ -56,7 +58,7 @@ def values(array: Any) -> list[float]:
 
 
 @pytest.mark.parametrize("run", ["hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k"])
-def test_page_is_one_self_contained_file_with_four_plots(pages: dict[str, str], run: str) -> None:
+def test_page_is_one_self_contained_file_with_five_plots(pages: dict[str, str], run: str) -> None:
     html = pages[run]
     assert html.startswith("<!DOCTYPE html>")
     for div in PLOT_IDS:
@@ -124,6 +126,50 @@ def test_every_plot_number_comes_from_the_run(pages: dict[str, str]) -> None:
     bars = {t["name"].split(" (")[0]: values(t["y"]) for t in figs["plot-blocktime"]["data"]}
     assert bars["QEMU postcopy-vcpu-blocktime"] == [325.0]
     assert bars["trace: blocktime begin → placed"] == pytest.approx([460.413])
+
+
+def test_thread_plot_integrates_to_the_thread_cpu_table() -> None:
+    figs = figures(run_page(THREADS_RUN))
+    threads = figs["plot-threads"]
+    report = build_report(THREADS_RUN)
+    lines = {t["name"]: t for t in threads["data"]}
+    assert {"src: vCPU 0", "src: vCPU 1", "src: migration", "dst: vCPU 0", "dst: vCPU 1",
+            "dst: post-copy fault"} <= set(lines)
+    # Shown at first: the vCPUs, the migration and fault threads; the others a click away.
+    hidden = {name for name, t in lines.items() if t.get("visible") == "legendonly"}
+    assert "src: return path" in hidden
+    assert not hidden & {"src: vCPU 0", "src: migration", "dst: post-copy fault"}
+    # The same ticks as the table's: % of one core over each interval sums to its CPU s.
+    raw = [json.loads(line) for line in (THREADS_RUN / "src" / "threads.jsonl").open()]
+    times = np.array([r["host_ns"] for r in raw[1:]]) / 1e9
+    migration = lines["src: migration"]
+    cpu_s = float(np.sum(np.array(values(migration["y"])) / 100 * np.diff(times)))
+    [row] = [r for r in report.thread_cpu if (r.side, r.thread) == ("src", "migration")]
+    assert cpu_s == pytest.approx(row.sampled.value, abs=0.005)
+    assert row.sampled.value is not None
+    assert row.sampled.value > 0
+    # x: the middle of each interval, on the page's clock (s since migrate).
+    timeline = map(json.loads, (THREADS_RUN / "timeline.jsonl").open())
+    migrate = next(r["host_ns"] for r in timeline if r["what"] == "migrate")
+    x = values(migration["x"])
+    # (in integers first: epoch ns overflow a float's mantissa)
+    first = (raw[1]["host_ns"] - migrate + raw[2]["host_ns"] - migrate) / 2e9
+    assert x[0] == pytest.approx(first, abs=1e-6)
+    # The switchover: the source's STOP, the start of the freeze phase.
+    freeze = next(p for p in report.phases if p.name == "freeze")
+    [line] = [s for s in threads["layout"]["shapes"] if s["type"] == "line"]
+    assert line["x0"] == pytest.approx((freeze.start_ns - migrate) / 1e9)
+    notes = " ".join(a["text"] for a in threads["layout"]["annotations"])
+    assert "src: resolution 20 % of one core" in notes
+    assert "% of one core" in threads["layout"]["title"]["text"]
+
+
+def test_a_run_without_thread_samples_says_so(pages: dict[str, str]) -> None:
+    threads = figures(pages["hugetlb-2m"])["plot-threads"]
+    assert threads["data"] == []
+    notes = " ".join(a["text"] for a in threads["layout"]["annotations"])
+    assert "src: no src/threads.jsonl with two samples or more" in notes
+    assert "dst: no dst/threads.jsonl" in notes
 
 
 def test_tables_carry_units_sources_scenario_and_host_facts(pages: dict[str, str]) -> None:
