@@ -28,10 +28,10 @@ from migrator.model import PauseRecord, Phase, Report
 from migrator.pagedata import BlockCdf, Cdf, Clock, SideSamples, StallView, ThreadLoad
 from migrator.units import format_size
 
-__all__ = ["MAX_POINTS", "PLOT_CONFIG", "Plot", "block_cdf_trace", "blocktime_figure",
-           "cdf_figure", "cdf_trace", "fetch_cdf_figure", "layout", "log_axis", "mark_switchover",
-           "note", "plot", "stall_timeline_figure", "thread_figure", "thread_trace",
-           "throughput", "transfer_figure"]
+__all__ = ["MAX_POINTS", "MIB", "PLOT_CONFIG", "SIDE_NAMES", "Plot", "block_cdf_trace",
+           "blocktime_figure", "cdf_figure", "cdf_trace", "fetch_cdf_figure", "layout",
+           "log_axis", "mark_switchover", "note", "plot", "stall_timeline_figure",
+           "thread_colour", "thread_figure", "thread_trace", "throughput", "transfer_figure"]
 
 #: Most markers one series of a plot carries (the largest values are kept).
 MAX_POINTS = 20_000

@@ -30,6 +30,7 @@ column); this module lays them out on the page.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -62,7 +63,7 @@ from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
 from migrator.units import iso_time
 
-__all__ = ["TEMPLATES", "environment", "render_run_html", "write_run_html"]
+__all__ = ["TEMPLATES", "environment", "render_run_html", "report_link", "write_run_html"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -137,3 +138,11 @@ def write_run_html(run_path: Path, data: RunPageData) -> Path:
     target = run_path / "report.html"
     atomic_write(target, render_run_html(data))
     return target
+
+
+def report_link(page_dir: Path, run_path: Path | None) -> str | None:
+    """A run's ``report.html`` relative to a page in ``page_dir`` (None when it has none)."""
+    if run_path is None or not (run_path / "report.html").is_file():
+        return None
+    return Path(os.path.relpath((run_path / "report.html").absolute(),
+                                page_dir.absolute())).as_posix()

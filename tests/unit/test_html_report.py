@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,20 +15,12 @@ from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
 from migrator.metrics.summary import build_report, derive_report, write_report
 from migrator.report.figures import MAX_POINTS, blocktime_figure, fetch_cdf_figure, largest_indices
 from migrator.report.html import render_run_html, write_run_html
+from tests.unit.html_pages import EXTERNAL, figures, values
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
 THREADS_RUN = Path(__file__).resolve().parents[1] / "data" / "threads" / "rec-threads-2m"
 PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime",
             "plot-threads")
-_NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z-]+)", (.*?)\);</script>')
-# Anything that would make the page fetch from elsewhere when opened.
-_EXTERNAL = re.compile(
-    r"<(?:script|link|img|iframe|source|embed|object)\b[^>]*\b(?:src|href|data)\s*=\s*"
-    r"[\"']?\s*(?:https?:)?//|url\(\s*[\"']?(?:https?:)?//|@import",
-    re.IGNORECASE,
-)
-
-
 def run_page(run: Path) -> str:
     """The HTML page of the run directory ``run``."""
     return render_run_html(load_run_page_data(load_run_artifacts(run)))
@@ -44,19 +33,6 @@ def pages() -> dict[str, str]:
             for run in ("hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k")}
 
 
-def figures(html: str) -> dict[str, dict[str, Any]]:
-    """The figure objects handed to Plotly.newPlot, by div id."""
-    return {m.group(1): json.loads(m.group(2)) for m in _NEW_PLOT.finditer(html)}
-
-
-def values(array: Any) -> list[float]:
-    """A plotly data array as floats (plotly writes numpy arrays as base64 typed arrays)."""
-    if isinstance(array, dict):
-        decoded = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
-        return [float(v) for v in decoded]
-    return [float(v) for v in array]
-
-
 @pytest.mark.parametrize("run", ["hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k"])
 def test_page_is_one_self_contained_file_with_five_plots(pages: dict[str, str], run: str) -> None:
     html = pages[run]
@@ -66,7 +42,7 @@ def test_page_is_one_self_contained_file_with_five_plots(pages: dict[str, str], 
     assert set(figures(html)) == set(PLOT_IDS)
     # plotly.js inline, exactly once; no script or stylesheet from anywhere else.
     assert html.count("* plotly.js v") == 1
-    assert _EXTERNAL.search(html) is None, _EXTERNAL.search(html)
+    assert EXTERNAL.search(html) is None, EXTERNAL.search(html)
     assert "<script src" not in html
     size = len(html.encode())
     assert size < 5 << 20, f"{size} bytes"
