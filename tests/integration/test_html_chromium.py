@@ -1,4 +1,5 @@
-"""The HTML run report opened in a real browser: Debian's headless Chromium.
+"""The HTML run report and the overlay page of several runs opened in a real browser:
+Debian's headless Chromium.
 
 Chromium is driven over the DevTools protocol on ``--remote-debugging-pipe``
 (NUL-terminated JSON on file descriptors 3 and 4), which needs no websocket
@@ -13,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +24,11 @@ import pytest
 from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.run_page import load_run_page_data
 from migrator.report.html import write_run_html
-from tests.chromium import DevTools
+from tests.chromium import DevTools, screenshot, wait_for_plots
 from tests.chromium import chromium as _chromium
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data"
 PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime",
             "plot-threads")
 
@@ -84,3 +88,42 @@ def test_run_report_renders_in_chromium(run: str, tmp_path: Path,
     assert problems == [], problems
     assert screenshot.stat().st_size > 50_000
     assert time.monotonic() - started < 60
+
+
+def test_overlay_page_renders_in_chromium(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [shutil.copytree(DATA / run, tmp_path / run)
+            for run in ("runs/hugetlb-2m", "runs/hugetlb-1g", "runs/crashed-memfd-4k",
+                        "threads/rec-threads-2m")]
+    page = tmp_path / "compare.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "migrator", "report", *map(str, runs), "--html", "--out",
+         str(page)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    plot_ids = ("plot-fetch-cdf-2097152", "plot-fetch-cdf-1073741824", "plot-stall-overlay",
+                "plot-transfer-overlay", "plot-threads-overlay")
+    with DevTools(_chromium(), tmp_path / "profile", tmp_path / "chromium.log") as browser:
+        browser.open_page(1400, 2400)
+        browser.call("Page.navigate", {"url": page.as_uri()})
+        browser.wait_event("Page.loadEventFired")
+        rendered = wait_for_plots(browser, plot_ids)
+        assert all(rendered.values()), f"plots without an SVG: {rendered}"
+        marks = browser.evaluate(
+            "Object.fromEntries(" + json.dumps(list(plot_ids)) + ".map(id => [id, "
+            "document.querySelectorAll('#' + id + ' .scatterlayer .trace path').length]))")
+        assert all(marks.values()), marks
+        # One legend group per run on the stall overlay, titled with its label.
+        texts = browser.evaluate(
+            "[...document.querySelectorAll('#plot-stall-overlay .legendtext')]"
+            ".map(e => e.textContent)")
+        titles = [text for text in texts if "Z-rec-" in text]
+        assert len(titles) == 4, texts
+        # The run links open each run's own page.
+        links = browser.evaluate("[...document.querySelectorAll('a')].map(a => a.href)"
+                                 ".filter(h => h.endsWith('/report.html'))")
+        assert sorted(links) == sorted((run / "report.html").as_uri() for run in runs)
+        shot = screenshot(browser, tmp_path / "compare.png", 1400)
+        with capsys.disabled():
+            print(f"\nscreenshot of the overlay page: {shot}")
+        problems = browser.problems()
+    assert problems == [], problems
