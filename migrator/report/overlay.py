@@ -104,7 +104,7 @@ def differs_table(data: OverlayData) -> Table:
 
 def _plots(data: OverlayData) -> list[Plot]:
     plots = [
-        plot(f"plot-fetch-cdf-{size}", "Fetch latency",
+        plot(f"plot-fetch-cdf-{size}" if size else "plot-fetch-cdf", "Fetch latency",
              "Cumulative distribution of per-page fetch latency of every RAMBlock of this page "
              "size that took faults, one line per run and block (destination QEMU trace, "
              "report.fetch[*].histogram; steps are histogram bucket bounds).", fig)

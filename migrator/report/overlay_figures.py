@@ -81,8 +81,12 @@ def _x_range(data: OverlayData) -> list[float]:
 
 def overlay_cdf_figures(data: OverlayData) -> Iterator[tuple[int, Any]]:
     """(page size, figure): the fetch latency CDF of every RAMBlock of that page size that
-    took faults, of every run, overlaid; one figure per page size, smallest first."""
+    took faults, of every run, overlaid; one figure per page size, smallest first (one
+    empty figure, page size 0, when no run has fetch latencies)."""
     sizes = sorted({block.page_size for run in data.runs for block in run.page.fetch_cdfs})
+    if not sizes:
+        yield 0, cdf_figure([], "Per-page fetch latency CDF", 420,
+                            "no run has fetch latencies: no destination trace, or no faults")
     for size in sizes:
         traces = []
         for index, run in enumerate(data.runs):

@@ -164,6 +164,16 @@ def test_one_cdf_per_page_size_holds_every_run_of_that_size(three: OverlayData) 
     assert one_gig.x[-1] == pytest.approx(1008.807, abs=1e-3)
 
 
+def test_runs_without_fetch_latencies_get_one_empty_cdf_that_says_so(tmp_path: Path) -> None:
+    data = load_overlay_data(derived([copy("crashed", tmp_path, "a"),
+                                      copy("crashed", tmp_path, "b")]))
+    [(size, figure)] = list(overlay_cdf_figures(data))
+    assert size == 0
+    assert figure.data == ()
+    assert "no run has fetch latencies" in figure.layout.annotations[0].text
+    assert "plot-fetch-cdf" in figures(render_overlay_html(data, tmp_path))
+
+
 def test_throughput_is_shifted_with_its_run(three: OverlayData) -> None:
     figure = overlay_transfer_figure(three)
     rates = [t for t in figure.data if t.name == "source: Δ ram.transferred / Δt"]
