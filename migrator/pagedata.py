@@ -1,5 +1,6 @@
 """What a run's HTML page shows, as plain data: derived by :mod:`migrator.metrics.run_page`,
-drawn by :mod:`migrator.report.html`.
+drawn by :mod:`migrator.report.html`; and what the overlay page of several runs shows,
+derived by :mod:`migrator.metrics.run_overlay`, drawn by :mod:`migrator.report.overlay`.
 
 The renderers and the artifact analysis are siblings that must not import each
 other; this module is the contract between them (dataclasses and numpy arrays,
@@ -14,10 +15,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from migrator.model import Report
+from migrator.model import Metric, Report
 
-__all__ = ["BlockCdf", "Cdf", "Clock", "HeartbeatGaps", "RunPageData", "SideSamples",
-           "StallSeries", "StallView"]
+__all__ = ["BlockCdf", "Cdf", "Clock", "HeadlineRow", "HeartbeatGaps", "OverlayData",
+           "OverlayRun", "RunPageData", "SideSamples", "StallSeries", "StallView", "ThreadLoad"]
 
 F64 = npt.NDArray[np.float64]
 S = 1e9
@@ -132,8 +133,33 @@ class StallView:
 
 
 @dataclass(frozen=True)
+class ThreadLoad:
+    """The CPU use over time of one kind of QEMU thread on one side.
+
+    ``t_s``: the middle of each interval between two consecutive samples of
+    ``SIDE/threads.jsonl`` (s on the page's clock); ``percent``: the CPU time the
+    kind's ``threads`` took in it, summed, in % of one core; ``source`` says where
+    the numbers come from.  ``tick_percent`` is the resolution: one clock tick of
+    the host over the median interval, in % of one core (each point is a multiple
+    of it, give or take a sample answered late).
+    """
+
+    side: str
+    thread: str
+    threads: int
+    t_s: F64
+    percent: F64
+    source: str
+    tick_percent: float
+
+
+@dataclass(frozen=True)
 class RunPageData:
-    """Everything the run page shows, read from one run directory."""
+    """Everything the run page shows, read from one run directory.
+
+    ``switchover_ns``: the source's STOP after ``migrate`` (the start of the
+    freeze phase), where the guest left the source; None when it never did.
+    """
 
     report: Report
     report_origin: str
@@ -144,3 +170,53 @@ class RunPageData:
     samples: dict[str, SideSamples]
     fetch_cdfs: list[BlockCdf]
     stalls: StallView
+    threads: list[ThreadLoad]
+    switchover_ns: int | None
+
+
+@dataclass(frozen=True)
+class OverlayRun:
+    """One run of the overlay page.
+
+    ``label`` names it in every legend (scenario, run id, the first dimensions
+    that differ); ``differs`` holds its value of every dimension that differs
+    between the runs; ``page`` is its run page's data.  On the overlay's time
+    axes t = 0 is ``zero_ns`` (``zero_what`` says which instant that is), so a
+    time ``t`` of the page's clock is at ``t + shift_s`` there.  ``threads``: the
+    thread kinds the overlay's CPU plot shows.
+    """
+
+    label: str
+    differs: dict[str, str]
+    path: str
+    page: RunPageData
+    zero_ns: int
+    zero_what: str
+    threads: list[ThreadLoad]
+
+    @property
+    def shift_s(self) -> float:
+        """What moves a time of the page's clock onto the overlay's axis (s)."""
+        return (self.page.clock.t0_ns - self.zero_ns) / S
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    """One headline number of every run, side by side (None where a run has none)."""
+
+    name: str
+    unit: str
+    metrics: list[Metric | None]
+
+
+@dataclass(frozen=True)
+class OverlayData:
+    """Everything the overlay page of several runs shows.
+
+    ``dimensions``: the names of the dimensions whose values differ between the
+    runs, in the order the page lists them.
+    """
+
+    runs: list[OverlayRun]
+    dimensions: list[str]
+    headline: list[HeadlineRow]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["format_size", "format_value"]
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["flat_fields", "format_size", "format_value", "iso_time"]
 
 _MIB = float(1 << 20)
 
@@ -28,3 +32,32 @@ def format_value(value: object, unit: str = "") -> str:
     if unit == "bytes" and value >= _MIB:
         text += f" ({value / _MIB:,.1f} MiB)"
     return text
+
+
+def iso_time(ns: int) -> str:
+    """Epoch ``ns`` as an ISO 8601 UTC time to the millisecond."""
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def flat_fields(document: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted path, text) of every leaf of a JSON or TOML ``document``.
+
+    Tables nest as ``a.b``; a list of plain values is one field (``a, b``, or
+    ``(none)`` when empty), a list of tables one field per leaf (``faults[0].kind``);
+    an integer ``*_ns`` field that is an epoch time also shows it in ISO 8601.
+    """
+    if isinstance(document, dict):
+        for key, inner in document.items():
+            yield from flat_fields(inner, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(document, list):
+        if all(not isinstance(v, dict | list) for v in document):
+            yield prefix, ", ".join(str(v) for v in document) if document else "(none)"
+        else:
+            for index, inner in enumerate(document):
+                yield from flat_fields(inner, f"{prefix}[{index}]")
+    elif isinstance(document, int) and not isinstance(document, bool) \
+            and prefix.endswith("_ns") and document > 10**17:
+        yield prefix, f"{document} ({iso_time(document)})"
+    else:
+        yield prefix, format_value(document) if isinstance(document, bool) else \
+            "null" if document is None else str(document)

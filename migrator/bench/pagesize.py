@@ -40,7 +40,7 @@ from rich.table import Table
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState
 from migrator.bench.suite import PlannedRun, Suite
 from migrator.errors import MigratorError
-from migrator.metrics.run_page import load_run_report
+from migrator.metrics.run_page import guest_ram_block, load_run_report
 from migrator.metrics.summary import TRACE_SOURCE
 from migrator.model import BlockFetch, Report
 from migrator.rundir import atomic_write
@@ -54,7 +54,6 @@ __all__ = [
     "PageSizeRow",
     "PageSizeTable",
     "build_page_size_table",
-    "guest_ram_block",
     "load_done_reports",
     "page_label",
     "render_page_size_table",
@@ -225,14 +224,6 @@ def load_done_reports(runs: Mapping[str, RunRecord], suite_dir: Path) -> dict[st
         except MigratorError:
             continue
     return reports
-
-
-def guest_ram_block(report: Report, page_size: int | None) -> BlockFetch | None:
-    """The guest RAM block: the block of the backing's page size that took the most faults
-    (of any page size when ``page_size`` is None)."""
-    blocks = [block for block in report.fetch
-              if page_size is None or block.page_size == page_size]
-    return max(blocks, key=lambda block: block.faults, default=None)
 
 
 def run_metrics(report: Report, page_size: int) -> dict[str, float | None]:

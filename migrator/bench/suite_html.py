@@ -19,7 +19,6 @@ plotly.js is inlined once, as in the run page, so it opens without network.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 
 from migrator.bench.pagesize import (
     build_page_size_table,
-    guest_ram_block,
     load_done_reports,
     row_cells,
     table_footnotes,
@@ -39,11 +37,11 @@ from migrator.bench.pagesize import (
 from migrator.bench.runner import RunRecord, RunStatus, SuiteState, load_state
 from migrator.bench.suite import PlannedRun, Suite, load_suite
 from migrator.errors import MigratorError
-from migrator.metrics.run_page import block_cdf
+from migrator.metrics.run_page import block_cdf, guest_ram_block
 from migrator.model import BlockFetch, Report
 from migrator.report import figures
 from migrator.report.figures import Plot, block_cdf_trace, layout, log_axis, note, plot
-from migrator.report.html import environment
+from migrator.report.html import environment, report_link
 from migrator.rundir import atomic_write
 from migrator.tables import Cell, Table
 from migrator.units import format_size
@@ -75,13 +73,6 @@ class RunResult:
     record: RunRecord
     report: Report
     block: BlockFetch | None
-
-
-def _link(page_dir: Path, run_path: Path | None) -> str | None:
-    """``report.html`` of a run relative to the page, when it exists."""
-    if run_path is None or not (run_path / "report.html").is_file():
-        return None
-    return Path(os.path.relpath(run_path / "report.html", page_dir)).as_posix()
 
 
 def _load_suite(suite_dir: Path) -> Suite | None:
@@ -154,7 +145,7 @@ def _run_rows(state_runs: dict[str, RunRecord], suite_dir: Path) -> list[RunRow]
             badge=_STATUS_BADGE.get(record.status, ""),
             message=record.error or record.reason or "",
             duration="-" if record.duration_s is None else f"{record.duration_s:,.1f} s",
-            run_dir=record.run_dir or "-", link=_link(suite_dir, path)))
+            run_dir=record.run_dir or "-", link=report_link(suite_dir, path)))
     return rows
 
 

@@ -18,7 +18,6 @@ from typer.core import TyperGroup
 import migrator
 from migrator.cli.bench import bench
 from migrator.cli.common import (
-    RunDirArgument,
     ScenarioArgument,
     VerboseOption,
     err,
@@ -184,37 +183,112 @@ def _write_html(artifacts: RunArtifacts, report: Report) -> None:
     err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
 
 
+RunDirsArgument = Annotated[list[Path], typer.Argument(
+    metavar="RUN_DIR",
+    help="run directories made by 'migrator run'; with two or more and --html, also one "
+         "page overlaying them all")]
+OverlayOption = Annotated[Path | None, typer.Option(
+    "--out", metavar="FILE",
+    help="where the overlay page of two or more runs goes (with --html); default "
+         "./migrator-compare-<UTC time>.html")]
+
+
 @app.command()
 def report(
-    run_dir: RunDirArgument,
-    json_out: JsonOption = False,
-    html: HtmlOption = False,
+    run_dirs: RunDirsArgument,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="print report.json, not tables (a JSON array with several runs)")] = False,
+    html: Annotated[bool, typer.Option(
+        "--html", help="also write RUN_DIR/report.html of each run, and with two or more runs "
+                       "one page overlaying them (see --out): self-contained, interactive "
+                       "plots")] = False,
+    out_file: OverlayOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Rebuild report.json and the summary offline from a run directory's raw files."""
-    from migrator.metrics.run_artifacts import load_run_artifacts
-    from migrator.metrics.summary import derive_report, write_report
+    """Rebuild report.json and the summary offline from run directories' raw files.
+
+    With --html, each run also gets RUN_DIR/report.html; with two or more runs,
+    one more page overlays their fetch latency CDFs, guest stalls, throughput
+    and host CPU per QEMU thread, aligned at each run's switchover, with their
+    headline numbers side by side (--out, default in the current directory).
+
+    Every run directory is read and its report derived before anything is
+    written: one that is not a run, or for the overlay page one that never
+    started migrating, stops the command (exit 2) with nothing written.
+    """
     from migrator.report.terminal import render_report
 
     setup_logging(verbose)
+    overlay = html and len(run_dirs) > 1
     try:
-        if not run_dir.is_dir():
-            raise ConfigError("not a directory" if run_dir.exists() else "no such directory",
-                              field=str(run_dir))
-        artifacts = load_run_artifacts(run_dir)
-        rebuilt = derive_report(artifacts)
+        if out_file is not None and not overlay:
+            raise ConfigError("the overlay page needs --html and two or more run directories",
+                              field="--out")
+        runs = [_derive(run_dir) for run_dir in _distinct(run_dirs)]
+        data = target = None
+        if overlay:
+            from migrator.metrics.run_overlay import load_overlay_data
+            from migrator.report.overlay import default_overlay_path
+
+            target = _overlay_target(out_file or default_overlay_path())
+            data = load_overlay_data(runs)
     except ArtifactError as error:
-        # The run directory is this command's input: one it cannot read is bad input.
+        # The run directories are this command's input: one it cannot read is bad input.
         raise fail(error, exit_code=ExitCode.BAD_INPUT) from None
     except MigratorError as error:
         raise fail(error) from None
-    write_report(run_dir, rebuilt)
-    if html:
-        _write_html(artifacts, rebuilt)
+    from migrator.metrics.summary import write_report
+
+    for artifacts, rebuilt in runs:
+        write_report(artifacts.path, rebuilt)
+        if html:
+            _write_html(artifacts, rebuilt)
+    if data is not None and target is not None:
+        from migrator.report.overlay import write_overlay_html
+
+        write_overlay_html(target, data)
+        err.print(f"overlay page: {escape(str(target))}", highlight=False, soft_wrap=True)
     if json_out:
-        print_json(rebuilt.model_dump_json())
+        import json
+
+        reports = [rebuilt.model_dump(mode="json") for _, rebuilt in runs]
+        print_json(json.dumps(reports[0] if len(reports) == 1 else reports))
     else:
-        render_report(rebuilt, out)
+        for _, rebuilt in runs:
+            render_report(rebuilt, out)
+
+
+def _distinct(run_dirs: list[Path]) -> list[Path]:
+    """``run_dirs``, each existing once (ConfigError naming the one given twice)."""
+    seen: set[Path] = set()
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise ConfigError("not a directory" if run_dir.exists() else "no such directory",
+                              field=str(run_dir))
+        real = run_dir.resolve()
+        if real in seen:
+            raise ConfigError("given twice: each run directory once", field=str(run_dir))
+        seen.add(real)
+    return run_dirs
+
+
+def _derive(run_dir: Path) -> tuple[RunArtifacts, Report]:
+    """One run directory's artifacts and its report derived from them (nothing written)."""
+    from migrator.metrics.run_artifacts import load_run_artifacts
+    from migrator.metrics.summary import derive_report
+
+    artifacts = load_run_artifacts(run_dir)
+    return artifacts, derive_report(artifacts)
+
+
+def _overlay_target(path: Path) -> Path:
+    """``--out`` checked before anything is written: its directory exists, it is no
+    directory itself."""
+    if path.is_dir():
+        raise ConfigError("is a directory: give a file name", field=f"--out {path}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"no such directory: {path.parent}", field=f"--out {path}")
+    return path
 
 
 @config_app.command("check")

@@ -1,9 +1,10 @@
 """A run directory's raw artifacts, read once for the report and the run page.
 
 :func:`load_run_artifacts` reads ``run.json``, ``scenario.toml``, both sides'
-``events.jsonl`` with ``timeline.jsonl``, the guest consoles, ``samples.jsonl``
-and ``final-query-migrate.json``: what both :func:`~migrator.metrics.summary.derive_report`
-and :func:`~migrator.metrics.run_page.load_run_page_data` use.  The destination
+``events.jsonl`` with ``timeline.jsonl``, the guest consoles, ``samples.jsonl``,
+``final-query-migrate.json`` and both sides' ``threads.jsonl``: what both
+:func:`~migrator.metrics.summary.derive_report` and
+:func:`~migrator.metrics.run_page.load_run_page_data` use.  The destination
 trace and the HGM smaps samples, which only the report needs and which can be
 large, are left to the report, so a run page drawn from a current
 ``report.json`` never reads them.
@@ -20,6 +21,7 @@ from migrator.errors import ArtifactError
 from migrator.metrics.events import MigrationEvents, load_events
 from migrator.metrics.guest import GuestObservations, load_guest
 from migrator.metrics.qemu_counters import QemuCounters, SampledReplies, load_counters, read_samples
+from migrator.metrics.threads import ThreadSamples, load_thread_samples
 from migrator.rundir import RunMeta
 
 __all__ = ["RunArtifacts", "load_run_artifacts"]
@@ -43,6 +45,7 @@ class RunArtifacts:
     guest: GuestObservations
     samples: SampledReplies
     counters: QemuCounters
+    threads: dict[str, ThreadSamples]
 
 
 def _read_scenario(run_path: Path) -> tuple[str, dict[str, Any]]:
@@ -69,4 +72,4 @@ def load_run_artifacts(run_path: Path) -> RunArtifacts:
     return RunArtifacts(
         path=run_path, meta=meta, meta_document=document, scenario_text=scenario_text,
         scenario=scenario, events=events, guest=load_guest(run_path), samples=samples,
-        counters=counters)
+        counters=counters, threads=load_thread_samples(run_path))

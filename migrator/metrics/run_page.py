@@ -2,7 +2,8 @@
 
 :func:`load_run_page_data` takes the run's artifacts as
 :func:`~migrator.metrics.run_artifacts.load_run_artifacts` read them (``run.json``,
-``scenario.toml``, the guest consoles, ``timeline.jsonl``, ``samples.jsonl``)
+``scenario.toml``, the guest consoles, ``timeline.jsonl``, ``samples.jsonl``,
+``SIDE/threads.jsonl``)
 and its report (the caller's, else ``report.json``, else derived again from
 those artifacts with :func:`derive_report` when it is missing or of another
 schema), and returns a :class:`~migrator.pagedata.RunPageData` for
@@ -22,6 +23,7 @@ from migrator.metrics.histogram import Histogram
 from migrator.metrics.qemu_counters import SampledReplies
 from migrator.metrics.run_artifacts import RunArtifacts
 from migrator.metrics.summary import build_report, derive_report, stall_threshold_ms
+from migrator.metrics.threads import ThreadSamples, source_of, thread_load
 from migrator.model import SCHEMA_VERSION, BlockFetch, Report
 from migrator.pagedata import (
     BlockCdf,
@@ -32,10 +34,12 @@ from migrator.pagedata import (
     SideSamples,
     StallSeries,
     StallView,
+    ThreadLoad,
 )
 
-__all__ = ["block_cdf", "fetch_cdfs", "histogram_cdf", "load_run_page_data", "load_run_report",
-           "run_clock", "side_samples", "stall_view"]
+__all__ = ["block_cdf", "fetch_cdfs", "guest_ram_block", "histogram_cdf", "load_run_page_data",
+           "load_run_report", "run_clock", "side_samples", "stall_view", "switchover_ns",
+           "thread_loads"]
 
 MS = 1e6
 
@@ -122,6 +126,14 @@ def block_cdf(block: BlockFetch) -> BlockCdf | None:
     return BlockCdf(block.ramblock, block.page_size, histogram_cdf(hist)) if hist.count else None
 
 
+def guest_ram_block(report: Report, page_size: int | None) -> BlockFetch | None:
+    """The guest RAM block: the block of the backing's page size that took the most faults
+    (of any page size when ``page_size`` is None)."""
+    blocks = [block for block in report.fetch
+              if page_size is None or block.page_size == page_size]
+    return max(blocks, key=lambda block: block.faults, default=None)
+
+
 def fetch_cdfs(report: Report) -> list[BlockCdf]:
     """The CDF of each RAMBlock of ``report.fetch`` that took faults, in report order."""
     return [cdf for cdf in map(block_cdf, report.fetch) if cdf is not None]
@@ -156,6 +168,26 @@ def stall_view(report: Report, guest: GuestObservations, threshold_ms: float) ->
     return StallView(series, len(guest.stalls), unplaced, len(guest.clock_steps), gaps)
 
 
+def thread_loads(threads: dict[str, ThreadSamples], clock: Clock) -> list[ThreadLoad]:
+    """Each side's CPU use per thread kind over time (:func:`thread_load`), on ``clock``."""
+    out = []
+    for side, samples in threads.items():
+        times = np.array([clock.s(ns) for ns in samples.times], dtype=np.float64)
+        middle = (times[1:] + times[:-1]) / 2
+        tick = 100 / samples.per_second / float(np.median(np.diff(times)) or np.inf)
+        out += [ThreadLoad(side, kind, count, middle, percent,
+                           f"{source_of(side)}: Δ(utime + stime) / CLK_TCK / Δt between "
+                           "samples, % of one core", tick)
+                for kind, count, percent in thread_load(samples)]
+    return out
+
+
+def switchover_ns(report: Report) -> int | None:
+    """Where the guest left the source: the start of the freeze phase (the source's STOP
+    after ``migrate``), None when the run never got there."""
+    return next((phase.start_ns for phase in report.phases if phase.name == "freeze"), None)
+
+
 def load_run_page_data(artifacts: RunArtifacts, report: Report | None = None) -> RunPageData:
     """What the HTML page of one run shows (see module docstring); writes nothing.
 
@@ -171,4 +203,5 @@ def load_run_page_data(artifacts: RunArtifacts, report: Report | None = None) ->
     return RunPageData(report, report_origin, artifacts.meta_document, artifacts.scenario_text,
                        threshold_ms, clock, side_samples(artifacts.samples, clock),
                        fetch_cdfs(report),
-                       stall_view(report, artifacts.guest, threshold_ms))
+                       stall_view(report, artifacts.guest, threshold_ms),
+                       thread_loads(artifacts.threads, clock), switchover_ns(report))

@@ -364,7 +364,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
         integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
         recoveries=recovery.pauses, faults=recovery.faults,
-        thread_cpu=thread_cpu(run_path, ev),
+        thread_cpu=thread_cpu(artifacts.threads, ev),
     )
 
 

@@ -14,6 +14,9 @@ destination's page requests.
 Windows come from the migrator timeline (controller wall clock, as the samples):
 pre-copy from ``migrate`` to ``postcopy-requested`` (or to the end of the
 migration), post-copy from ``postcopy-requested`` to ``destination-finished``.
+Over time (:func:`thread_load`, the run page's plot), the windows are the
+intervals between consecutive samples, and the CPU time in each is given in %
+of one core.
 """
 
 from __future__ import annotations
@@ -21,14 +24,22 @@ from __future__ import annotations
 import bisect
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from migrator.metrics.events import MigrationEvents, read_jsonl
 from migrator.model import Metric, ThreadCpu
 from migrator.qemu.threads import THREADS_FILE
+from migrator.rundir import SIDES
 
-__all__ = ["thread_cpu", "thread_kind"]
+__all__ = ["ThreadSamples", "load_thread_samples", "source_of", "thread_cpu", "thread_kind",
+           "thread_load"]
+
+F64 = npt.NDArray[np.float64]
 
 _VCPU = re.compile(r"^CPU (\d+)/")
 _ORDER = ("migration", "return path", "post-copy fault", "post-copy listen", "multifd",
@@ -67,8 +78,25 @@ class _Series:
         return self.ticks[index] if index >= 0 else 0
 
 
-def _load(path: Path) -> tuple[int, list[int], dict[tuple[int, str], _Series]]:
-    """(ticks per second, sample times, series per (tid, name)) of one side's file."""
+@dataclass(frozen=True)
+class ThreadSamples:
+    """One side's ``threads.jsonl``: the host's clock ticks per second, the sample times
+    (controller ns) and each thread's cumulative ticks, by (tid, name)."""
+
+    per_second: int
+    times: list[int]
+    series: dict[tuple[int, str], _Series]
+
+    def by_kind(self) -> dict[str, list[_Series]]:
+        """The threads' series grouped by :func:`thread_kind`, in report order."""
+        kinds: dict[str, list[_Series]] = defaultdict(list)
+        for (_tid, name), one in self.series.items():
+            kinds[thread_kind(name)].append(one)
+        return {kind: kinds[kind] for kind in sorted(kinds, key=_order)}
+
+
+def _load(path: Path) -> ThreadSamples:
+    """One side's samples file (see :class:`ThreadSamples`)."""
     per_second = 100
     times: list[int] = []
     series: dict[tuple[int, str], _Series] = defaultdict(_Series)
@@ -84,7 +112,18 @@ def _load(path: Path) -> tuple[int, list[int], dict[tuple[int, str], _Series]]:
             one = series[(int(tid), str(name))]
             one.times.append(host_ns)
             one.ticks.append(int(utime) + int(stime))
-    return per_second, times, series
+    return ThreadSamples(per_second, times, dict(series))
+
+
+def load_thread_samples(run_path: Path) -> dict[str, ThreadSamples]:
+    """Each side's ``SIDE/threads.jsonl`` with at least two samples (the others say
+    nothing about a rate), keyed ``src``, ``dst``."""
+    out = {}
+    for side in SIDES:
+        path = run_path / side / THREADS_FILE
+        if path.exists() and len((samples := _load(path)).times) >= 2:
+            out[side] = samples
+    return out
 
 
 def _windows(ev: MigrationEvents) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -117,33 +156,43 @@ def _order(kind: str) -> tuple[int, int, str]:
     return 1, _ORDER.index(kind) if kind in _ORDER else len(_ORDER), kind
 
 
-def thread_cpu(run_path: Path, ev: MigrationEvents) -> list[ThreadCpu]:
+def source_of(side: str) -> str:
+    """Where one side's thread CPU times come from."""
+    return f"/proc/PID/task/*/stat utime+stime on the {side} host, sampled ({side}/{THREADS_FILE})"
+
+
+def thread_cpu(samples: Mapping[str, ThreadSamples], ev: MigrationEvents) -> list[ThreadCpu]:
     """CPU seconds per thread kind, side and phase (see module docstring)."""
     precopy, postcopy = _windows(ev)
     rows = []
-    for side in ("src", "dst"):
-        path = run_path / side / THREADS_FILE
-        if not path.exists():
-            continue
-        per_second, times, series = _load(path)
-        if len(times) < 2:
-            continue
-        by_kind: dict[str, list[_Series]] = defaultdict(list)
-        for (_tid, name), one in series.items():
-            by_kind[thread_kind(name)].append(one)
-        source = (f"/proc/PID/task/*/stat utime+stime on the {side} host, sampled "
-                  f"({side}/{THREADS_FILE}); windows from the migrator timeline: migrate -> "
+    for side, sampled in samples.items():
+        source = (f"{source_of(side)}; windows from the migrator timeline: migrate -> "
                   "postcopy-requested -> destination-finished")
 
         def metric(value: float | None, source: str = source) -> Metric:
             return Metric(value=value, unit="CPU s", source=source)
 
-        for kind in sorted(by_kind, key=_order):
-            group = by_kind[kind]
-            span = (times[0], times[-1])
+        span = (sampled.times[0], sampled.times[-1])
+        for kind, group in sampled.by_kind().items():
             rows.append(ThreadCpu(
                 side=side, thread=kind,
-                precopy=metric(_seconds(group, precopy, span, per_second)),
-                postcopy=metric(_seconds(group, postcopy, span, per_second)),
-                sampled=metric(_seconds(group, span, span, per_second))))
+                precopy=metric(_seconds(group, precopy, span, sampled.per_second)),
+                postcopy=metric(_seconds(group, postcopy, span, sampled.per_second)),
+                sampled=metric(_seconds(group, span, span, sampled.per_second))))
     return rows
+
+
+def thread_load(samples: ThreadSamples) -> list[tuple[str, int, F64]]:
+    """Per thread kind: how many threads, and their CPU use between each two consecutive
+    samples in % of one core (Δ(utime + stime) / clock ticks per second / Δt, summed
+    over the kind's threads); every kind on the same intervals, those of ``samples.times``."""
+    times = np.array(samples.times, dtype=np.int64)
+    dt_s = np.diff(times) / 1e9
+    out = []
+    for kind, group in samples.by_kind().items():
+        ticks = np.array([sum(one.at(int(t)) for one in group) for t in times],
+                         dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            percent = np.where(dt_s > 0, np.diff(ticks) / samples.per_second / dt_s * 100, 0.0)
+        out.append((kind, len(group), percent))
+    return out

@@ -1,4 +1,5 @@
-"""The run report's plotly figures: fetch latency CDF, guest stall timeline, transfer, blocktime.
+"""The run report's plotly figures: fetch latency CDF, guest stall timeline, transfer, blocktime,
+host CPU per QEMU thread.
 
 Each is drawn from what :func:`migrator.metrics.run_page.load_run_page_data`
 read (:mod:`migrator.pagedata`); :func:`plot` serialises one for a page.  The
@@ -24,12 +25,13 @@ from plotly.io.json import to_json_plotly  # type: ignore[import-untyped]
 from plotly.subplots import make_subplots  # type: ignore[import-untyped]
 
 from migrator.model import PauseRecord, Phase, Report
-from migrator.pagedata import BlockCdf, Cdf, Clock, SideSamples, StallView
+from migrator.pagedata import BlockCdf, Cdf, Clock, SideSamples, StallView, ThreadLoad
 from migrator.units import format_size
 
-__all__ = ["MAX_POINTS", "PLOT_CONFIG", "Plot", "block_cdf_trace", "blocktime_figure",
-           "cdf_figure", "cdf_trace", "fetch_cdf_figure", "layout", "log_axis", "note", "plot",
-           "stall_timeline_figure", "transfer_figure"]
+__all__ = ["MAX_POINTS", "MIB", "PLOT_CONFIG", "SIDE_NAMES", "Plot", "block_cdf_trace",
+           "blocktime_figure", "cdf_figure", "cdf_trace", "fetch_cdf_figure", "layout",
+           "log_axis", "mark_switchover", "note", "plot", "stall_timeline_figure",
+           "thread_colour", "thread_figure", "thread_trace", "throughput", "transfer_figure"]
 
 #: Most markers one series of a plot carries (the largest values are kept).
 MAX_POINTS = 20_000
@@ -47,6 +49,17 @@ PLOT_CONFIG = {
     "responsive": True,
     "toImageButtonOptions": {"format": "png", "scale": 2},
 }
+# Each kind of QEMU thread has its colour on every page; vCPUs take VCPU_COLOURS in turn.
+THREAD_COLOURS = {
+    "migration": "#d81b60", "return path": "#00897b", "post-copy fault": "#8e24aa",
+    "post-copy listen": "#fb8c00", "multifd": "#c0ca33", "main loop": "#6d4c41",
+    "other": "#9e9e9e",
+}
+VCPU_COLOURS = ("#1e88e5", "#43a047", "#00acc1", "#3949ab", "#7cb342", "#039be5")
+#: The thread kinds a thread plot shows at first (the others are a click away in the
+#: legend): where post-copy time goes.
+SHOWN_THREADS = ("migration", "post-copy fault")
+SIDE_NAMES = {"src": "source", "dst": "destination"}
 _BLOCKTIME_QEMU = re.compile(r"postcopy-vcpu-blocktime\[(\d+)\]")
 _BLOCKTIME_TRACE = re.compile(r"trace blocktime vCPU (\d+)")
 
@@ -275,6 +288,14 @@ def stall_timeline_figure(report: Report, view: StallView, clock: Clock,
     return fig
 
 
+def throughput(data: SideSamples) -> tuple[F64, F64]:
+    """Δ ``ram.transferred`` / Δt between consecutive samples of one side, in MiB/s, at the
+    middle of each interval (intervals of no length are left out)."""
+    dt = np.diff(data.t_s)
+    ok = dt > 0
+    return (data.t_s[1:] + data.t_s[:-1])[ok] / 2, np.diff(data.transferred)[ok] / dt[ok] / MIB
+
+
 def transfer_figure(report: Report, samples: Mapping[str, SideSamples], clock: Clock) -> Any:
     """(c) ``ram.remaining`` and the throughput (``ram.transferred`` deltas) of both sides."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
@@ -298,10 +319,7 @@ def transfer_figure(report: Report, samples: Mapping[str, SideSamples], clock: C
                           f"<extra>{side}</extra>",
         ), row=1, col=1)
         if data.t_s.size > 1:
-            dt = np.diff(data.t_s)
-            ok = dt > 0
-            rate = np.diff(data.transferred)[ok] / dt[ok] / MIB
-            mid = (data.t_s[1:] + data.t_s[:-1])[ok] / 2
+            mid, rate = throughput(data)
             fig.add_trace(go.Scatter(
                 x=mid, y=rate, mode="lines+markers", marker={"size": 4},
                 line={"color": colours[side]}, name=f"{label}: Δ ram.transferred / Δt",
@@ -375,6 +393,78 @@ def blocktime_figure(report: Report) -> Any:
         notes.append("the trace has no blocktime begin events for any vCPU")
     if notes:
         note(fig, "<br>".join(notes))
+    return fig
+
+
+def thread_colour(thread: str) -> str:
+    """The colour of one kind of thread (:data:`THREAD_COLOURS`, vCPUs in turn)."""
+    if thread.startswith("vCPU "):
+        return VCPU_COLOURS[int(thread.split()[1]) % len(VCPU_COLOURS)]
+    return THREAD_COLOURS.get(thread, "#9e9e9e")
+
+
+def thread_trace(load: ThreadLoad, name: str, shift_s: float = 0.0, **line: Any) -> Any:
+    """One kind of thread's CPU use over time as a line in % of one core, its x moved by
+    ``shift_s``; ``line``: the line's style (its colour, dash)."""
+    count = f" ({load.threads} threads, summed)" if load.threads > 1 else ""
+    return go.Scatter(
+        x=load.t_s + shift_s, y=load.percent, mode="lines+markers", marker={"size": 4},
+        line=line, name=name + count,
+        hovertemplate="around t = %{x:.3f} s<br>%{y:.0f} % of one core"
+                      f"<extra>{load.side} {load.thread}</extra>",
+    )
+
+
+def mark_switchover(fig: Any, x: float, text: str) -> None:
+    """A dashed vertical line at ``x`` (s) over the whole plot, labelled at its top."""
+    fig.add_shape(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
+                  line={"color": "#212121", "width": 1.5, "dash": "dash"})
+    fig.add_annotation(text=text, xref="x", x=x, yref="paper", y=0.9, yanchor="top",
+                       xanchor="left", xshift=3, showarrow=False, bgcolor="rgba(255,255,255,0.8)",
+                       font={"size": 11, "color": "#212121"})
+
+
+def thread_figure(report: Report, loads: list[ThreadLoad], clock: Clock,
+                  switchover_ns: int | None) -> Any:
+    """(e) Host CPU over time of each kind of QEMU thread, source above destination.
+
+    vCPUs, the source's migration thread and the destination's post-copy fault
+    thread are shown; the other kinds (return path, listen thread, main loop...)
+    are in the legend, hidden.  Phases shaded as on the transfer plot; the
+    switchover (the source's STOP) is a dashed line.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=tuple(
+                            f"{SIDE_NAMES[side]} QEMU threads ({side}/threads.jsonl)"
+                            for side in ("src", "dst")))
+    for row, side in enumerate(("src", "dst"), start=1):
+        for load in (one for one in loads if one.side == side):
+            trace = thread_trace(load, f"{side}: {load.thread}", color=thread_colour(load.thread))
+            if not (load.thread.startswith("vCPU ") or load.thread in SHOWN_THREADS):
+                trace.visible = "legendonly"
+            fig.add_trace(trace, row=row, col=1)
+    add_phases(fig, list(report.phases), clock, legend=False)
+    add_pauses(fig, list(report.recoveries), clock, legend=False)
+    if switchover_ns is not None:
+        mark_switchover(fig, clock.s(switchover_ns), "switchover (src STOP)")
+    layout(fig, "Host CPU per QEMU thread over time, % of one core "
+                "(/proc/PID/task/*/stat utime + stime, sampled on each QEMU's host)", 560)
+    fig.update_xaxes(range=clock.view())
+    fig.update_xaxes(title_text=clock.axis, row=2, col=1)
+    for row in (1, 2):
+        fig.update_yaxes(title_text="% of one core", rangemode="tozero", row=row, col=1)
+    fig.update_layout(legend={"orientation": "h", "y": -0.14, "x": 0})
+    notes = []
+    for side in ("src", "dst"):
+        mine = [one for one in loads if one.side == side]
+        if not mine:
+            notes.append(f"{side}: no {side}/threads.jsonl with two samples or more (a run "
+                         "recorded before thread sampling, or a QEMU that was gone at once)")
+        else:
+            notes.append(f"{side}: resolution {mine[0].tick_percent:.3g} % of one core (one "
+                         "clock tick per median interval); a sample answered late moves ticks "
+                         "into the next interval")
+    note(fig, "<br>".join(notes), above=30)
     return fig
 
 

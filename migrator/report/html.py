@@ -15,6 +15,8 @@ numbers, and the raw artifacts for the series the report only summarises:
 * bytes remaining and throughput: ``samples.jsonl`` (``query-migrate`` of both
   sides);
 * per-vCPU blocktime: ``report.blocktime`` (QEMU's and the trace's);
+* host CPU per QEMU thread over time: ``src|dst/threads.jsonl`` (each thread's
+  utime + stime, sampled from ``/proc``), with the switchover marked;
 * post-copy pauses (shaded on the stall and transfer plots) and injected
   faults: ``report.recoveries`` and ``report.faults``;
 * tables: ``report.json``, ``scenario.toml`` verbatim and ``run.json``.
@@ -28,6 +30,7 @@ column); this module lays them out on the page.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -41,6 +44,7 @@ from migrator.report.figures import (
     fetch_cdf_figure,
     plot,
     stall_timeline_figure,
+    thread_figure,
     transfer_figure,
 )
 from migrator.report.run_tables import (
@@ -50,7 +54,6 @@ from migrator.report.run_tables import (
     fault_table,
     fetch_table,
     headline_tables,
-    iso_time,
     latency_dist_table,
     pause_table,
     phase_table,
@@ -58,8 +61,9 @@ from migrator.report.run_tables import (
 )
 from migrator.report.sources import Sources
 from migrator.rundir import atomic_write
+from migrator.units import iso_time
 
-__all__ = ["TEMPLATES", "environment", "render_run_html", "write_run_html"]
+__all__ = ["TEMPLATES", "environment", "render_run_html", "report_link", "write_run_html"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -98,6 +102,13 @@ def render_run_html(data: RunPageData) -> str:
               "(destination query-migrate) next to the trace's (report.blocktime). The guest "
               "probe's stalled time is in the legend, hidden by default.",
               blocktime_figure(report)),
+        plot("plot-threads", "Host CPU per QEMU thread",
+              "CPU time each kind of QEMU thread took between two consecutive samples of "
+              "/proc/PID/task/*/stat (utime + stime, src|dst/threads.jsonl, on each QEMU's host), "
+              "in % of one core; threads of one kind are summed. The dashed line is the "
+              "switchover (the source's STOP); bands are the phases. The return path, listen "
+              "thread and main loop are in the legend, hidden by default.",
+              thread_figure(report, data.threads, clock, data.switchover_ns)),
     ]
     sources = Sources()
     recovery = [pause_table(report, sources)] if report.recoveries else []
@@ -127,3 +138,11 @@ def write_run_html(run_path: Path, data: RunPageData) -> Path:
     target = run_path / "report.html"
     atomic_write(target, render_run_html(data))
     return target
+
+
+def report_link(page_dir: Path, run_path: Path | None) -> str | None:
+    """A run's ``report.html`` relative to a page in ``page_dir`` (None when it has none)."""
+    if run_path is None or not (run_path / "report.html").is_file():
+        return None
+    return Path(os.path.relpath((run_path / "report.html").absolute(),
+                                page_dir.absolute())).as_posix()

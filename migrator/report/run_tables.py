@@ -16,15 +16,14 @@ page; what a narrow terminal leaves out or rounds is marked in the model
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 from migrator.model import Metric, PauseRecord, Report
 from migrator.pagedata import Clock
 from migrator.report.sources import Sources
 from migrator.tables import Cell, Column, Note, Row, Table
-from migrator.units import format_size, format_value
+from migrator.units import flat_fields, format_size, format_value
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -39,7 +38,6 @@ __all__ = [
     "freeze_table",
     "headline_tables",
     "integrity_table",
-    "iso_time",
     "latency_dist_table",
     "metric_row",
     "metric_table",
@@ -53,8 +51,6 @@ __all__ = [
     "worst_gap_table",
     "worst_stall_table",
 ]
-
-S = 1e9
 
 #: The columns of a table of metrics: name, value, unit, cited source.
 METRIC_COLUMNS: list[str] = [Column("metric"), Column("value", numeric=True), Column("unit"),
@@ -487,30 +483,7 @@ def environment_line(report: Report) -> str:
     return " · ".join(parts)
 
 
-def iso_time(ns: int) -> str:
-    """Epoch ``ns`` as an ISO 8601 UTC time to the millisecond."""
-    return datetime.fromtimestamp(ns / S, UTC).isoformat(timespec="milliseconds")
-
-
-def _flatten(prefix: str, value: Any) -> Iterable[tuple[str, str]]:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), inner)
-    elif isinstance(value, list):
-        if all(not isinstance(v, dict | list) for v in value):
-            yield prefix, ", ".join(str(v) for v in value) if value else "(none)"
-        else:
-            for index, inner in enumerate(value):
-                yield from _flatten(f"{prefix}[{index}]", inner)
-    elif isinstance(value, int) and not isinstance(value, bool) and prefix.endswith("_ns") \
-            and value > 10**17:
-        yield prefix, f"{value} ({iso_time(value)})"
-    else:
-        yield prefix, format_value(value) if isinstance(value, bool) else \
-            "null" if value is None else str(value)
-
-
 def facts_table(meta: Mapping[str, Any]) -> Table:
     """Every field of ``run.json`` (host, QEMU, accelerator, plan, outcome), flattened."""
     return Table.of("Host and QEMU facts (run.json)", ["field", "value"],
-                    [[Cell(k), Cell(v)] for k, v in _flatten("", meta)], anchor="facts")
+                    [[Cell(k), Cell(v)] for k, v in flat_fields(meta)], anchor="facts")

@@ -17,8 +17,9 @@ import pytest
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.summary import build_report, write_report
 from migrator.model import Report
-from tests.integration.children import run_migrator
+from tests.integration.children import migrator, run_migrator
 from tests.integration.conftest import one_error_line, ram, run_migration, scenario
+from tests.unit.html_pages import figures, values
 
 MigrateFn = Callable[[str], tuple[Path, Report]]
 
@@ -153,6 +154,46 @@ def test_postcopy_preempt(migrated: MigrateFn) -> None:
     plan = json.loads((run_dir / "run.json").read_text())["plan"]
     assert plan["source_capabilities"]["postcopy-preempt"] is True
     assert plan["destination_capabilities"]["postcopy-preempt"] is True
+
+
+def test_report_overlays_two_real_runs(migrated: MigrateFn, tmp_path: Path) -> None:
+    small, small_report = migrated("memfd-4k")
+    huge, huge_report = migrated("hugetlb-2m")
+    page = tmp_path / "compare.html"
+    done = migrator("report", str(small), str(huge), "--html", "--out", str(page))
+    assert done.returncode == 0, done.stderr
+    assert f"overlay page: {page}" in done.stderr
+    # Each run rebuilt as before, with its own page.
+    for run_dir, report in ((small, small_report), (huge, huge_report)):
+        assert Report.model_validate_json((run_dir / "report.json").read_bytes()) == report
+        threads = figures((run_dir / "report.html").read_text())["plot-threads"]
+        sides = {trace["name"].split(":")[0] for trace in threads["data"]}
+        assert sides == {"src", "dst"}, [t["name"] for t in threads["data"]]
+    html = page.read_text()
+    figs = figures(html)
+    # One CDF per page size, each holding the run of that size.
+    [four_k] = figs["plot-fetch-cdf-4096"]["data"]
+    [two_m] = figs["plot-fetch-cdf-2097152"]["data"]
+    assert small_report.run_id in four_k["name"]
+    assert huge_report.run_id in two_m["name"]
+    assert values(two_m["y"])[-1] == 1.0
+    # Both runs sampled their threads: the CPU overlay holds each run's migration thread,
+    # sampled from pre-copy (before t = 0, the switchover) to the end of the migration.
+    cpu = [t for t in figs["plot-threads-overlay"]["data"] if t["name"] == "src: migration"]
+    assert len(cpu) == 2
+    for trace in cpu:
+        x = values(trace["x"])
+        assert min(x) < 0, x
+        assert max(x) > -0.5, x
+    assert max(max(values(trace["y"])) for trace in cpu) > 0
+    stalls = [t for t in figs["plot-stall-overlay"]["data"]
+              if t["name"].startswith("heartbeat gaps")]
+    assert len(stalls) == 2
+    # What differs, and the headline numbers of both, with their sources.
+    for text in ("vm.backing", "memfd-4k", "hugetlb-2m", "Headline numbers side by side",
+                 f"#1 {small_report.run_id}", f"#2 {huge_report.run_id}",
+                 "QEMU query-migrate after completion (src)"):
+        assert text in html, text
 
 
 def test_postcopy_asked_for_but_precopy_converged_is_not_a_success(

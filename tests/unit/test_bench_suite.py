@@ -21,7 +21,6 @@ from migrator.bench.pagesize import (
     CSV_FILE,
     MARKDOWN_FILE,
     build_page_size_table,
-    guest_ram_block,
     load_done_reports,
     render_page_size_table,
     table_csv,
@@ -39,6 +38,7 @@ from migrator.bench.suite import Suite, load_suite, parse_only, parse_suite
 from migrator.cli.bench import bench
 from migrator.config.models import Backing, Scenario
 from migrator.errors import ConfigError, QemuError
+from migrator.metrics.run_page import guest_ram_block
 from migrator.metrics.summary import build_report
 from migrator.rundir import RunDir
 from migrator.runner import Observer

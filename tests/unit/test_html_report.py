@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,18 +15,12 @@ from migrator.metrics.run_page import fetch_cdfs, load_run_page_data
 from migrator.metrics.summary import build_report, derive_report, write_report
 from migrator.report.figures import MAX_POINTS, blocktime_figure, fetch_cdf_figure, largest_indices
 from migrator.report.html import render_run_html, write_run_html
+from tests.unit.html_pages import EXTERNAL, figures, values
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
-PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime")
-_NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z-]+)", (.*?)\);</script>')
-# Anything that would make the page fetch from elsewhere when opened.
-_EXTERNAL = re.compile(
-    r"<(?:script|link|img|iframe|source|embed|object)\b[^>]*\b(?:src|href|data)\s*=\s*"
-    r"[\"']?\s*(?:https?:)?//|url\(\s*[\"']?(?:https?:)?//|@import",
-    re.IGNORECASE,
-)
-
-
+THREADS_RUN = Path(__file__).resolve().parents[1] / "data" / "threads" / "rec-threads-2m"
+PLOT_IDS = ("plot-fetch-cdf", "plot-stall-timeline", "plot-transfer", "plot-blocktime",
+            "plot-threads")
 def run_page(run: Path) -> str:
     """The HTML page of the run directory ``run``."""
     return render_run_html(load_run_page_data(load_run_artifacts(run)))
@@ -42,21 +33,8 @@ def pages() -> dict[str, str]:
             for run in ("hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k")}
 
 
-def figures(html: str) -> dict[str, dict[str, Any]]:
-    """The figure objects handed to Plotly.newPlot, by div id."""
-    return {m.group(1): json.loads(m.group(2)) for m in _NEW_PLOT.finditer(html)}
-
-
-def values(array: Any) -> list[float]:
-    """A plotly data array as floats (plotly writes numpy arrays as base64 typed arrays)."""
-    if isinstance(array, dict):
-        decoded = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
-        return [float(v) for v in decoded]
-    return [float(v) for v in array]
-
-
 @pytest.mark.parametrize("run", ["hugetlb-2m", "hugetlb-1g", "crashed-memfd-4k"])
-def test_page_is_one_self_contained_file_with_four_plots(pages: dict[str, str], run: str) -> None:
+def test_page_is_one_self_contained_file_with_five_plots(pages: dict[str, str], run: str) -> None:
     html = pages[run]
     assert html.startswith("<!DOCTYPE html>")
     for div in PLOT_IDS:
@@ -64,7 +42,7 @@ def test_page_is_one_self_contained_file_with_four_plots(pages: dict[str, str], 
     assert set(figures(html)) == set(PLOT_IDS)
     # plotly.js inline, exactly once; no script or stylesheet from anywhere else.
     assert html.count("* plotly.js v") == 1
-    assert _EXTERNAL.search(html) is None, _EXTERNAL.search(html)
+    assert EXTERNAL.search(html) is None, EXTERNAL.search(html)
     assert "<script src" not in html
     size = len(html.encode())
     assert size < 5 << 20, f"{size} bytes"
@@ -124,6 +102,50 @@ def test_every_plot_number_comes_from_the_run(pages: dict[str, str]) -> None:
     bars = {t["name"].split(" (")[0]: values(t["y"]) for t in figs["plot-blocktime"]["data"]}
     assert bars["QEMU postcopy-vcpu-blocktime"] == [325.0]
     assert bars["trace: blocktime begin → placed"] == pytest.approx([460.413])
+
+
+def test_thread_plot_integrates_to_the_thread_cpu_table() -> None:
+    figs = figures(run_page(THREADS_RUN))
+    threads = figs["plot-threads"]
+    report = build_report(THREADS_RUN)
+    lines = {t["name"]: t for t in threads["data"]}
+    assert {"src: vCPU 0", "src: vCPU 1", "src: migration", "dst: vCPU 0", "dst: vCPU 1",
+            "dst: post-copy fault"} <= set(lines)
+    # Shown at first: the vCPUs, the migration and fault threads; the others a click away.
+    hidden = {name for name, t in lines.items() if t.get("visible") == "legendonly"}
+    assert "src: return path" in hidden
+    assert not hidden & {"src: vCPU 0", "src: migration", "dst: post-copy fault"}
+    # The same ticks as the table's: % of one core over each interval sums to its CPU s.
+    raw = [json.loads(line) for line in (THREADS_RUN / "src" / "threads.jsonl").open()]
+    times = np.array([r["host_ns"] for r in raw[1:]]) / 1e9
+    migration = lines["src: migration"]
+    cpu_s = float(np.sum(np.array(values(migration["y"])) / 100 * np.diff(times)))
+    [row] = [r for r in report.thread_cpu if (r.side, r.thread) == ("src", "migration")]
+    assert cpu_s == pytest.approx(row.sampled.value, abs=0.005)
+    assert row.sampled.value is not None
+    assert row.sampled.value > 0
+    # x: the middle of each interval, on the page's clock (s since migrate).
+    timeline = map(json.loads, (THREADS_RUN / "timeline.jsonl").open())
+    migrate = next(r["host_ns"] for r in timeline if r["what"] == "migrate")
+    x = values(migration["x"])
+    # (in integers first: epoch ns overflow a float's mantissa)
+    first = (raw[1]["host_ns"] - migrate + raw[2]["host_ns"] - migrate) / 2e9
+    assert x[0] == pytest.approx(first, abs=1e-6)
+    # The switchover: the source's STOP, the start of the freeze phase.
+    freeze = next(p for p in report.phases if p.name == "freeze")
+    [line] = [s for s in threads["layout"]["shapes"] if s["type"] == "line"]
+    assert line["x0"] == pytest.approx((freeze.start_ns - migrate) / 1e9)
+    notes = " ".join(a["text"] for a in threads["layout"]["annotations"])
+    assert "src: resolution 20 % of one core" in notes
+    assert "% of one core" in threads["layout"]["title"]["text"]
+
+
+def test_a_run_without_thread_samples_says_so(pages: dict[str, str]) -> None:
+    threads = figures(pages["hugetlb-2m"])["plot-threads"]
+    assert threads["data"] == []
+    notes = " ".join(a["text"] for a in threads["layout"]["annotations"])
+    assert "src: no src/threads.jsonl with two samples or more" in notes
+    assert "dst: no dst/threads.jsonl" in notes
 
 
 def test_tables_carry_units_sources_scenario_and_host_facts(pages: dict[str, str]) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,15 +12,9 @@ from migrator.bench.runner import RunRecord, RunStatus, SuiteState
 from migrator.bench.suite import load_suite
 from migrator.bench.suite_html import SUITE_HTML, render_suite_html, write_suite_html
 from migrator.metrics.summary import build_report, write_report
+from tests.unit.html_pages import EXTERNAL, figures
 
 RUNS = Path(__file__).resolve().parents[1] / "data" / "runs"
-_NEW_PLOT = re.compile(r'Plotly\.newPlot\("([a-z0-9-]+)", (.*?)\);</script>')
-_EXTERNAL = re.compile(
-    r"<(?:script|link|img|iframe|source|embed|object)\b[^>]*\b(?:src|href|data)\s*=\s*"
-    r"[\"']?\s*(?:https?:)?//|url\(\s*[\"']?(?:https?:)?//|@import",
-    re.IGNORECASE,
-)
-
 SUITE_TOML = """\
 [suite]
 name = "demo"
@@ -96,15 +87,11 @@ def page(suite_dir: Path) -> str:
     return render_suite_html(suite_dir)
 
 
-def figures(html: str) -> dict[str, dict[str, Any]]:
-    return {m.group(1): json.loads(m.group(2)) for m in _NEW_PLOT.finditer(html)}
-
-
 def test_page_is_self_contained_with_both_plots(page: str) -> None:
     assert page.startswith("<!DOCTYPE html>")
     assert page.count("<script>window.PlotlyConfig") == 1
     assert page.count("plotly.js v") >= 1
-    assert not _EXTERNAL.search(page)
+    assert not EXTERNAL.search(page)
     assert 'id="plot-suite-p50"' in page
     assert 'id="plot-suite-cdf"' in page
     assert set(figures(page)) == {"plot-suite-p50", "plot-suite-cdf"}

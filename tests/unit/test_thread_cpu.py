@@ -10,7 +10,7 @@ from pathlib import Path
 
 from migrator.hosts.local import LocalHost
 from migrator.metrics.events import MigrationEvents
-from migrator.metrics.threads import thread_cpu, thread_kind
+from migrator.metrics.threads import load_thread_samples, thread_cpu, thread_kind, thread_load
 from migrator.qemu.threads import THREADS_FILE, parse_stat_line, sample_threads
 from migrator.rundir import JsonlWriter
 
@@ -57,7 +57,8 @@ def test_cpu_seconds_per_phase_from_cumulative_ticks(tmp_path: Path) -> None:
     events = MigrationEvents(events=[], marks={
         "migrate": int(1.0 * S), "postcopy-requested": int(3.0 * S),
         "destination-finished": int(5.0 * S)})
-    rows = {(row.side, row.thread): row for row in thread_cpu(tmp_path, events)}
+    rows = {(row.side, row.thread): row
+            for row in thread_cpu(load_thread_samples(tmp_path), events)}
     vcpu, fault = rows[("dst", "vCPU 0")], rows[("dst", "post-copy fault")]
     assert (vcpu.precopy.value, vcpu.postcopy.value, vcpu.sampled.value) == (1.0, 0.5, 1.5)
     # Born inside the sampled span: counted from 0.
@@ -71,10 +72,34 @@ def test_a_window_starting_before_the_first_sample_is_clipped(tmp_path: Path) ->
                                     (4.0, [[7, "CPU 0/TCG", 1100, 0]])])
     events = MigrationEvents(events=[], marks={"migrate": int(1.0 * S),
                                                "source-finished": int(4.0 * S)})
-    [row] = thread_cpu(tmp_path, events)
+    [row] = thread_cpu(load_thread_samples(tmp_path), events)
     # Not the 10 s of ticks the thread had before sampling began.
     assert row.precopy.value == 1.0
     assert row.postcopy.value is None
+
+
+def test_cpu_load_over_time_per_kind(tmp_path: Path) -> None:
+    # 100 ticks/s: 10 ticks in 0.1 s is one core, fully busy.
+    write_samples(tmp_path, "src", [
+        (1.0, [[7, "CPU 0/TCG", 100, 0], [8, "CPU 1/TCG", 50, 0]]),
+        (1.1, [[7, "CPU 0/TCG", 105, 5], [8, "CPU 1/TCG", 52, 0], [9, "mig/src/main", 1, 1]]),
+        (1.3, [[7, "CPU 0/TCG", 105, 5], [9, "mig/src/main", 6, 2]]),
+    ])
+    load = {kind: (threads, [round(p, 6) for p in percent])
+            for kind, threads, percent in thread_load(load_thread_samples(tmp_path)["src"])}
+    assert load == {
+        "vCPU 0": (1, [100.0, 0.0]),
+        # Gone by the last sample: its ticks stay, it used nothing more.
+        "vCPU 1": (1, [20.0, 0.0]),
+        # Born after the first sample: counted from 0, as in the per-phase table.
+        "migration": (1, [20.0, 30.0]),
+    }
+    assert list(load) == ["vCPU 0", "vCPU 1", "migration"]
+
+
+def test_a_side_with_one_sample_has_no_load(tmp_path: Path) -> None:
+    write_samples(tmp_path, "dst", [(1.0, [[7, "CPU 0/KVM", 1, 0]])])
+    assert load_thread_samples(tmp_path) == {}
 
 
 async def test_the_sampler_reads_a_live_process_threads(tmp_path: Path) -> None:
