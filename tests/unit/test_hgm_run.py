@@ -243,10 +243,10 @@ class DrainedSmaps(ScriptedSmaps):
         super().__init__(path, reads)
         self.drained = asyncio.Event()
 
-    async def read_file(self, path: Path) -> bytes:
-        if path == self.path and not self.reads:
+    def _sample(self, argv: tuple[str, ...], line: str) -> str:
+        if not self.reads:
             self.drained.set()
-        return await super().read_file(path)
+        return super()._sample(argv, line)
 
 
 class FakeQemu:
