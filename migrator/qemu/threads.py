@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 THREADS_FILE = "threads.jsonl"
 
 # One answer line per request: every thread's stat line, tab-separated; an empty line
-# once the process is gone.  $1 is the pid.
-_STAT_LOOP = ('while read -r _; do cat /proc/"$1"/task/*/stat 2>/dev/null | tr "\\n" "\\t"; '
-              "echo; done")
+# once the process is gone.  $1 is the pid.  Shell builtins only (the glob, read,
+# printf): a sample forks nothing, where `cat | tr` forked two processes per sample
+# and side, 40 a second at 10 Hz, beside the QEMUs being measured.
+_STAT_LOOP = ('while read -r _; do for f in /proc/"$1"/task/*/stat; do '
+              '{ read -r l < "$f" && printf "%s\\t" "$l"; } 2>/dev/null; done; echo; done')
 
 
 def parse_stat_line(line: str) -> tuple[int, str, int, int] | None:
