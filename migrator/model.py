@@ -34,6 +34,9 @@ __all__ = [
     "OutsideStalls",
     "PauseRecord",
     "Phase",
+    "PlacedThread",
+    "PlacementSection",
+    "RamBinding",
     "Report",
     "Stall",
     "ThreadCpu",
@@ -380,11 +383,45 @@ class ThreadCpu(_Model):
     """``src`` or ``dst``."""
     thread: str
     """"vCPU N", "migration", "return path", "post-copy fault", "post-copy listen",
-    "multifd", "main loop" or "other" (``metrics.threads.thread_kind``)."""
+    "multifd", "main loop" or "other" (``qemu.threads.thread_kind``)."""
     precopy: Metric
     postcopy: Metric
     sampled: Metric
     """Over the whole sampled span."""
+
+
+class PlacedThread(_Model):
+    """One QEMU thread under ``[placement.*]``: the CPUs it should have, those it had."""
+
+    side: str
+    name: str
+    tid: int
+    role: str
+    """``vcpu``, ``migration``, ``main loop`` or ``other``."""
+    wanted: str
+    """CPU list it should have (the host's default where nothing was asked for it)."""
+    cpus: str
+    """CPU list it had: ``Cpus_allowed_list``, last read back while the run went on."""
+    pinned: bool
+    """migrator set it (False: the thread had it already, inherited from QEMU's start)."""
+
+
+class RamBinding(_Model):
+    """The guest RAM's NUMA policy and pages per node, read back on one side."""
+
+    side: str
+    node: int
+    policy: str | None
+    pages: dict[str, int]
+    page_kib: int | None
+
+
+class PlacementSection(_Model):
+    """CPU and NUMA placement as the QEMUs had it (see ``metrics.placement``)."""
+
+    source: str
+    threads: list[PlacedThread]
+    memory: list[RamBinding]
 
 
 class Report(_Model):
@@ -427,3 +464,6 @@ class Report(_Model):
     thread_cpu: list[ThreadCpu] = Field(
         default_factory=list,
         description="host CPU time per QEMU thread kind and side (SIDE/threads.jsonl)")
+    placement: PlacementSection | None = Field(
+        None, description="each QEMU thread's CPUs and the guest RAM's node, as asked by "
+                          "[placement.*] and read back (None: no placement)")

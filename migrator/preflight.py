@@ -23,10 +23,18 @@ from migrator.config.models import (
     Scenario,
     fault_role,
 )
-from migrator.errors import HostError, HugepageShortfall, MigratorError, PreflightError
+from migrator.config.placement import format_cpu_list
+from migrator.errors import (
+    HostError,
+    HugepageShortfall,
+    MigratorError,
+    MissingResource,
+    PreflightError,
+)
 from migrator.hgm import HgmSupport, detect_hgm
 from migrator.hosts.base import Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
+from migrator.hosts.topology import CPUS_ONLINE, Topology, read_topology
 from migrator.migration.plan import MigrationPlan, plan_migration
 from migrator.migration.tls import CA_CERT, ENDPOINT_FILES, Endpoint
 from migrator.qemu.known_issues import postcopy_multifd_refusal
@@ -38,6 +46,8 @@ __all__ = [
     "PreflightReport",
     "check_hosts",
     "measure_clock_offset",
+    "memory_groups",
+    "placement_needs",
     "raise_unmet",
 ]
 
@@ -110,6 +120,9 @@ class HostReport(_Model):
     hugetlbfs_mounts: list[Mount]
     userfaultfd: bool
     mem_available_mib: int | None
+    cpus_online: str = "unknown"
+    numa_nodes: str = "none"
+    """NUMA nodes with memory, as a list (``none``: a kernel without NUMA)."""
     clock_offset_ms: float | None
     clock_rtt_ms: float | None
     hgm: dict[str, Any]
@@ -205,36 +218,63 @@ def _mem_available_mib(meminfo: str | None) -> int | None:
     return None
 
 
-async def _hugepage_needs(
-    scenario: Scenario, hosts: Sequence[tuple[Host, int]]
-) -> list[Need]:
-    """Really reserve every host's pages at once (then give them back): free counts are not
+MemoryGroup = tuple[Host, int | None, int]
+"""A host, the NUMA node its VMs' RAM is bound to (None: any), and how many VMs that is."""
+
+
+def memory_groups(scenario: Scenario,
+                  hosts: Sequence[tuple[Host, Sequence[Role]]]) -> list[MemoryGroup]:
+    """The VMs of each host grouped by the NUMA node their RAM is bound to, in host order.
+
+    A run reserves hugepages per group (a bound VM's pages must come from its node),
+    and so does the preflight: both call this.
+    """
+    groups: dict[tuple[Host, int | None], int] = {}
+    for host, roles in hosts:
+        for role in roles:
+            side = scenario.placement.of(role)
+            key = (host, side.memory_node if side is not None else None)
+            groups[key] = groups.get(key, 0) + 1
+    return [(host, node, vms) for (host, node), vms in groups.items()]
+
+
+async def _hugepage_needs(scenario: Scenario, groups: Sequence[MemoryGroup]) -> list[Need]:
+    """Really reserve every group's pages at once (then give them back): free counts are not
     enough, and hosts that share one kernel must find room for all their VMs together.
 
-    ``hosts`` pairs each host with the number of VMs it runs; one Need per host.
+    ``groups``: :func:`memory_groups`; one Need per group.
     """
     page = scenario.vm.backing.page_size
     size_kib = page // 1024
     size = "1G" if size_kib == 1048576 else f"{size_kib // 1024}M"
     needs = []
     async with AsyncExitStack() as held:
-        for host, vms in hosts:
+        for host, node, vms in groups:
             needed = vms * (scenario.vm.memory_mib << 20) // page
-            what = f"{needed} free hugepages of {size_kib} kB"
+            on_node = "" if node is None else f" on NUMA node {node}"
+            what = f"{needed} free hugepages of {size_kib} kB{on_node}"
             others = await claimed_hugepages(host, size_kib)
             alongside = (f" alongside {others} claimed for other VMs on the same kernel"
                          if others else "")
             try:
                 added = await held.enter_async_context(
-                    reserve_hugepages(host, size_kib, needed))
+                    reserve_hugepages(host, size_kib, needed, node))
             except HugepageShortfall as error:
+                boot = ("" if node is None else
+                        f", or set /sys/devices/system/node/node{node}/hugepages/"
+                        f"hugepages-{size_kib}kB/nr_hugepages")
                 needs.append(Need(
                     what=what, met=False,
                     detail=f"only {error.free} could be had{alongside} (pool grown and given "
                            "back)",
-                    fix=f"free memory on {host.name}, or reserve them at boot with "
+                    fix=f"free memory on {host.name}{on_node}, or reserve them at boot with "
                         f"hugepagesz={size} hugepages={needed + others} on its kernel command "
-                        "line"))
+                        f"line{boot}"))
+                continue
+            except MissingResource as error:
+                needs.append(Need(what=what, met=False, detail=str(error),
+                                  fix="choose a memory_node the host has" if node is not None
+                                  else f"a kernel with {size_kib} kB hugepages"))
                 continue
             except MigratorError as error:
                 needs.append(Need(what=what, met=False, detail=str(error), fix="run as root"))
@@ -282,6 +322,14 @@ _FAULT_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
+async def _command_found(host: Host, argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (a harmless call of a command) runs on ``host`` with status 0."""
+    try:
+        return (await host.run(list(argv), timeout=30)).status == 0
+    except HostError:
+        return False
+
+
 async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
     """What the scenario's faults run on this host: each command, and a link's interface."""
     needs = []
@@ -291,10 +339,7 @@ async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> lis
         what = f"faults.{index} ({fault.kind})"
         command = _FAULT_COMMANDS.get(fault.kind)
         if command is not None:
-            try:
-                found = (await host.run(list(command), timeout=30)).status == 0
-            except HostError:
-                found = False
+            found = await _command_found(host, command)
             needs.append(Need(
                 what=f"{what}: {command[0]}", met=found,
                 detail="present" if found else f"{command[0]} not found on {host.name}",
@@ -310,23 +355,91 @@ async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> lis
     return needs
 
 
+# python3 runs the affinity helper (qemu/affinity.py) and must offer sched_setaffinity.
+_AFFINITY_PYTHON = ("python3", "-I", "-c", "import os; os.sched_setaffinity")
+
+
+def _cpus_need(host: Host, field: str, cpus: frozenset[int], topology: Topology) -> Need:
+    """The CPUs a side names are online on its host."""
+    what = f"{field}: CPUs {format_cpu_list(cpus)} online"
+    online = topology.cpus_online
+    if online is None:
+        return Need(what=what, met=False,
+                    detail=f"{host.name} cannot say which CPUs are online (no {CPUS_ONLINE})",
+                    fix=f"unset the CPU lists of [{field}]")
+    missing = cpus - online
+    if missing:
+        return Need(what=what, met=False,
+                    detail=f"CPU {format_cpu_list(missing)} not online on {host.name}, which "
+                           f"has CPUs {topology.cpus_text} online",
+                    fix=f"name CPUs among {topology.cpus_text} in [{field}]")
+    return Need(what=what, met=True, detail=f"{host.name} has CPUs {topology.cpus_text} online")
+
+
+def _node_need(host: Host, field: str, node: int, topology: Topology) -> Need:
+    """The NUMA node a side binds its guest RAM to is there, with memory."""
+    what = f"{field}.memory_node = {node}"
+    nodes = topology.memory_nodes
+    if nodes is not None and node in nodes:
+        return Need(what=what, met=True, detail=f"{host.name} has NUMA node {node} with memory")
+    if not nodes:
+        return Need(what=what, met=False,
+                    detail=f"{host.name} has no NUMA node {node} with memory (it has no NUMA "
+                           "nodes)",
+                    fix=f"unset {field}.memory_node")
+    return Need(what=what, met=False,
+                detail=f"{host.name} has no NUMA node {node} with memory (it has node "
+                       f"{topology.nodes_text})",
+                fix=f"set memory_node to one of {topology.nodes_text}")
+
+
+async def placement_needs(host: Host, roles: list[Role], scenario: Scenario,
+                          topology: Topology) -> list[Need]:
+    """Each role's ``[placement.*]`` against the host: its CPUs online, its node there with
+    memory, and the commands that apply it (python3 always, taskset where QEMU starts
+    under it)."""
+    sides = [(role, side) for role in roles if (side := scenario.placement.of(role))]
+    needs = []
+    for role, side in sides:
+        field = f"placement.{role}"
+        if side.all_cpus:
+            needs.append(_cpus_need(host, field, side.all_cpus, topology))
+        if side.memory_node is not None:
+            needs.append(_node_need(host, field, side.memory_node, topology))
+    commands: list[tuple[str, tuple[str, ...], str]] = []
+    if sides:
+        commands.append(("python3 with sched_setaffinity (CPU placement)", _AFFINITY_PYTHON,
+                         f"install python3 on {host.name}"))
+    if any(side.launch_cpus is not None for _, side in sides):
+        commands.append(("taskset (CPU placement: QEMU starts under it)",
+                         ("taskset", "--version"), f"install util-linux on {host.name}"))
+    for what, argv, fix in commands:
+        found = await _command_found(host, argv)
+        needs.append(Need(what=what, met=found,
+                          detail="present" if found else f"not found on {host.name}",
+                          fix="" if found else fix))
+    return needs
+
+
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
-    kvm: tuple[bool | None, str] | None = None, hugepages: Need | None = None,
+    kvm: tuple[bool | None, str] | None = None, hugepages: list[Need] | None = None,
     cache_file: Path | None = None,
 ) -> HostReport:
     """Facts and needs of one host in its roles.
 
-    ``kvm``: the accelerator verdict, if known.  ``hugepages``: the hugepage need
-    as :func:`check_hosts` found it for all hosts together; None checks this host
-    alone.  ``cache_file``: where the QEMU and HGM probes' answers are kept while
+    ``kvm``: the accelerator verdict, if known.  ``hugepages``: the hugepage needs
+    as :func:`check_hosts` found them for all hosts together; None checks this
+    host alone.  ``cache_file``: where the QEMU and HGM probes' answers are kept while
     the host's boot id and the QEMU binary stay the same (None probes afresh).
     """
     vms_on_host = len(roles)
     uname = await host.run(["uname", "-r"])
     kvm_device = await host.exists(Path("/dev/kvm"))
     qemu: QemuFacts | None = None
-    needs: list[Need] = []
+    topology = await read_topology(host)
+    # First: an impossible placement is the first thing to say about the host.
+    needs: list[Need] = await placement_needs(host, roles, scenario, topology)
     plan = plan_migration(scenario)
     refused: list[str] = []
     try:
@@ -377,7 +490,8 @@ async def check_host(
         pools.append(Pool(page_size_kib=size, total=pool.total, free=pool.free,
                           reserved=pool.reserved))
     if scenario.vm.backing.is_hugetlb:
-        needs.append(hugepages or (await _hugepage_needs(scenario, [(host, vms_on_host)]))[0])
+        needs += hugepages if hugepages is not None else await _hugepage_needs(
+            scenario, memory_groups(scenario, [(host, roles)]))
     userfaultfd = await host.exists(Path("/dev/userfaultfd")) or await host.exists(
         Path("/proc/sys/vm/unprivileged_userfaultfd"))
     if "destination" in roles and scenario.migration.postcopy:
@@ -404,7 +518,8 @@ async def check_host(
         qemu_binary=qemu.binary if qemu else None, qemu_version=qemu.version if qemu else None,
         qemu_capabilities=list(qemu.capabilities) if qemu else [],
         hugepage_pools=pools, hugetlbfs_mounts=_mounts(await _text(host, "/proc/mounts") or ""),
-        userfaultfd=userfaultfd, mem_available_mib=mem_mib, clock_offset_ms=offset,
+        userfaultfd=userfaultfd, mem_available_mib=mem_mib, cpus_online=topology.cpus_text,
+        numa_nodes=topology.nodes_text, clock_offset_ms=offset,
         clock_rtt_ms=rtt, hgm={**hgm.to_dict(), "supported": hgm.supported,
                                "reason": hgm.reason}, needs=needs,
     )
@@ -441,9 +556,12 @@ async def check_hosts(
         hosts = [await check_host(source, ["source", "destination"], scenario,
                                   kvm.get(source.name), cache_file=cache_file)]
     else:
-        pages: list[Need | None] = [None, None]
+        pages: list[list[Need] | None] = [None, None]
         if scenario.vm.backing.is_hugetlb:
-            pages = list(await _hugepage_needs(scenario, [(source, 1), (destination, 1)]))
+            # One group per host: each runs one VM.
+            found = await _hugepage_needs(scenario, memory_groups(
+                scenario, [(source, ["source"]), (destination, ["destination"])]))
+            pages = [[found[0]], [found[1]]]
         hosts = list(await asyncio.gather(
             check_host(source, ["source"], scenario, kvm.get(source.name), pages[0],
                        cache_file),

@@ -38,6 +38,8 @@ __all__ = ["JsonlWriter", "RunDir", "RunMeta", "atomic_write", "timeline_record"
 SIDES = ("src", "dst")
 # A scenario names sides by role (source, destination); a run directory by its folder.
 SIDE_OF_ROLE: dict[str, Literal["src", "dst"]] = {"source": "src", "destination": "dst"}
+ROLE_OF_SIDE: dict[str, Literal["source", "destination"]] = {"src": "source",
+                                                             "dst": "destination"}
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -165,6 +167,55 @@ class TeardownRecord(_Record):
     problems: list[str] = []
 
 
+class PlacedThread(_Record):
+    """One QEMU thread as the placement saw it: the CPUs it should have and those it had."""
+
+    tid: int
+    name: str
+    role: str
+    """``vcpu``, ``migration``, ``main loop`` or ``other`` (``qemu.affinity.thread_role``)."""
+    wanted: str
+    """The CPU list it should have (the host's default where nothing was asked for it)."""
+    cpus: str
+    """Its ``Cpus_allowed_list`` as last read back from ``/proc/TID/status``."""
+    pinned: bool = False
+    """migrator set its affinity (False: it had the wanted CPUs already, e.g. inherited)."""
+    first_seen_ns: int | None = None
+
+
+class RamPlacement(_Record):
+    """The guest RAM's NUMA binding as read back from ``/proc/PID/numa_maps``."""
+
+    node: int
+    policy: str | None = None
+    """``bind:N`` when bound (None: the mapping was not found, see ``error``)."""
+    pages: dict[str, int] = {}
+    """Pages of the mapping present on each node, by node number."""
+    page_kib: int | None = None
+    error: str | None = None
+
+
+class SidePlacementRecord(_Record):
+    """One side's ``[placement.*]``: what was asked, and what its QEMU's threads had."""
+
+    host: str | None = None
+    asked: dict[str, Any] = {}
+    launched_under: str | None = None
+    """The CPU list QEMU was started under (``taskset -c``), None when it was not."""
+    default_cpus: str | None = None
+    """The CPUs a new process on the host gets: what "nothing asked" means there."""
+    threads: list[PlacedThread] = []
+    errors: list[str] = []
+    memory: RamPlacement | None = None
+
+
+class PlacementRecord(_Record):
+    """Both sides' placement (a side without one is None)."""
+
+    source: SidePlacementRecord | None = None
+    destination: SidePlacementRecord | None = None
+
+
 class RunMeta(_Record):
     """``run.json``: identity, host and QEMU facts, the decisions taken, and the outcome.
 
@@ -192,6 +243,7 @@ class RunMeta(_Record):
     host_dirs: dict[str, dict[str, Any]] | None = None
     guest: GuestRecord = GuestRecord()
     tls: dict[str, Any] | None = None
+    placement: PlacementRecord | None = None
     migration: MigrationRecord = MigrationRecord()
     verify: dict[str, Any] | None = None
     guest_crash: dict[str, Any] | None = None

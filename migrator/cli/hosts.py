@@ -84,6 +84,8 @@ def _host_table(host: HostReport) -> Table:
     table.add_row("HGM", "supported" if host.hgm.get("supported") else
                   f"not supported: {host.hgm.get('reason')}")
     table.add_row("memory available", f"{host.mem_available_mib} MiB")
+    table.add_row("CPUs online", host.cpus_online)
+    table.add_row("NUMA nodes", host.numa_nodes)
     table.add_row("clock offset", f"{host.clock_offset_ms} ms (round trip {host.clock_rtt_ms} ms)"
                   if host.clock_offset_ms is not None else "unknown")
     for need in host.needs:

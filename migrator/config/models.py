@@ -27,6 +27,7 @@ from migrator.config.migration import (
     SwitchoverPolicy,
     TlsSpec,
 )
+from migrator.config.placement import PlacementSpec, SidePlacement
 
 __all__ = [
     "NO_ECHO_FIELDS",
@@ -44,9 +45,11 @@ __all__ = [
     "MigrationSpec",
     "Pattern",
     "PauseSourceAfterPasses",
+    "PlacementSpec",
     "RecoverySpec",
     "SSHHostSpec",
     "Scenario",
+    "SidePlacement",
     "SwitchoverPolicy",
     "TlsSpec",
     "VmSpec",
@@ -411,6 +414,10 @@ class Scenario(ScenarioModel):
     faults: tuple[FaultSpec, ...] = Field(
         (), strict=False,
         description="faults to inject while the scenario runs ([[faults]] tables)")
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec,
+        description="CPUs and NUMA node of each side's QEMU ([placement.source], "
+                    "[placement.destination])")
 
     @model_validator(mode="after")
     def _unix_transport_on_one_host(self) -> Scenario:
@@ -440,6 +447,18 @@ class Scenario(ScenarioModel):
             raise ValueError(
                 f"workload.threads={self.workload.threads} exceeds vm.vcpus={self.vm.vcpus}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_cpu_per_vcpu(self) -> Scenario:
+        for role in ("source", "destination"):
+            side = getattr(self.placement, role)
+            if side is not None and isinstance(side.vcpu_cpus, list) \
+                    and len(side.vcpu_cpus) != self.vm.vcpus:
+                raise ValueError(
+                    f"placement.{role}.vcpu_cpus: {len(side.vcpu_cpus)} CPUs for vm.vcpus = "
+                    f"{self.vm.vcpus}; give one CPU per vCPU, or one CPU list string that "
+                    "every vCPU may run on")
         return self
 
 

@@ -6,6 +6,13 @@ exactly the shortfall (never writes an absolute value it did not compute from
 what it read) and shrinks it by exactly what it added, so concurrent users of
 the pool and the machine's own configuration are left alone.
 
+**NUMA nodes.**  Each node also has its own pool of each size, under
+``/sys/devices/system/node/nodeN/hugepages/``; the global pool is their sum.  A
+reservation for guest RAM bound to one node (``[placement.*] memory_node``)
+grows and shrinks that node's pool, since the kernel takes a bound mapping's
+pages from the node alone.  A node's pool does not show its reserved pages, so
+the whole kernel's reserved count is taken from its free ones (never too few).
+
 **Claims.**  Two "hosts" can share one kernel, hence one pool: two network
 namespaces on one machine (the test hosts), two runs driven by one controller,
 or two migrator processes started side by side.  The pool's free count does not
@@ -54,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYSFS = Path("/sys/kernel/mm/hugepages")
+NODES = Path("/sys/devices/system/node")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 """A random UUID the kernel draws at boot: equal on two hosts means one running kernel."""
 
@@ -94,32 +102,39 @@ class HugepagePool:
         return self.free - self.reserved
 
 
-def _pool_dir(page_size_kib: int) -> Path:
-    return SYSFS / f"hugepages-{page_size_kib}kB"
+def _pool_dir(page_size_kib: int, node: int | None = None) -> Path:
+    base = SYSFS if node is None else NODES / f"node{node}" / "hugepages"
+    return base / f"hugepages-{page_size_kib}kB"
 
 
 async def _read_int(host: Host, path: Path) -> int:
     return int((await host.read_text(path)).strip())
 
 
-async def read_pool(host: Host, page_size_kib: int) -> HugepagePool:
-    """Read one pool; :class:`MissingResource` if the kernel has no such page size."""
-    base = _pool_dir(page_size_kib)
+async def read_pool(host: Host, page_size_kib: int, node: int | None = None) -> HugepagePool:
+    """Read one pool, of the whole kernel or of NUMA ``node``; :class:`MissingResource` if
+    the kernel (or node) has no such page size.
+
+    A node's ``reserved`` is the whole kernel's (see the module docstring).
+    """
+    base = _pool_dir(page_size_kib, node)
     if not await host.exists(base):
+        where = "this kernel" if node is None else f"NUMA node {node}"
         raise MissingResource(
-            f"{base}: this kernel offers no {page_size_kib} kB hugepages on {host.name}"
+            f"{base}: {where} offers no {page_size_kib} kB hugepages on {host.name}"
         )
     return HugepagePool(
         page_size_kib,
         total=await _read_int(host, base / "nr_hugepages"),
         free=await _read_int(host, base / "free_hugepages"),
-        reserved=await _read_int(host, base / "resv_hugepages"),
+        reserved=await _read_int(host, _pool_dir(page_size_kib) / "resv_hugepages"),
         surplus=await _read_int(host, base / "surplus_hugepages"),
     )
 
 
-async def _set_total(host: Host, page_size_kib: int, total: int) -> None:
-    await host.write_file(_pool_dir(page_size_kib) / "nr_hugepages", f"{total}\n".encode())
+async def _set_total(host: Host, page_size_kib: int, total: int, node: int | None) -> None:
+    await host.write_file(_pool_dir(page_size_kib, node) / "nr_hugepages",
+                          f"{total}\n".encode())
 
 
 COMPACT_MEMORY = Path("/proc/sys/vm/compact_memory")
@@ -129,7 +144,8 @@ COMPACT_MEMORY = Path("/proc/sys/vm/compact_memory")
 GROW_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
 
 
-async def _grow(host: Host, page_size_kib: int, before: int, total: int) -> HugepagePool:
+async def _grow(host: Host, page_size_kib: int, before: int, total: int,
+                node: int | None) -> HugepagePool:
     """Ask for ``total`` pages in the pool, retrying with memory compaction; the pool after.
 
     Interrupted or failing between the first write and the return (the retries
@@ -137,8 +153,8 @@ async def _grow(host: Host, page_size_kib: int, before: int, total: int) -> Huge
     much it added from the return value, so it could not give the pages back.
     """
     try:
-        await _set_total(host, page_size_kib, total)
-        grown = await read_pool(host, page_size_kib)
+        await _set_total(host, page_size_kib, total, node)
+        grown = await read_pool(host, page_size_kib, node)
         for delay in GROW_RETRY_DELAYS_S:
             if grown.total >= total:
                 break
@@ -148,11 +164,11 @@ async def _grow(host: Host, page_size_kib: int, before: int, total: int) -> Huge
             with contextlib.suppress(OSError, MigratorError):
                 await host.write_file(COMPACT_MEMORY, b"1\n")
             await asyncio.sleep(delay)
-            await _set_total(host, page_size_kib, total)
-            grown = await read_pool(host, page_size_kib)
+            await _set_total(host, page_size_kib, total, node)
+            grown = await read_pool(host, page_size_kib, node)
     except BaseException:
         with contextlib.suppress(Exception):
-            await _set_total(host, page_size_kib, before)
+            await _set_total(host, page_size_kib, before, node)
         raise
     return grown
 
@@ -185,8 +201,11 @@ def _release(key: _PoolKey, pages: int) -> None:
 
 
 @asynccontextmanager
-async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> AsyncIterator[int]:
+async def reserve_hugepages(host: Host, page_size_kib: int, needed: int,
+                            node: int | None = None) -> AsyncIterator[int]:
     """Make ``needed`` pages of this size available; yields how many pages were added.
+
+    With ``node``, on that NUMA node: its own pool is read, grown and shrunk.
 
     Pages claimed by other open reservations on the same kernel, of this process
     or of other migrator processes (:mod:`migrator.hosts.pool_claims`), do not
@@ -201,21 +220,21 @@ async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> Asyn
     async with AsyncExitStack() as claim:
         try:
             async with _pool_lock(key), hold_pool_lock(host):
-                pool = await read_pool(host, page_size_kib)
+                pool = await read_pool(host, page_size_kib, node)
                 others = _claimed.get(key, 0) + await other_processes_claims(host, page_size_kib)
                 shortfall = max(0, needed - (pool.available - others))
                 if shortfall:
                     try:
                         grown = await _grow(host, page_size_kib, pool.total,
-                                            pool.total + shortfall)
+                                            pool.total + shortfall, node)
                     except PermissionError:
                         raise HugepageShortfall(page_size_kib, needed,
                                                 max(0, pool.available - others),
                                                 claimed=others) from None
                     added = grown.total - pool.total
-                    log.info("%s: hugepages-%dkB grown %d -> %d (asked +%d; %d claimed by "
-                             "other reservations)", host.name, page_size_kib, pool.total,
-                             grown.total, shortfall, others)
+                    log.info("%s: hugepages-%dkB%s grown %d -> %d (asked +%d; %d claimed by "
+                             "other reservations)", host.name, page_size_kib, _on(node),
+                             pool.total, grown.total, shortfall, others)
                     if grown.available - others < needed:
                         raise HugepageShortfall(page_size_kib, needed,
                                                 max(0, grown.available - others),
@@ -228,16 +247,20 @@ async def reserve_hugepages(host: Host, page_size_kib: int, needed: int) -> Asyn
             try:
                 if added:
                     async with _pool_lock(key), hold_pool_lock(host):
-                        now = await read_pool(host, page_size_kib)
-                        await _set_total(host, page_size_kib, max(0, now.total - added))
-                    log.info("%s: hugepages-%dkB given back: %d pages",
-                             host.name, page_size_kib, added)
+                        now = await read_pool(host, page_size_kib, node)
+                        await _set_total(host, page_size_kib, max(0, now.total - added), node)
+                    log.info("%s: hugepages-%dkB%s given back: %d pages",
+                             host.name, page_size_kib, _on(node), added)
             finally:
                 # Dropped only after the shrink (a reservation that reads the pool in
                 # between over-counts, never under-counts), and without awaiting, so a
                 # second cancellation cannot leave the claim behind.
                 if claimed:
                     _release(key, needed)
+
+
+def _on(node: int | None) -> str:
+    return "" if node is None else f" on node {node}"
 
 
 def _pagesize_kib_of_mount(options: str) -> int | None:

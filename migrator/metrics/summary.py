@@ -21,6 +21,7 @@ from migrator.metrics.guest import GuestObservations
 from migrator.metrics.hgm import hgm_section
 from migrator.metrics.histogram import Histogram
 from migrator.metrics.latency_dist import compare_latency_dist
+from migrator.metrics.placement import placement_of, placement_section, placement_warnings
 from migrator.metrics.qemu_counters import QemuCounters
 from migrator.metrics.ramblock import load_ramblocks
 from migrator.metrics.recovery import analyze_recovery
@@ -259,6 +260,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
         "host_kernel": meta.controller.kernel,
         "migrator_version": meta.migrator_version,
         "tuning": tuning_of(meta),
+        "placement": placement_of(scenario),
     }
 
     marks = ev.marks
@@ -339,6 +341,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
     recovery = analyze_recovery(ev, scenario, meta, guest)
     warnings += recovery.warnings
     warnings += tuning_warnings(meta, ev)
+    warnings += placement_warnings(meta)
     outcome = derive_outcome(artifacts,
                              sum(1 for pause in recovery.pauses if pause.result == "recovered"),
                              bool(migration.get("postcopy")))
@@ -364,7 +367,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
         integrity=guest.verify.model_dump(mode="json") if guest.verify else {},
         comparisons=comparisons, warnings=warnings,
         recoveries=recovery.pauses, faults=recovery.faults,
-        thread_cpu=thread_cpu(artifacts.threads, ev),
+        thread_cpu=thread_cpu(artifacts.threads, ev), placement=placement_section(meta),
     )
 
 

@@ -4,12 +4,7 @@ The samples (:mod:`migrator.qemu.threads`) hold each thread's cumulative user an
 system clock ticks.  A thread's CPU time in a window is its ticks at the window's
 end less those at its start, each read from the last sample at or before that
 moment (a thread born inside the window starts from 0).  Threads are grouped by
-what their names say: QEMU names vCPU threads ``CPU N/KVM`` or ``CPU N/TCG``, the
-source's migration thread ``live_migration`` (``mig/src/main`` from 9.1), the
-destination's post-copy fault thread ``postcopy/fault`` (``mig/dst/fault``), which
-requests pages, and its listen thread (``mig/dst/listen``), which loads the stream
-and places the pages; the source's return path (``mig/src/return``) takes the
-destination's page requests.
+what their names say (:func:`~migrator.qemu.threads.thread_kind`).
 
 Windows come from the migrator timeline (controller wall clock, as the samples):
 pre-copy from ``migrate`` to ``postcopy-requested`` (or to the end of the
@@ -22,7 +17,6 @@ of one core.
 from __future__ import annotations
 
 import bisect
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,36 +27,15 @@ import numpy.typing as npt
 
 from migrator.metrics.events import MigrationEvents, read_jsonl
 from migrator.model import Metric, ThreadCpu
-from migrator.qemu.threads import THREADS_FILE
+from migrator.qemu.threads import THREADS_FILE, thread_kind
 from migrator.rundir import SIDES
 
-__all__ = ["ThreadSamples", "load_thread_samples", "source_of", "thread_cpu", "thread_kind",
-           "thread_load"]
+__all__ = ["ThreadSamples", "load_thread_samples", "source_of", "thread_cpu", "thread_load"]
 
 F64 = npt.NDArray[np.float64]
 
-_VCPU = re.compile(r"^CPU (\d+)/")
 _ORDER = ("migration", "return path", "post-copy fault", "post-copy listen", "multifd",
           "main loop", "other")
-
-
-def thread_kind(name: str) -> str:
-    """What a QEMU thread does, from its name (see module docstring)."""
-    if match := _VCPU.match(name):
-        return f"vCPU {match.group(1)}"
-    if name in ("live_migration", "mig/src/main"):
-        return "migration"
-    if name in ("return path", "mig/src/return", "mig/src/rp-thr"):
-        return "return path"
-    if "fault" in name:
-        return "post-copy fault"
-    if "listen" in name:
-        return "post-copy listen"
-    if name.startswith(("multifd", "mig/src/send", "mig/dst/recv")):
-        return "multifd"
-    if name.startswith("qemu-system"):
-        return "main loop"
-    return "other"
 
 
 class _Series:
@@ -108,7 +81,7 @@ def _load(path: Path) -> ThreadSamples:
         if not isinstance(host_ns, int) or not isinstance(threads, list):
             continue
         times.append(host_ns)
-        for tid, name, utime, stime in threads:
+        for tid, name, utime, stime, *_ in threads:
             one = series[(int(tid), str(name))]
             one.times.append(host_ns)
             one.ticks.append(int(utime) + int(stime))

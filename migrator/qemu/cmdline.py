@@ -55,26 +55,33 @@ class LaunchSpec:
     extra: tuple[str, ...] = field(default_factory=tuple)
     qmp_connects: bool = False
     """QEMU connects to ``qmp_socket``, where migrator listens, instead of listening there."""
+    cpus: str | None = None
+    """A CPU list QEMU is started under (``taskset -c``): every thread it makes inherits it."""
+    memory_node: int | None = None
+    """The host NUMA node the guest RAM is bound to (``host-nodes=N,policy=bind``)."""
 
 
 def _memory_backend(spec: LaunchSpec) -> str:
     size = f"size={spec.memory_mib}M"
+    # Every backend type takes the binding (QEMU mbind()s the mapping before any page
+    # of it is touched); with prealloc=off the pages come from the node as they fault.
+    bind = "" if spec.memory_node is None else f",host-nodes={spec.memory_node},policy=bind"
     # share=on: post-copy on hugetlbfs and memfd places pages into a shared mapping,
     # and the HGM (doublemap) path needs it too.
     if spec.backing is Backing.ANON_4K:
-        return f"memory-backend-ram,id={RAM_BACKEND_ID},{size}"
+        return f"memory-backend-ram,id={RAM_BACKEND_ID},{size}{bind}"
     if spec.backing is Backing.MEMFD_4K:
-        return f"memory-backend-memfd,id={RAM_BACKEND_ID},{size},share=on"
+        return f"memory-backend-memfd,id={RAM_BACKEND_ID},{size},share=on{bind}"
     if spec.mem_path is None:
         raise ValueError(f"{spec.backing.value} needs a hugetlbfs mem_path")
     return (
         f"memory-backend-file,id={RAM_BACKEND_ID},{size},mem-path={spec.mem_path},"
-        "share=on,prealloc=off"
+        f"share=on,prealloc=off{bind}"
     )
 
 
 def qemu_argv(spec: LaunchSpec) -> list[str]:
-    """The full argv for one QEMU (source or destination)."""
+    """The full argv for one QEMU (source or destination), under ``taskset`` if it has CPUs."""
     argv = [
         "-name", f"{spec.name},debug-threads=on",
         "-machine", f"{spec.machine},memory-backend={RAM_BACKEND_ID}",
@@ -97,7 +104,9 @@ def qemu_argv(spec: LaunchSpec) -> list[str]:
     if spec.incoming:
         argv += ["-incoming", "defer"]
     argv += list(spec.extra)
-    return spec.launcher.argv(argv)
+    full = spec.launcher.argv(argv)
+    # taskset execs QEMU (the pid stays QEMU's); every thread QEMU starts inherits it.
+    return ["taskset", "-c", spec.cpus, *full] if spec.cpus is not None else full
 
 
 def qmp_args(socket: Path, *, qemu_connects: bool) -> list[str]:

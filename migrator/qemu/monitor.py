@@ -215,6 +215,11 @@ class Monitor:
         reply: dict[str, Any] = await self.execute("query-status")
         return reply
 
+    async def vcpu_threads(self) -> dict[int, int]:
+        """``query-cpus-fast``: each vCPU's index and the host thread id running it."""
+        reply = await self.execute("query-cpus-fast")
+        return {int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in reply}
+
     async def query_migrate(self, *, timeout: float = 30.0) -> dict[str, Any]:
         """``query-migrate``, raw (also kept for :meth:`fresh_query_migrate`)."""
         reply: dict[str, Any] = await self.execute("query-migrate", timeout=timeout)

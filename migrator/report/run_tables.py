@@ -45,6 +45,7 @@ __all__ = [
     "outside_table",
     "pause_table",
     "phase_table",
+    "placement_table",
     "stall_tables",
     "thread_cpu_table",
     "vcpu_stall_table",
@@ -119,6 +120,35 @@ def thread_cpu_table(report: Report, sources: Sources) -> Table | None:
     return table
 
 
+def placement_table(report: Report, sources: Sources) -> Table | None:
+    """Each QEMU thread's CPUs as ``[placement.*]`` wanted them and as read back, and the
+    guest RAM's NUMA binding (None for runs without a placement)."""
+    placement = report.placement
+    if placement is None:
+        return None
+    table = Table(f"CPU and NUMA placement [{sources.number(placement.source)}]", [
+        Column("side"), Column("thread"), Column("tid", numeric=True), Column("role"),
+        Column("wanted CPUs"), Column("CPUs read back"), Column("set by")],
+        anchor="placement")
+    for thread in placement.threads:
+        off = thread.cpus != thread.wanted
+        table.rows.append([
+            Cell(thread.side), Cell(thread.name), Cell(str(thread.tid), numeric=True),
+            Cell(thread.role), Cell(thread.wanted),
+            Cell(thread.cpus, tone="bad" if off else ""),
+            Cell("migrator" if thread.pinned else "inherited")])
+    for ram in placement.memory:
+        pages = ", ".join(f"node {node}: {count}" for node, count in sorted(ram.pages.items()))
+        size = f" of {format_size(ram.page_kib << 10)}" if ram.page_kib else ""
+        table.notes.append(Note(
+            f"{ram.side} guest RAM bound to node {ram.node}: policy {ram.policy or 'not found'}"
+            + (f", pages{size} {pages}" if pages else ""),
+            "" if ram.policy == f"bind:{ram.node}" else "warn"))
+    table.notes.append(Note("inherited: the thread had its CPUs from QEMU's start (taskset -c), "
+                            "which every thread QEMU creates inherits", "dim"))
+    return table
+
+
 def integrity_table(report: Report) -> Table | None:
     """The guest's verify line, field by field."""
     if not report.integrity:
@@ -136,7 +166,8 @@ def headline_tables(report: Report, sources: Sources) -> list[Table]:
               metric_table("Timings", report.timings, sources),
               metric_table("Transfer", report.transfer, sources),
               blocktime_table(report, sources), thread_cpu_table(report, sources),
-              outside_table(report, sources), integrity_table(report)]
+              placement_table(report, sources), outside_table(report, sources),
+              integrity_table(report)]
     return [table for table in tables if table is not None]
 
 
@@ -480,6 +511,8 @@ def environment_line(report: Report) -> str:
     ]
     if env.get("tuning"):
         parts.append(f"tuning {env['tuning']}")
+    if env.get("placement"):
+        parts.append(f"placement {env['placement']}")
     return " · ".join(parts)
 
 

@@ -28,6 +28,7 @@ from migrator.report.run_tables import (
     metric_table,
     outside_table,
     pause_table,
+    placement_table,
     thread_cpu_table,
     vcpu_stall_table,
     worst_gap_table,
@@ -191,7 +192,7 @@ def _tables(report: Report, sources: Sources, before_hgm: bool) -> list[Table]:
         tables = [freeze_table(report, sources), vcpu_stall_table(report, sources),
                   clock_step_table(report, sources, None), outside_table(report, sources),
                   worst_gap_table(report, None), blocktime_table(report, sources),
-                  thread_cpu_table(report, sources),
+                  thread_cpu_table(report, sources), placement_table(report, sources),
                   metric_table("Timings", report.timings, sources),
                   metric_table("Transfer", report.transfer, sources),
                   latency_dist_table(report), comparison_table(report, sources)]
@@ -220,8 +221,9 @@ def render_report(report: Report, console: Console) -> None:
         f"{env.get('preempt')}",
         highlight=False,
     )
-    if env.get("tuning"):
-        console.print(f"tuning {escape(str(env['tuning']))}", highlight=False)
+    for key in ("tuning", "placement"):
+        if env.get(key):
+            console.print(f"{key} {escape(str(env[key]))}", highlight=False)
     for table in _tables(report, sources, before_hgm=True):
         draw_table(table, console)
     if report.hgm is not None:

@@ -66,6 +66,9 @@ runs = sa.Table(
     sa.Column("tuning", sa.String(1000), nullable=False, server_default="",
               comment="migration capabilities and parameters beyond post-copy itself "
                       "(config.migration.tuning_label); empty: none"),
+    sa.Column("placement", sa.String(1000), nullable=False, server_default="",
+              comment="CPU and NUMA placement of both sides' QEMUs "
+                      "(config.placement.placement_label); empty: none"),
     sa.Column("qemu_version", sa.String(64), index=True, comment="destination QEMU"),
     sa.Column("source_qemu_version", sa.String(64)),
     sa.Column("accel", sa.String(16)),
@@ -168,6 +171,7 @@ def run_dimensions(
         "hgm": bool(env.get("hgm", False)),
         "switchover": switchover.get("policy") if isinstance(switchover, dict) else None,
         "tuning": env.get("tuning") or "",
+        "placement": env.get("placement") or "",
         "qemu_version": env.get("qemu_version"),
         "source_qemu_version": meta.qemu.source.version,
         "accel": env.get("accel"),

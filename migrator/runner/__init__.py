@@ -10,8 +10,9 @@ order on any exit.
 The pieces it orders live beside it: :mod:`~migrator.runner.journal` (run.json,
 the timeline, the teardown record), :mod:`~migrator.runner.placement` (which
 host plays each role, where each QEMU's files and sockets are, how it is
-launched) and :mod:`~migrator.runner.decisions` (HGM and the accelerator,
-decided before anything boots).
+launched), :mod:`~migrator.runner.pinning` (each QEMU's threads on the CPUs
+``[placement.*]`` asks) and :mod:`~migrator.runner.decisions` (HGM and the
+accelerator, decided before anything boots).
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ from migrator.outcome import (
     postcopy_missed,
     switched_over,
 )
-from migrator.preflight import Role, check_hosts, raise_unmet
+from migrator.preflight import Role, check_hosts, memory_groups, raise_unmet
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 from migrator.qemu.threads import THREADS_FILE, sample_threads
-from migrator.rundir import SIDES, JsonlWriter, RunDir
+from migrator.rundir import ROLE_OF_SIDE, SIDES, JsonlWriter, RunDir
 from migrator.runner import decisions
 from migrator.runner.journal import Observer, RunJournal
+from migrator.runner.pinning import SidePinner, start_pinning
 from migrator.runner.placement import (
     Place,
     check_layout,
@@ -132,6 +134,8 @@ class ScenarioRun(RunJournal):
         self.booted = False
         self.recoveries = 0
         self.exited: frozenset[str] = frozenset()
+        #: The sides whose ``[placement.*]`` is applied (:meth:`pin`).
+        self.pinners: dict[Side, SidePinner] = {}
         #: The ``ram`` section of the source's final query-migrate, once it is taken.
         self.final_source_ram: dict[str, Any] = {}
 
@@ -221,12 +225,14 @@ class ScenarioRun(RunJournal):
                     launch_spec(scenario, "src", places["src"], facts["src"], accel,
                                 mem_paths["src"]))
                 self.mark("source-started", pid=src.pid)
+                await self.pin(stack, "src", src)
                 await self.exhaust_destination_pool(stack, destination, mem_paths["dst"])
                 dst, dst_console = await self.start_vm(
                     stack, "dst", places["dst"],
                     launch_spec(scenario, "dst", places["dst"], facts["dst"], accel,
                                 mem_paths["dst"]))
                 self.mark("destination-started", pid=dst.pid)
+                await self.pin(stack, "dst", dst)
                 (self.run.side("dst") / "ramblocks.txt").write_text(
                     await dst.monitor.hmp("info ramblock"))
 
@@ -260,31 +266,51 @@ class ScenarioRun(RunJournal):
     async def reserve_memory(
         self, stack: AsyncExitStack, source: Host, destination: Host
     ) -> dict[str, Path | None]:
-        """Hugepages and a hugetlbfs directory per side (nothing for 4 KiB backings)."""
+        """Hugepages and a hugetlbfs directory per side (nothing for 4 KiB backings).
+
+        Pages are reserved per host and NUMA node (:func:`memory_groups`): one
+        reservation for both VMs of one host unless their RAM is bound to
+        different nodes.
+        """
         mem_paths: dict[str, Path | None] = {"src": None, "dst": None}
         if not self.scenario.vm.backing.is_hugetlb:
             return mem_paths
         size_kib, per_vm = _pages_needed(self.scenario)
-        if source is destination:
+        roles: list[tuple[Host, list[Role]]] = (
+            [(source, ["source", "destination"])] if source is destination
+            else [(source, ["source"]), (destination, ["destination"])])
+        for host, node, vms in memory_groups(self.scenario, roles):
+            on_node = "" if node is None else f" on node {node}"
             added = await self.teardown_step(
-                stack, f"hugepages given back on {source.name}",
-                reserve_hugepages(source, size_kib, 2 * per_vm))
-            shared = await self.teardown_step(
-                stack, f"hugetlbfs directory removed on {source.name}",
-                hugetlbfs_dir(source, size_kib, self.run.run_id))
-            mem_paths = {"src": shared, "dst": shared}
-            self.mark("hugepages-added", host=source.name, page_kib=size_kib, pages=added)
-        else:
-            for side, host in (("src", source), ("dst", destination)):
-                added = await self.teardown_step(
-                    stack, f"hugepages given back on {host.name}",
-                    reserve_hugepages(host, size_kib, per_vm))
-                mem_paths[side] = await self.teardown_step(
+                stack, f"hugepages given back on {host.name}{on_node}",
+                reserve_hugepages(host, size_kib, vms * per_vm, node))
+            self.mark("hugepages-added", host=host.name, page_kib=size_kib, pages=added,
+                      **({} if node is None else {"node": node}))
+        directories: dict[Host, Path] = {}
+        for side, host in (("src", source), ("dst", destination)):
+            if host not in directories:
+                directories[host] = await self.teardown_step(
                     stack, f"hugetlbfs directory removed on {host.name}",
                     hugetlbfs_dir(host, size_kib, self.run.run_id))
-                self.mark("hugepages-added", host=host.name, page_kib=size_kib, pages=added)
+            mem_paths[side] = directories[host]
         self.mark("hugepages-reserved", page_kib=size_kib, per_vm=per_vm)
         return mem_paths
+
+    async def pin(self, stack: AsyncExitStack, side: Side, qemu: QemuProcess) -> None:
+        """Apply ``side``'s ``[placement.*]`` to its just-started QEMU, and record it."""
+        pinner = await start_pinning(stack, side, self.scenario.placement.of(ROLE_OF_SIDE[side]),
+                                     qemu, self.scenario.vm.memory_mib << 20)
+        if pinner is None:
+            return
+        self.pinners[side] = pinner
+        self.save_placement()
+        self.mark("pinned", side=side, threads=len(pinner.threads))
+
+    def save_placement(self) -> None:
+        """run.json's ``placement``: each pinned side's record as it stands."""
+        self.meta["placement"] = {ROLE_OF_SIDE[side]: pinner.record()
+                                  for side, pinner in self.pinners.items()}
+        self.save_meta()
 
     async def exhaust_destination_pool(
         self, stack: AsyncExitStack, destination: Host, mem_path: Path | None
@@ -361,6 +387,7 @@ class ScenarioRun(RunJournal):
             sample_query_migrate(dst.monitor, "dst", samples, hz),  # type: ignore[arg-type]
             *(sample_threads(qemu.host, qemu.pid, threads[side], scenario.collect.threads_hz)
               for side, qemu in (("src", src), ("dst", dst)) if qemu.pid is not None),
+            *(pinner.watch() for pinner in self.pinners.values()),
         ):
             self.observer.phase("migrating")
             faults = FaultTargets(hosts=hosts, qemus={"src": src, "dst": dst},
@@ -371,6 +398,12 @@ class ScenarioRun(RunJournal):
                     inject_faults(scenario.faults, faults)])
             finally:
                 self.recoveries = driver.recovery.recoveries
+                if self.pinners:
+                    self.save_placement()
+        for pinner in self.pinners.values():
+            await pinner.read_memory()
+        if self.pinners:
+            self.save_placement()
         self.meta["migration"] = asdict(result)
         final = {"src": await src.monitor.query_migrate(timeout=30),
                  "dst": await dst.monitor.query_migrate(timeout=30)}

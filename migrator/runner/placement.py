@@ -33,7 +33,7 @@ from migrator.migration.plan import destination_address
 from migrator.qemu.accel import AccelDecision, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
-from migrator.rundir import SIDES, RunDir
+from migrator.rundir import ROLE_OF_SIDE, SIDES, RunDir
 from migrator.runner.journal import RunJournal
 
 if TYPE_CHECKING:  # asyncssh is imported only by runs that use an SSH host
@@ -270,6 +270,7 @@ def launch_spec(
 ) -> LaunchSpec:
     """How ``side``'s QEMU is launched at ``place``: the VM, its guest, its sockets and files."""
     workload = scenario.workload
+    pinned = scenario.placement.of(ROLE_OF_SIDE[side])
     append = kernel_cmdline(
         working_set_mib=workload.working_set_mib, write_pct=workload.write_pct,
         pattern=workload.pattern.value, stall_threshold_us=workload.stall_threshold_us,
@@ -285,6 +286,8 @@ def launch_spec(
         mem_path=mem_path, incoming=side == "dst",
         trace_file=place.host_dir / "trace.log" if side == "dst" and scenario.collect.trace
         else None,
+        cpus=pinned.launch_cpus if pinned is not None else None,
+        memory_node=pinned.memory_node if pinned is not None else None,
     )
 
 

@@ -241,3 +241,49 @@ async def test_a_reservation_cancelled_while_the_pool_grows_gives_the_growth_bac
         await task
     assert kernel.total == 0
     assert writes(host) == ["2", "0"]
+
+
+NODE1 = Path("/sys/devices/system/node/node1/hugepages/hugepages-2048kB")
+GLOBAL_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def two_node_host(node1_total: int, node1_free: int) -> FakeHost:
+    """A host whose 2 MiB pool has 8 free pages on node 0 and what is given on node 1."""
+    host = FakeHost("numa")
+    state = {"total": node1_total, "used": node1_total - node1_free}
+
+    def publish() -> None:
+        host.set_text(NODE1 / "nr_hugepages", f"{state['total']}\n")
+        host.set_text(NODE1 / "free_hugepages", f"{state['total'] - state['used']}\n")
+        host.set_text(GLOBAL_2M / "nr_hugepages", f"{8 + state['total']}\n")
+        host.set_text(GLOBAL_2M / "free_hugepages", f"{8 + state['total'] - state['used']}\n")
+
+    def write(data: bytes) -> None:
+        state["total"] = max(state["used"], int(data))
+        publish()
+
+    host.set_text(NODE1 / "surplus_hugepages", "0\n")
+    host.set_text(GLOBAL_2M / "resv_hugepages", "0\n")
+    host.set_text(GLOBAL_2M / "surplus_hugepages", "0\n")
+    host.on_write[NODE1 / "nr_hugepages"] = write
+    publish()
+    return host
+
+
+async def test_a_node_s_own_pool_grows_for_ram_bound_to_it() -> None:
+    # 9 pages free in the whole kernel, but only 1 on node 1: node 1's pool grows by 2.
+    host = two_node_host(node1_total=1, node1_free=1)
+    async with reserve_hugepages(host, 2048, 3, node=1) as added:
+        assert added == 2
+        assert host.text(NODE1 / "nr_hugepages").strip() == "3"
+    assert host.text(NODE1 / "nr_hugepages").strip() == "1"
+    # The global pool was never written: only node 1's.
+    pool_writes = [c[1] for c in host.calls if c[0] == "write" and "hugepages-" in c[1]]
+    assert pool_writes == [str(NODE1 / "nr_hugepages")] * 2
+
+
+async def test_a_node_without_the_page_size_is_a_missing_resource() -> None:
+    host = two_node_host(node1_total=0, node1_free=0)
+    with pytest.raises(MissingResource, match="NUMA node 3 offers no 2048 kB hugepages"):
+        async with reserve_hugepages(host, 2048, 1, node=3):
+            pytest.fail("must not get here")

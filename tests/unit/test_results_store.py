@@ -87,6 +87,8 @@ def test_recorded_runs_round_trip(store: ResultsStore) -> None:
     assert (row["source_host"], row["destination_host"]) == ("vm", "vm")
     assert (row["migrator_version"], row["migrator_commit"]) == ("0.1.0", None)
     assert row["switchover"] == "after-seconds"
+    # Recorded before [placement.*]: none.
+    assert (row["tuning"], row["placement"]) == ("", "")
     assert row["run_date"] == datetime.fromtimestamp(meta["started_ns"] / 1e9, UTC)
     assert row["outcome"] == "completed"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from migrator.hosts.local import LocalHost
 from migrator.metrics.events import MigrationEvents
-from migrator.metrics.threads import load_thread_samples, thread_cpu, thread_kind, thread_load
-from migrator.qemu.threads import THREADS_FILE, parse_stat_line, sample_threads
+from migrator.metrics.threads import load_thread_samples, thread_cpu, thread_load
+from migrator.qemu.threads import THREADS_FILE, parse_stat_line, sample_threads, thread_kind
 from migrator.rundir import JsonlWriter
 
 S = 1_000_000_000
@@ -20,9 +20,14 @@ S = 1_000_000_000
 def test_a_stat_line_with_spaces_and_parens_in_the_name() -> None:
     line = ("4242 (CPU 0/KVM) S 1 2 3 0 -1 4194624 100 0 0 0 1234 56 0 0 20 0 5 0 99 "
             "1000 10 18446744073709551615")
-    assert parse_stat_line(line) == (4242, "CPU 0/KVM", 1234, 56)
+    assert parse_stat_line(line) == (4242, "CPU 0/KVM", 1234, 56, None)
     assert parse_stat_line("4243 (odd) name)) R 1 2 3 0 -1 0 0 0 0 0 7 8 0 0") == (
-        4243, "odd) name)", 7, 8)
+        4243, "odd) name)", 7, 8, None)
+    # A whole line (Linux 6.x, 52 fields): utime 14, stime 15, the last CPU 39.
+    fields = ["0"] * 53
+    fields[3], fields[14], fields[15], fields[38], fields[39] = "R", "300", "20", "17", "1"
+    whole = "77 (mig/src/main) " + " ".join(fields[3:])
+    assert parse_stat_line(whole) == (77, "mig/src/main", 300, 20, 1)
     assert parse_stat_line("garbage") is None
     assert parse_stat_line("12 (short) S 1 2") is None
 
