@@ -33,17 +33,18 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Any, Literal
 
 from migrator.config.models import Scenario
 from migrator.errors import MigrationError, QmpCommandError
 from migrator.migration.plan import TLS_CREDS_ID, destination_address, tls_hostname
 from migrator.qemu.process import QemuProcess
+
+if TYPE_CHECKING:
+    # cryptography is imported by the functions that make or read certificates: a
+    # tenth of a second's worth of start-up (with its x509 parts), paid by TLS runs only.
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "CA_CERT",
@@ -99,12 +100,17 @@ class GeneratedCredentials:
 
 
 def _name(common_name: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "migrator"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _alt_name(name: str) -> x509.GeneralName:
     """An IP address SAN for an address, a DNS SAN for anything else."""
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_address(name.split("%", 1)[0]))
     except ValueError:
@@ -112,11 +118,15 @@ def _alt_name(name: str) -> x509.GeneralName:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -133,6 +143,11 @@ def generate_credentials(
     ECDSA P-256 keys: generated in microseconds, and supported by every gnutls
     QEMU links against.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     names = list(dict.fromkeys(server_names))
     if not names:
         raise ValueError("the server certificate needs at least one name")
@@ -194,6 +209,9 @@ def generate_credentials(
 
 def certificate_record(pem: bytes) -> dict[str, Any]:
     """What run.json keeps of a certificate: subject, issuer, validity, SANs, fingerprint."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_pem_x509_certificate(pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
