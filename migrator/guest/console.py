@@ -117,7 +117,9 @@ class GuestConsole:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._fd: int | None = None
-        self._changed = asyncio.Condition()
+        # One condition per event kind that somebody waits for: a heartbeat every few
+        # ms must not wake the tasks waiting for a verify line or a probe error.
+        self._arrived: dict[str, asyncio.Condition] = {}
         self._by_kind: dict[str, deque[ConsoleLine[GuestEvent]]] = {}
         self._cursor: dict[str, int] = {}
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -209,8 +211,9 @@ class GuestConsole:
         finally:
             self._closed = True
             # Wake every waiter: what they wait for can no longer arrive.
-            async with self._changed:
-                self._changed.notify_all()
+            for arrived in self._arrived.values():
+                async with arrived:
+                    arrived.notify_all()
 
     async def _receive(self, host_ns: int, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
@@ -233,8 +236,9 @@ class GuestConsole:
         )
         self._seq += 1
         self._by_kind.setdefault(event.kind, deque(maxlen=HISTORY)).append(line)
-        async with self._changed:
-            self._changed.notify_all()
+        if (arrived := self._arrived.get(event.kind)) is not None:
+            async with arrived:
+                arrived.notify_all()
 
     def _record(self, host_ns: int, text: str, *, sent: bool) -> None:
         record: dict[str, Any] = {"host_ns": host_ns, "side": self.side, "line": text}
@@ -289,7 +293,8 @@ class GuestConsole:
         name: str = kind if isinstance(kind, str) else kind.kind
         start = self._cursor.get(name, 0) if since is None else since
         try:
-            async with asyncio.timeout(timeout), self._changed:
+            arrived = self._arrived.setdefault(name, asyncio.Condition())
+            async with asyncio.timeout(timeout), arrived:
                 while True:
                     for line in self._by_kind.get(name, ()):
                         if line.seq >= start:
@@ -297,7 +302,7 @@ class GuestConsole:
                             return line
                     if self._closed:
                         raise self._gone(f"closed before a {name!r} line arrived")
-                    await self._changed.wait()
+                    await arrived.wait()
         except TimeoutError as exc:
             raise self._gone(f"no {name!r} line within {timeout:g}s") from exc
 
