@@ -22,7 +22,7 @@ from jinja2 import Environment
 from pydantic import ValidationError
 
 import migrator
-from migrator import tables
+from migrator import tables, units
 from migrator.dashboard.views import slug
 from migrator.model import SCHEMA_VERSION, Report
 from migrator.outcome import severity
@@ -85,6 +85,7 @@ class RunLinks:
         """Link to the report of ``run_id`` from a page ``depth`` directories below the root."""
         return "../" * depth + quote(self.site_path(run_id))
 
+
 def site_environment() -> Environment:
     """The Jinja environment of the dashboard's pages: the report's, with the dashboard's
     templates first, so that the report's macros (tables, style) are shared."""
@@ -94,13 +95,15 @@ def site_environment() -> Environment:
 def layout_version() -> str:
     """Changes whenever a generated run page would look different."""
     digest = hashlib.sha256(migrator.__version__.encode())
-    # This module, the report's tables (the model and report/run_tables.py) and the
-    # templates the page uses.
-    for path in (Path(__file__), Path(tables.__file__), REPORT_TEMPLATES.parent / "run_tables.py",
+    # This module, the report's tables (the model, report/run_tables.py, the source
+    # citations and the number formatting) and the templates the page uses.
+    for path in (Path(__file__), Path(tables.__file__), Path(units.__file__),
+                 REPORT_TEMPLATES.parent / "run_tables.py", REPORT_TEMPLATES.parent / "sources.py",
                  TEMPLATES / "run_page.html.j2", TEMPLATES / "_dash.html.j2",
                  REPORT_TEMPLATES / "_macros.html.j2"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
 
 def _dimension_table(row: Mapping[str, Any]) -> Table:
     cells = [[Cell(key), Cell(format_value(row.get(key)))] for key in DIMENSIONS if key != "run_id"]
