@@ -36,6 +36,7 @@ from migrator.qemu.cmdline import qmp_args
 from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
+from migrator.rundir import atomic_write
 
 __all__ = ["AccelDecision", "decide_accel", "decide_accel_between", "kvm_probe_argv",
            "stage_guest"]
@@ -131,13 +132,14 @@ def _store(path: Path, key: str, entry: dict[str, Any]) -> None:
 
     Read, merged and written under a lock: two hosts probed at once finish their
     probes at the same moment (both time out), and neither verdict may be lost.
+    Replaced atomically, as readers (the runs of a parallel suite) take no lock.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_name(path.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = _read_cache(path)
         cache[key] = entry
-        path.write_text(json.dumps(cache, indent=1) + "\n")
+        atomic_write(path, json.dumps(cache, indent=1) + "\n")
 
 
 def _cache_key(host: Host, facts: QemuFacts, kernel_release: str) -> str:
