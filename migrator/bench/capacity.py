@@ -67,7 +67,9 @@ __all__ = [
     "KernelCapacity",
     "RunNeeds",
     "needs_of",
+    "pool_pages_needed",
     "probe_capacity",
+    "probe_host",
     "shortfall",
 ]
 
@@ -150,7 +152,7 @@ def needs_of(scenario: Scenario, kernel_of: Mapping[HostSpec, str]) -> RunNeeds:
                                  vcpus=vm.vcpus, hugepages=pages)
     destination = scenario.hosts.destination
     exclusive = frozenset(
-        {f"port {destination.address}:{destination.migration_port}"}
+        {f"port {destination.stream_address}:{destination.migration_port}"}
         if isinstance(destination, SSHHostSpec) and destination.migration_port else ())
     alone = any(isinstance(fault, LinkDownFault | PoolExhaustedFault)
                 for fault in scenario.faults)
@@ -209,7 +211,8 @@ async def _free_pages(host: Host, size_kib: int) -> int:
     return max(0, pool.available - others)
 
 
-async def _probe_host(host: Host, page_sizes: Iterable[int]) -> KernelCapacity:
+async def probe_host(host: Host, page_sizes: Iterable[int]) -> KernelCapacity:
+    """The capacity of ``host``'s kernel, with the pools of ``page_sizes`` (kB)."""
     try:
         meminfo = await host.read_text(Path("/proc/meminfo"))
     except (OSError, MigratorError):
@@ -240,7 +243,7 @@ async def probe_capacity(scenarios: Sequence[Scenario]) -> dict[HostSpec, Kernel
             for spec, host in ((scenario.hosts.source, source),
                                (scenario.hosts.destination, destination)):
                 if spec not in probed:
-                    probed[spec] = await _probe_host(host, sizes[spec])
+                    probed[spec] = await probe_host(host, sizes[spec])
     by_kernel: dict[str, KernelCapacity] = {}
     for capacity in probed.values():
         known = by_kernel.get(capacity.kernel)

@@ -69,7 +69,8 @@ def _interrupted(stop: BaseException, progress: SuiteProgress, out_dir: Path) ->
         stopped = interrupted(stop, line.run_dir)
     if stopped is None:
         stopped = interrupted(stop, None)
-    ids = ", ".join(line.run.run_id for line in caught)
+    # Run ids hold commas: "; " keeps them apart.
+    ids = "; ".join(line.run.run_id for line in caught)
     current = (f"run {ids} is recorded as failed; " if len(caught) == 1
                else f"runs {ids} are recorded as failed; " if caught else "")
     err.print(f"{escape(current)}{escape(str(out_dir / 'suite.json'))} is saved, --resume "
