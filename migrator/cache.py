@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from migrator.rundir import atomic_write
+
 __all__ = ["CACHE_DIR", "HOST_FACTS", "read_cache", "store_in_cache"]
 
 CACHE_DIR = Path(os.environ.get("MIGRATOR_CACHE", Path.home() / ".cache" / "migrator"))
@@ -36,10 +38,11 @@ def store_in_cache(path: Path, key: str, entry: Any) -> None:
 
     Read, merged and written under a lock: two hosts probed at once (or two
     migrator processes) finish at the same moment, and no entry may be lost.
+    Replaced atomically, as readers (the runs of a parallel suite) take no lock.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_name(path.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = read_cache(path)
         cache[key] = entry
-        path.write_text(json.dumps(cache, indent=1) + "\n")
+        atomic_write(path, json.dumps(cache, indent=1) + "\n")

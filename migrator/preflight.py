@@ -46,6 +46,7 @@ __all__ = [
     "PreflightReport",
     "check_hosts",
     "measure_clock_offset",
+    "mem_available_mib",
     "memory_groups",
     "placement_needs",
     "raise_unmet",
@@ -211,7 +212,8 @@ def _mounts(proc_mounts: str) -> list[Mount]:
     return mounts
 
 
-def _mem_available_mib(meminfo: str | None) -> int | None:
+def mem_available_mib(meminfo: str | None) -> int | None:
+    """``MemAvailable`` of a /proc/meminfo text, in MiB (None when it has none)."""
     for line in (meminfo or "").splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) // 1024
@@ -500,7 +502,7 @@ async def check_host(
                           fix="" if userfaultfd else "a kernel with CONFIG_USERFAULTFD=y"))
     needs.extend(await _tls_needs(host, roles, scenario))
     needs.extend(await _fault_needs(host, roles, scenario))
-    mem_mib = _mem_available_mib(await _text(host, "/proc/meminfo"))
+    mem_mib = mem_available_mib(await _text(host, "/proc/meminfo"))
     if not scenario.vm.backing.is_hugetlb and mem_mib is not None:
         wanted_mib = vms_on_host * scenario.vm.memory_mib
         needs.append(Need(what=f"{wanted_mib} MiB of available memory",

@@ -287,11 +287,21 @@ class RunDir:
 
     @classmethod
     def create(cls, root: Path, scenario_name: str) -> RunDir:
-        """A new, empty, private run directory under ``root``."""
+        """A new, empty, private run directory under ``root``.
+
+        Runs of one scenario started in the same second (repetitions of a parallel
+        suite, or another migrator process) differ in the random suffix; a name
+        already taken draws another, so no run ever shares a directory.
+        """
         root.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = root / f"{stamp}-{scenario_name}-{secrets.token_hex(2)}"
-        path.mkdir(mode=0o700)
+        while True:
+            path = root / f"{stamp}-{scenario_name}-{secrets.token_hex(2)}"
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            break
         for side in SIDES:
             (path / side).mkdir(mode=0o700)
         return cls(path.resolve())

@@ -10,17 +10,31 @@ Output directory layout::
 
 ``suite.json`` is rewritten atomically before the first run and after every
 run, so it is always whole and says what is finished even if the suite was
-killed.  A run's status is one of :class:`RunStatus`: ``pending`` (not yet
-tried), ``running`` (in progress, or the suite died during it), ``done``,
-``failed`` (its error message is kept), ``skipped`` (left out by ``--only`` and
-never done) or ``unsupported`` (an HGM run the hosts cannot do; its reason is
-kept).  A failed run never stops the rest.  ``resume`` re-runs every run of the
-selection that is not ``done``, and a ``done`` run whose scenario changed since
-(its resolved scenario's hash differs).
+killed (with parallel runs, also as each starts and ends).  A run's status
+is one of :class:`RunStatus`: ``pending`` (not yet tried), ``running`` (in
+progress, or the suite died during it), ``done``, ``failed`` (its error message
+is kept), ``skipped`` (left out by ``--only`` and never done) or
+``unsupported`` (an HGM run the hosts cannot do; its reason is kept).  A
+failed run never stops the rest.  ``resume`` re-runs every run of the
+selection that is not ``done``, and a ``done`` run whose scenario changed
+since (its resolved scenario's hash differs).
 
-The run function and the HGM check are parameters so that the resume and
-failure logic is tested without QEMU; :func:`run_and_report` and
-:func:`hgm_blocker` are the real ones.
+**Parallel runs.**  With ``parallel`` above 1 the runs are tasks of one
+:class:`asyncio.TaskGroup` in this process, each waiting for its turn in a
+:class:`~migrator.bench.schedule.Scheduler`: at most ``parallel`` at once, and
+only as many on one kernel as its memory, hugepages and cores hold
+(:mod:`migrator.bench.capacity`, read before the first run; a run that could
+not run even alone is refused before anything starts).  Records stay in suite
+order in ``suite.json`` whatever order runs finish in.  A run that is
+interrupted stops the suite: every active run is cancelled (and tears down),
+waiting ones stay ``pending``.  With ``parallel`` 1 nothing is probed: runs go
+one at a time, as they always did.  Log records name their run
+(:mod:`migrator.logcontext`).
+
+The run function, the HGM check and the capacity probe are parameters so that
+the resume, failure and scheduling logic is tested without QEMU;
+:func:`run_and_report`, :func:`hgm_blocker` and
+:func:`~migrator.bench.capacity.probe_capacity` are the real ones.
 """
 
 from __future__ import annotations
@@ -28,17 +42,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from migrator.bench.capacity import KernelCapacity, RunNeeds, needs_of, probe_capacity
+from migrator.bench.schedule import Scheduler
 from migrator.bench.suite import PlannedRun, Selection, Suite
-from migrator.config.models import Scenario
-from migrator.errors import ArtifactError, ConfigError, MigratorError
+from migrator.config.models import HostSpec, Scenario
+from migrator.errors import ArtifactError, ConfigError, MigratorError, PreflightError
 from migrator.hgm import detect_hgm
+from migrator.logcontext import run_label
 from migrator.metrics.run_artifacts import load_run_artifacts
 from migrator.metrics.summary import build_report, derive_report, write_report
 from migrator.qemu.probe import QemuFacts, probe_qemu
@@ -48,6 +65,7 @@ from migrator.runner import Observer, run_scenario, scenario_hosts
 __all__ = [
     "STATE_FILE",
     "STATE_SCHEMA",
+    "CapacityProbe",
     "HgmCheck",
     "RunFunction",
     "RunRecord",
@@ -72,6 +90,8 @@ UNSUPPORTED_PREFIX = "not supported on these hosts: "
 RunFunction = Callable[[Scenario, Path, Observer, Callable[[RunDir], None]], Awaitable[Path]]
 # hgm_check(scenario) -> None when HGM can be used, else why not.
 HgmCheck = Callable[[Scenario], Awaitable[str | None]]
+# capacity_probe(scenarios) -> each host entry's kernel capacity (see bench.capacity).
+CapacityProbe = Callable[[Sequence[Scenario]], Awaitable[Mapping[HostSpec, KernelCapacity]]]
 
 
 class RunStatus(StrEnum):
@@ -147,8 +167,15 @@ class SuiteObserver(Observer):
     def run_started(self, index: int, run: PlannedRun) -> None:
         """Run ``index`` (1-based, of the ``todo`` list) starts."""
 
+    def run_observer(self, index: int, run: PlannedRun) -> Observer:
+        """What receives run ``index``'s own progress (phases, samples); default: this one."""
+        return self
+
+    def run_directory(self, index: int, run: PlannedRun, path: Path) -> None:
+        """Run ``index`` has its run directory at ``path``."""
+
     def run_finished(self, index: int, run: PlannedRun, record: RunRecord) -> None:
-        """Run ``index`` ended: ``record`` says how."""
+        """Run ``index`` ended: ``record`` says how (not called when it was interrupted)."""
 
 
 def _now() -> str:
@@ -217,6 +244,8 @@ async def run_and_report(
 
     After a failed run the report is still derived as far as the raw artifacts
     allow (as ``migrator run`` does); a run that cannot be reported is logged.
+    The reports are derived in a worker thread: runs of a parallel suite go on
+    sampling meanwhile, which a report blocking the event loop would stall.
     """
     holder: list[Path] = []
 
@@ -229,23 +258,32 @@ async def run_and_report(
     except MigratorError:
         if holder:
             try:
-                write_report(holder[0], build_report(holder[0]))
+                await asyncio.to_thread(_write_partial_report, holder[0])
             except MigratorError as error:
                 log.warning("%s: no partial report: %s", holder[0], error)
         raise
-    artifacts = load_run_artifacts(run.path)
+    await asyncio.to_thread(_write_reports, run.path, html)
+    return run.path
+
+
+def _write_partial_report(run_dir: Path) -> None:
+    write_report(run_dir, build_report(run_dir))
+
+
+def _write_reports(run_dir: Path, html: bool) -> None:
+    """``report.json`` of a finished run, and ``report.html`` with ``html``."""
+    artifacts = load_run_artifacts(run_dir)
     report = derive_report(artifacts)
-    write_report(run.path, report)
+    write_report(run_dir, report)
     if html:
         from migrator.metrics.run_page import load_run_page_data
         from migrator.report.html import write_run_html
 
         try:
-            write_run_html(run.path, load_run_page_data(artifacts, report))
+            write_run_html(run_dir, load_run_page_data(artifacts, report))
         except MigratorError as error:
             # The run itself is fine; a missing page must not turn it into a failure.
-            log.warning("%s: no HTML report: %s", run.path, error)
-    return run.path
+            log.warning("%s: no HTML report: %s", run_dir, error)
 
 
 async def hgm_blocker(scenario: Scenario) -> str | None:
@@ -281,17 +319,20 @@ class _HgmCache:
     def __init__(self, check: HgmCheck) -> None:
         self._check = check
         self._verdicts: dict[str, str | None] = {}
+        # Parallel runs asking at once wait for the first one's answer.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def blocker(self, scenario: Scenario) -> str | None:
         key = scenario.hosts.model_dump_json() + scenario.vm.qemu + str(scenario.vm.qemu_root)
-        if key not in self._verdicts:
-            self._verdicts[key] = await self._check(scenario)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._verdicts:
+                self._verdicts[key] = await self._check(scenario)
         return self._verdicts[key]
 
 
 async def _attempt(
     run: PlannedRun, record: RunRecord, out_dir: Path, run_fn: RunFunction, hgm: _HgmCache,
-    observer: Observer, save: Callable[[], None],
+    observer: Observer, save: Callable[[], None], on_path: Callable[[Path], None],
 ) -> None:
     """Try one run and record its outcome in ``record`` (never raises for a run's failure)."""
     record.status = RunStatus.RUNNING
@@ -308,6 +349,7 @@ async def _attempt(
         except ValueError:
             record.run_dir = str(rundir.path)
         save()
+        on_path(rundir.path)
 
     try:
         reason = await hgm.blocker(run.scenario) if run.hgm else None
@@ -337,16 +379,27 @@ async def _attempt(
         save()
 
 
+class _Interrupted(Exception):
+    """A run was interrupted by itself (not by the suite's cancellation): stop the suite."""
+
+
 async def run_suite(
     suite: Suite, out_dir: Path, *, resume: bool = False, selection: Selection | None = None,
     only: Sequence[str] = (), observer: SuiteObserver | None = None,
     run_fn: RunFunction | None = None, hgm_check: HgmCheck | None = None,
+    parallel: int = 1, vcpus_per_core: int = 1, capacity_probe: CapacityProbe | None = None,
 ) -> SuiteState:
     """Run the selected part of ``suite`` into ``out_dir`` (see the module docstring).
 
-    ``only`` is the ``--only`` text, kept in the state for the record.  Returns
-    the final state; the caller decides the exit status from it.
+    ``only`` is the ``--only`` text, kept in the state for the record.
+    ``parallel`` runs at most that many at once, as the hosts' capacity allows
+    (``vcpus_per_core``: see :mod:`migrator.bench.capacity`); a run that could
+    never fit is a :class:`PreflightError` before anything runs.  Returns the
+    final state; the caller decides the exit status from it.
     """
+    if parallel < 1 or vcpus_per_core < 1:
+        raise ConfigError("must be at least 1",
+                          field="--parallel" if parallel < 1 else "--vcpus-per-core")
     observer = observer or SuiteObserver()
     run_fn = run_fn or run_and_report
     hgm = _HgmCache(hgm_check or hgm_blocker)
@@ -363,6 +416,8 @@ async def run_suite(
             todo.append(run)
         else:
             record.status = RunStatus.SKIPPED
+    scheduler, needs = await _schedule(todo, parallel, vcpus_per_core,
+                                       capacity_probe or probe_capacity)
     atomic_write(out_dir / "suite.toml", _suite_text(suite))
     state.save(out_dir)
     observer.suite_started(todo, state)
@@ -370,12 +425,63 @@ async def run_suite(
     def save() -> None:
         state.save(out_dir)
 
-    for index, run in enumerate(todo, 1):
+    async def one(index: int, run: PlannedRun) -> None:
         record = state.runs[run.run_id]
-        observer.run_started(index, run)
-        await _attempt(run, record, out_dir, run_fn, hgm, observer, save)
-        observer.run_finished(index, run, record)
+        with run_label(run.run_id):
+            async with scheduler.slot(index, needs[index - 1]):
+                observer.run_started(index, run)
+                try:
+                    await _attempt(run, record, out_dir, run_fn, hgm,
+                                   observer.run_observer(index, run), save,
+                                   lambda path: observer.run_directory(index, run, path))
+                except asyncio.CancelledError:
+                    # The suite stops: no waiting run may take the slot this one leaves.
+                    scheduler.close()
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    raise _Interrupted(run.run_id) from None
+                observer.run_finished(index, run, record)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index, run in enumerate(todo, 1):
+                group.create_task(one(index, run))
+    except BaseExceptionGroup as errors:
+        interrupted, rest = errors.split(_Interrupted)
+        if rest is not None:
+            raise rest from None
+        assert interrupted is not None
+        raise asyncio.CancelledError from None
     return state
+
+
+async def _schedule(
+    todo: Sequence[PlannedRun], parallel: int, vcpus_per_core: int, probe: CapacityProbe,
+) -> tuple[Scheduler, list[RunNeeds]]:
+    """The scheduler and each run's needs; with ``parallel`` above 1, the hosts are probed.
+
+    :class:`PreflightError` names the first run that could never fit its hosts.
+    """
+    if parallel == 1 or not todo:
+        return Scheduler(1), [RunNeeds() for _ in todo]
+    capacity = await probe([run.scenario for run in todo])
+    kernel_of = {spec: kernel.kernel for spec, kernel in capacity.items()}
+    scheduler = Scheduler(parallel, {kernel.kernel: kernel for kernel in capacity.values()},
+                          vcpus_per_core)
+    needs = [needs_of(run.scenario, kernel_of) for run in todo]
+    refused = [(run, reason) for run, run_needs in zip(todo, needs, strict=True)
+               if (reason := scheduler.why_not_alone(run_needs)) is not None]
+    if refused:
+        run, reason = refused[0]
+        more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
+        raise PreflightError(f"run {run.run_id} cannot run on its hosts even alone: {reason}"
+                             f"{more}; fix: shrink vm.memory_mib or free memory there")
+    for kernel in scheduler.kernels.values():
+        log.info("capacity of %s: %d cores, MemAvailable %d MiB, free hugepages %s",
+                 kernel.name, kernel.cpus, kernel.mem_available_mib,
+                 dict(kernel.free_hugepages) or "-")
+    return scheduler, needs
 
 
 def _suite_text(suite: Suite) -> str:

@@ -30,6 +30,7 @@ from migrator.errors import ConfigError, ExitCode, MigratorError
 if TYPE_CHECKING:
     from migrator.bench.runner import SuiteState
     from migrator.bench.suite import Suite
+    from migrator.cli.bench_progress import SuiteProgress
     from migrator.config.models import Scenario
     from migrator.rundir import RunDir
     from migrator.runner import Observer
@@ -58,6 +59,25 @@ def _summary(suite: Suite, state: SuiteState, selected: Sequence[str], out_dir: 
     return counts[RunStatus.FAILED]
 
 
+def _interrupted(stop: BaseException, progress: SuiteProgress, out_dir: Path) -> typer.Exit:
+    """Say how each run the interrupt caught was left; give the interrupt's exit."""
+    caught = [progress.active[index] for index in sorted(progress.active)]
+    stopped = None
+    for line in caught:
+        if len(caught) > 1:
+            err.print(f"run {escape(line.run.run_id)}:", highlight=False, soft_wrap=True)
+        stopped = interrupted(stop, line.run_dir)
+    if stopped is None:
+        stopped = interrupted(stop, None)
+    # Run ids hold commas: "; " keeps them apart.
+    ids = "; ".join(line.run.run_id for line in caught)
+    current = (f"run {ids} is recorded as failed; " if len(caught) == 1
+               else f"runs {ids} are recorded as failed; " if caught else "")
+    err.print(f"{escape(current)}{escape(str(out_dir / 'suite.json'))} is saved, --resume "
+              "continues", highlight=False, soft_wrap=True)
+    return stopped
+
+
 def bench(
     suite_file: Annotated[Path, typer.Argument(help="suite TOML file", metavar="SUITE.toml")],
     out: Annotated[Path | None, typer.Option(
@@ -72,19 +92,32 @@ def bench(
     html: Annotated[bool, typer.Option(
         "--html", help="also write report.html in each finished run directory and "
                        "DIR/suite.html for the whole suite")] = False,
+    parallel: Annotated[int, typer.Option(
+        "--parallel", min=1, metavar="N",
+        help="run up to N runs at once, as many on one host as its memory, hugepages and "
+             "cores hold (a run that does not fit waits)")] = 1,
+    vcpus_per_core: Annotated[int, typer.Option(
+        "--vcpus-per-core", min=1, metavar="K",
+        help="with --parallel: how many guest vCPUs of concurrent runs may share one host "
+             "core")] = 1,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run a benchmark suite: every combination of its axes, one run at a time.
+    """Run a benchmark suite: every combination of its axes, one run at a time or --parallel.
 
     Each run goes to DIR/runs/; DIR/suite.json records every run's status (done,
     failed, skipped, unsupported), run directory, error and timings after each
-    run, and DIR/bench.log the debug log.  A failed run never stops the rest.
-    When an axis varies vm.backing, the page-size table is printed at the end and
-    written as DIR/page-size.md and DIR/page-size.csv.
+    run, in suite order, and DIR/bench.log the debug log.  A failed run never
+    stops the rest.  When an axis varies vm.backing, the page-size table is
+    printed at the end and written as DIR/page-size.md and DIR/page-size.csv.
+
+    With --parallel N, up to N runs go at once in this one process; each host's
+    capacity is read first and a run that could not fit even alone is refused
+    before anything starts (exit 3).
 
     Exit status: 0 when no selected run failed (unsupported HGM runs do not
     count as failures), 1 when any failed, 2 for a bad suite file or option,
-    130/143 when interrupted (the state is saved: --resume continues).
+    3 when a run cannot fit its hosts even alone, 130/143 when interrupted (the
+    state is saved: --resume continues).
     """
     import asyncio
 
@@ -112,29 +145,22 @@ def bench(
                                field=f"--out {out_dir}")) from None
     setup_logging(verbose, out_dir / "bench.log")
 
-    progress = SuiteProgress(err)
+    progress = SuiteProgress(err, parallel)
 
     async def run_one(scenario: Scenario, runs_root: Path, observer: Observer,
                       on_rundir: Callable[[RunDir], None]) -> Path:
-        def remember(run: RunDir) -> None:
-            progress.run_dir = run.path
-            on_rundir(run)
-
-        return await run_and_report(scenario, runs_root, observer, remember, html=html)
+        return await run_and_report(scenario, runs_root, observer, on_rundir, html=html)
 
     try:
         with progress:
             state = run_until_interrupted(run_suite(
                 suite, out_dir, resume=resume, selection=selection, only=only or [],
-                observer=progress, run_fn=run_one))
+                observer=progress, run_fn=run_one, parallel=parallel,
+                vcpus_per_core=vcpus_per_core))
     except MigratorError as error:
         raise fail(error) from None
     except (KeyboardInterrupt, asyncio.CancelledError) as stop:
-        stopped = interrupted(stop, progress.run_dir)
-        current = f"run {progress.run_id} is recorded as failed; " if progress.run_id else ""
-        err.print(f"{escape(current)}{escape(str(out_dir / 'suite.json'))} is saved, --resume "
-                  "continues", highlight=False, soft_wrap=True)
-        raise stopped from None
+        raise _interrupted(stop, progress, out_dir) from None
 
     if suite.varies_backing:
         table = build_page_size_table(suite, state, out_dir)

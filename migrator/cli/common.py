@@ -119,18 +119,25 @@ def fail(error: MigratorError, exit_code: int | None = None) -> typer.Exit:
 def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     """Send log records to stderr (INFO and up) with ``verbose``, and all of them to ``log_file``.
 
-    Without either, only warnings are shown.
+    Without either, only warnings are shown.  Records logged while a run of a
+    parallel suite goes name that run (:mod:`migrator.logcontext`).
     """
+    from migrator.logcontext import RunLabelFilter
+
     handlers: list[logging.Handler] = []
     if log_file is not None:
         handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(run_prefix)s%(message)s"))
         handler.setLevel(logging.DEBUG)
         handlers.append(handler)
     if verbose:
         stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(run_prefix)s%(message)s"))
         stream.setLevel(logging.INFO)
         handlers.append(stream)
+    for each in handlers:
+        each.addFilter(RunLabelFilter())
     logging.basicConfig(level=logging.DEBUG if handlers else logging.WARNING,
                         handlers=handlers or None, force=True)
     # qemu.qmp logs every disconnect at INFO; that is noise for a user.

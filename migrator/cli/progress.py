@@ -12,10 +12,11 @@ from rich.text import Text
 
 from migrator.runner import Observer
 
-__all__ = ["LiveProgress"]
+__all__ = ["LiveProgress", "mib"]
 
 
-def _mib(value: Any) -> str:
+def mib(value: Any) -> str:
+    """A byte count as MiB for progress lines (``-`` when QEMU did not report it)."""
     return f"{value / 1048576:,.1f} MiB" if isinstance(value, int | float) else "-"
 
 
@@ -61,7 +62,7 @@ class LiveProgress(Observer):
             if not reply:
                 continue
             ram = reply.get("ram", {})
-            table.add_row(side, str(reply.get("status", "-")), _mib(ram.get("transferred")),
-                          _mib(ram.get("remaining")), str(ram.get("postcopy-requests", "-")),
+            table.add_row(side, str(reply.get("status", "-")), mib(ram.get("transferred")),
+                          mib(ram.get("remaining")), str(ram.get("postcopy-requests", "-")),
                           str(ram.get("dirty-sync-count", "-")))
         return Group(head, table) if self.latest else Group(head)

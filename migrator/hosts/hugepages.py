@@ -25,10 +25,13 @@ page size, and in a claim file on the host that other migrator processes see
 ``available - claimed`` as free.  This is conservative: pages a claimant's QEMU
 has already mapped are out of ``available`` *and* still claimed, so the pool may
 be grown by more than was strictly needed (and shrunk back by the same amount on
-exit), never by less.  Reading the pool, growing it and recording the claim
-happen under one lock per kernel and page size in this process and under the
-host's pool lock across processes, so no two reservations count the same free
-pages or lose each other's write to ``nr_hugepages``.
+exit), never by less.  Pages that a claimant maps while the pool grows (post-copy
+placing pages it had discarded) leave the free count after it was read: the pool
+is then grown again by what is missing (:data:`GROW_ROUNDS`).  Reading the pool,
+growing it and recording the claim happen under one lock per kernel and page size
+in this process and under the host's pool lock across processes, so no two
+reservations count the same free pages or lose each other's write to
+``nr_hugepages``.
 """
 
 from __future__ import annotations
@@ -142,6 +145,11 @@ COMPACT_MEMORY = Path("/proc/sys/vm/compact_memory")
 # 1 GiB pages, right after another run gave its pages back, a first try can find fewer than
 # asked (measured: 1 of 2, once in 6 main jobs run back to back) and a later one all.
 GROW_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+# A claimant's QEMU may map pages of its claim while the pool grows (post-copy places
+# pages that it had discarded, and so free): they leave the free count, yet were already
+# subtracted as claimed, so a pool grown by the shortfall first read can come out short of
+# it.  It is grown again by what is missing; the whole claim mapped at once bounds that.
+GROW_ROUNDS = 4
 
 
 async def _grow(host: Host, page_size_kib: int, before: int, total: int,
@@ -222,8 +230,10 @@ async def reserve_hugepages(host: Host, page_size_kib: int, needed: int,
             async with _pool_lock(key), hold_pool_lock(host):
                 pool = await read_pool(host, page_size_kib, node)
                 others = _claimed.get(key, 0) + await other_processes_claims(host, page_size_kib)
-                shortfall = max(0, needed - (pool.available - others))
-                if shortfall:
+                for _ in range(GROW_ROUNDS):
+                    shortfall = max(0, needed - (pool.available - others))
+                    if not shortfall:
+                        break
                     try:
                         grown = await _grow(host, page_size_kib, pool.total,
                                             pool.total + shortfall, node)
@@ -231,14 +241,17 @@ async def reserve_hugepages(host: Host, page_size_kib: int, needed: int,
                         raise HugepageShortfall(page_size_kib, needed,
                                                 max(0, pool.available - others),
                                                 claimed=others) from None
-                    added = grown.total - pool.total
+                    added += grown.total - pool.total
                     log.info("%s: hugepages-%dkB%s grown %d -> %d (asked +%d; %d claimed by "
                              "other reservations)", host.name, page_size_kib, _on(node),
                              pool.total, grown.total, shortfall, others)
-                    if grown.available - others < needed:
-                        raise HugepageShortfall(page_size_kib, needed,
-                                                max(0, grown.available - others),
-                                                claimed=others)
+                    complete = grown.total >= pool.total + shortfall
+                    pool = grown
+                    if not complete:
+                        break  # the kernel found no more: asking again will not help
+                if pool.available - others < needed:
+                    raise HugepageShortfall(page_size_kib, needed,
+                                            max(0, pool.available - others), claimed=others)
                 await claim.enter_async_context(hold_claim(host, page_size_kib, needed))
                 _claimed[key] = _claimed.get(key, 0) + needed
                 claimed = True

@@ -307,5 +307,29 @@ async def incoming_uri(scenario: Scenario, stack: AsyncExitStack, destination: P
     spec = scenario.hosts.destination
     address = destination_address(scenario)
     port = spec.migration_port if isinstance(spec, SSHHostSpec) else None
-    port = port or await free_tcp_port(destination.host, address)
+    if port is None:
+        port = await _unclaimed_port(destination.host, address)
+        claim = (destination.host.name, address, port)
+        stack.callback(_ports_handed_out.discard, claim)
     return f"tcp:{_uri_host(address)}:{port}"
+
+
+# Ports handed to runs of this process whose QEMU may not listen on them yet: a port is
+# free only until its QEMU binds it, and a parallel suite's runs pick ports side by side.
+_ports_handed_out: set[tuple[str, str, int]] = set()
+# bind(0) draws at random from thousands of ports: a clash is rare, and more than a few
+# in a row means something else is wrong.
+_PORT_DRAWS = 8
+
+
+async def _unclaimed_port(host: Host, address: str) -> int:
+    """:func:`free_tcp_port`, never one another run of this process holds (recorded as held)."""
+    for _ in range(_PORT_DRAWS):
+        port = await free_tcp_port(host, address)
+        claim = (host.name, address, port)
+        if claim not in _ports_handed_out:
+            _ports_handed_out.add(claim)
+            return port
+    raise HostError(f"no free TCP port on {address} on {host.name} that no other run of this "
+                    f"process holds after {_PORT_DRAWS} draws; set migration_port in the "
+                    "destination's host entry")

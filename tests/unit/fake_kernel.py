@@ -41,6 +41,11 @@ class FakeKernel:
         self.used += pages
         self._publish()
 
+    def unmap_pages(self, pages: int) -> None:
+        """A process unmaps ``pages`` (its QEMU stopped): they are free again."""
+        self.used -= pages
+        self._publish()
+
     def _write(self, data: bytes) -> None:
         self.total = max(self.used, min(int(data), self.limit))
         self._publish()

@@ -157,6 +157,41 @@ async def test_pages_already_mapped_by_a_claimant_count_conservatively() -> None
     assert kernel.total == 0
 
 
+class PlacingKernel(FakeKernel):
+    """A kernel where a claimant's QEMU maps pages of its claim as the pool grows.
+
+    As a post-copy destination does: it discarded pages (they went back to the
+    pool's free count) and places them again as they arrive.
+    """
+
+    def __init__(self, placed_per_write: int, **pool: int) -> None:
+        super().__init__(boot_id="placing", **pool)
+        self.placed_per_write = placed_per_write
+        self.to_place = 0
+
+    def _write(self, data: bytes) -> None:
+        super()._write(data)
+        placed = min(self.placed_per_write, self.to_place)
+        self.to_place -= placed
+        self.map_pages(placed)
+
+
+async def test_pages_a_claimant_maps_while_the_pool_grows_are_grown_again() -> None:
+    kernel = PlacingKernel(placed_per_write=2, total=0, free=0, limit=20)
+    a, b = kernel.host("a"), kernel.host("b")
+    async with reserve_hugepages(a, 1048576, 4):
+        kernel.map_pages(2)  # a's QEMU holds 2 of its 4 pages; 2 are discarded (free)
+        kernel.to_place = 2
+        async with reserve_hugepages(b, 1048576, 4) as added_b:
+            # Read: 2 available, 4 claimed: grown by 6.  Meanwhile a placed its 2 pages,
+            # so 2 more are needed: grown again.
+            assert added_b == 8
+            assert kernel.total - kernel.used >= 4  # b's pages are there
+        assert kernel.total == 4
+        kernel.unmap_pages(4)
+    assert kernel.total == 0
+
+
 async def test_hosts_on_different_kernels_claim_independently() -> None:
     first = FakeKernel(total=2, free=2, limit=2, boot_id="boot-1")
     second = FakeKernel(total=2, free=2, limit=2, boot_id="boot-2")
