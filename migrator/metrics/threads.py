@@ -27,6 +27,7 @@ from pathlib import Path
 from migrator.metrics.events import MigrationEvents, read_jsonl
 from migrator.model import Metric, ThreadCpu
 from migrator.qemu.threads import THREADS_FILE
+from migrator.rundir import artifact_path
 
 __all__ = ["thread_cpu", "thread_kind"]
 
@@ -123,7 +124,7 @@ def thread_cpu(run_path: Path, ev: MigrationEvents) -> list[ThreadCpu]:
     rows = []
     for side in ("src", "dst"):
         path = run_path / side / THREADS_FILE
-        if not path.exists():
+        if artifact_path(path) is None:
             continue
         per_second, times, series = _load(path)
         if len(times) < 2:
