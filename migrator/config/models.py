@@ -309,6 +309,12 @@ class CollectSpec(ScenarioModel):
         description="samples per second of the destination QEMU's /proc/PID/smaps (guest RAM "
                     "mapping granularity; hugetlb backings only)",
     )
+    compress: Literal["zstd", "none"] = Field(
+        "zstd",
+        description="how the growing raw artifacts are kept: zstd streams written as they are "
+                    "recorded (dst/trace.log.zst by the zstd command on the destination's host, "
+                    "the samples and consoles by migrator), or plain files ('none')",
+    )
 
 
 Side = Literal["source", "destination"]
