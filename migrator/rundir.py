@@ -146,14 +146,15 @@ class _Decompressed(io.RawIOBase):
 def open_artifact(path: Path) -> BinaryIO:
     """The bytes of the artifact ``path`` names, plain or compressed (see module docstring).
 
+    ``path`` is the plain name (``trace.log``), or a ``.zst`` file's own.
     FileNotFoundError when neither form exists.
     """
     found = artifact_path(path)
     if found is None:
         raise FileNotFoundError(f"{path}: no such artifact (nor {path.name}{ZST})")
-    if found is path:
-        return open(path, "rb")
-    return io.BufferedReader(_Decompressed(found), buffer_size=1 << 20)
+    if found.name.endswith(ZST):
+        return io.BufferedReader(_Decompressed(found), buffer_size=1 << 20)
+    return open(found, "rb")
 
 
 def open_artifact_text(path: Path) -> TextIO:

@@ -18,7 +18,8 @@ How :func:`zstd_fifo` keeps both ends in step:
   the caller does after stopping the writer, waits for that exit;
 - a writer that never opened the FIFO (it failed first) leaves zstd waiting in
   ``open``: the FIFO is then opened for writing without blocking and closed at
-  once (``dd ... oflag=nonblock``), which gives zstd an empty input;
+  once (``dd ... oflag=nonblock``), which gives zstd an empty input, as often as
+  needed (zstd may not have reached its ``open`` yet);
 - a zstd still running :data:`EXIT_TIMEOUT_S` later is killed and
   :class:`HostError` raised; its output is readable up to its last whole block
   (:func:`migrator.rundir.open_artifact`).
@@ -45,6 +46,8 @@ __all__ = ["EXIT_TIMEOUT_S", "ZstdFifo", "zstd_fifo"]
 #: How long zstd may take to finish once its writer has gone (it compresses at most a
 #: block, ~128 KiB, then ends the frame: milliseconds).
 EXIT_TIMEOUT_S = 10.0
+#: How long zstd may still be running before it is woken (see :meth:`ZstdFifo.finish`).
+WAKE_PERIOD_S = 0.2
 #: How long a SIGTERM'd zstd has before SIGKILL.
 KILL_GRACE_S = 2.0
 
@@ -65,14 +68,9 @@ class ZstdFifo:
 
     async def finish(self) -> None:
         """Wait for zstd to end (the writer is gone); kill it and raise if it does not."""
-        # Wakes a zstd still waiting for a writer; fails harmlessly (no reader, or no
-        # FIFO any more: nocreat) in every other case.
-        with contextlib.suppress(HostError):
-            await self.host.run(["dd", "if=/dev/null", f"of={self.fifo}", "oflag=nonblock",
-                                 "conv=nocreat,notrunc", "status=none"], timeout=30)
         try:
             async with asyncio.timeout(EXIT_TIMEOUT_S):
-                status = await self.process.wait()
+                status = await self._wait_waking()
         except TimeoutError:
             await self._kill()
             raise HostError(f"zstd compressing into {self.output} on {self.host.name} did not "
@@ -83,6 +81,22 @@ class ZstdFifo:
             raise HostError(f"zstd compressing into {self.output} on {self.host.name} failed",
                             argv=self.process.argv, status=status,
                             output=await self._stderr_text())
+
+    async def _wait_waking(self) -> int:
+        """zstd's exit status, waking it each :data:`WAKE_PERIOD_S` it is still running.
+
+        A zstd that never had a writer waits in ``open``, or is about to (just
+        started): an open for writing that does not block, closed at once, gives it
+        end-of-file.  Where zstd has no FIFO open, or the FIFO is gone, it fails
+        harmlessly (``nocreat``: no file is made in its place).
+        """
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAKE_PERIOD_S):
+                    return await self.process.wait()
+            with contextlib.suppress(HostError):
+                await self.host.run(["dd", "if=/dev/null", f"of={self.fifo}", "oflag=nonblock",
+                                     "conv=nocreat,notrunc", "status=none"], timeout=30)
 
     async def _kill(self) -> None:
         await self.process.send_signal(signal.SIGTERM)
