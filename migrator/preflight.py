@@ -307,8 +307,9 @@ async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> lis
 
 
 async def _compressor_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
-    """The zstd command on the destination's host, which compresses its trace as QEMU writes it
-    (:mod:`migrator.hosts.zstd_fifo`); the controller compresses everything else itself."""
+    """The zstd command on the destination's host, which compresses its trace there once QEMU
+    has stopped (:mod:`migrator.hosts.compress`); the controller compresses everything else
+    itself."""
     collect = scenario.collect
     if "destination" not in roles or not collect.trace or collect.compress != "zstd":
         return []

@@ -1,8 +1,8 @@
 """The run directory: where a run's raw observations and derived reports live.
 
-Layout (every file is written atomically, appended line by line or compressed
-as a stream, so a run killed at any moment leaves only whole, parseable
-artifacts)::
+Layout (every file is written atomically, appended line by line, or compressed
+as a stream or once complete, so a run killed at any moment leaves only whole,
+parseable artifacts)::
 
     RUN/                      mode 0700 (holds the QMP sockets while running);
                               its files get the umask's mode, so a collector
@@ -19,16 +19,17 @@ artifacts)::
       report.json             derived; rebuilt by ``migrator report RUN``
 
 Compressed artifacts.  The streams that grow with a run's length and sampling
-rates (the destination trace, the guest consoles, the query-migrate, thread
-and smaps samples) are zstd streams, ``NAME.zst``, with ``collect.compress =
-"zstd"`` (the default); with ``"none"`` they are the plain ``NAME`` as before,
+rates are zstd streams, ``NAME.zst``, with ``collect.compress = "zstd"`` (the
+default): the guest consoles, the query-migrate, thread and smaps samples as
+they are recorded (:class:`JsonlWriter`), the destination trace once its QEMU
+has stopped (:mod:`migrator.hosts.compress`); with ``"none"`` they are the plain ``NAME`` as before,
 and so are they in runs recorded before compression existed.  The small
 journal (run.json, the timeline, the QMP events) and QEMU's own logs stay
-plain, for reading by hand.  Every reader opens an artifact by its
-plain name through :func:`open_artifact` (bytes) or :func:`open_artifact_text`
-(lines), which read whichever form exists, so a report is the same from either.
-A stream cut short (its writer killed) reads up to its last whole zstd block,
-as a plain file cut short reads up to its last whole line.  ``zstdcat FILE``
+plain, for reading by hand.  Every reader opens an artifact by its plain name
+through :func:`open_artifact` (bytes) or :func:`open_artifact_text` (lines),
+which read whichever form exists, so a report is the same from either.  A
+stream cut short (its writer killed) reads up to its last whole zstd block, as
+a plain file cut short reads up to its last whole line.  ``zstdcat FILE``
 shows one.
 """
 

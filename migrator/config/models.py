@@ -311,9 +311,10 @@ class CollectSpec(ScenarioModel):
     )
     compress: Literal["zstd", "none"] = Field(
         "zstd",
-        description="how the growing raw artifacts are kept: zstd streams written as they are "
-                    "recorded (dst/trace.log.zst by the zstd command on the destination's host, "
-                    "the samples and consoles by migrator), or plain files ('none')",
+        description="how the growing raw artifacts are kept: zstd streams (the samples and "
+                    "consoles as migrator records them, dst/trace.log.zst by the zstd command "
+                    "on the destination's host once its QEMU has stopped), or plain files "
+                    "('none')",
     )
 
 

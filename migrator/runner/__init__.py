@@ -38,8 +38,8 @@ from migrator.guest.crash import attribute_to_guest_crash, first_guest_crash
 from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
 from migrator.hgm import GuestRamFilter, HgmDecision, HgmSupport, sample_smaps
 from migrator.hosts.base import Host
+from migrator.hosts.compress import compressed_when_done
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
-from migrator.hosts.zstd_fifo import zstd_fifo
 from migrator.metrics.events import load_events, read_jsonl
 from migrator.migration.driver import MigrationDriver
 from migrator.migration.plan import MigrationPlan, plan_migration
@@ -59,11 +59,10 @@ from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
 from migrator.qemu.process import QemuProcess
 from migrator.qemu.threads import THREADS_FILE, sample_threads
-from migrator.rundir import SIDES, ZST, JsonlWriter, RunDir
+from migrator.rundir import SIDES, JsonlWriter, RunDir
 from migrator.runner import decisions
 from migrator.runner.journal import Observer, RunJournal
 from migrator.runner.placement import (
-    TRACE_LOG,
     Place,
     check_layout,
     free_tcp_port,
@@ -249,24 +248,19 @@ class ScenarioRun(RunJournal):
     ) -> tuple[QemuProcess, GuestConsole]:
         """One QEMU and the console on its serial line, both owned by ``stack``.
 
-        A compressed trace's zstd starts first and ends after QEMU has stopped
-        (:mod:`migrator.hosts.zstd_fifo`): it reads QEMU's trace to the end.
+        A traced QEMU's trace is compressed on its host once it has stopped
+        (:mod:`migrator.hosts.compress`), before a remote host's files are fetched.
         """
         host = place.host
         # QEMU removes its listening sockets when it exits, but not when it is killed.
         stack.push_async_callback(host.remove_tree, place.serial_socket)
-        trace = None
         if spec.trace_file is not None and self.compress:
-            trace = await self.teardown_step(
-                stack, f"{side} trace compressor ended on {host.name}",
-                zstd_fifo(host, spec.trace_file, place.host_dir / (TRACE_LOG + ZST)))
+            await self.teardown_step(stack, f"{side} trace compressed on {host.name}",
+                                     compressed_when_done(host, spec.trace_file))
         qemu = await self.teardown_step(
             stack, f"{side} QEMU stopped",
             QemuProcess.from_spec(host, spec, self.run.side(side), host_dir=place.host_dir))
         self.booted = True
-        if trace is not None:
-            # QEMU opens its -D file before its QMP monitor, so it holds the FIFO now.
-            await trace.unlink()
         serial = await stack.enter_async_context(host.forward_unix_socket(place.serial_socket))
         console = await stack.enter_async_context(
             GuestConsole(serial, self.run.side(side) / "console.jsonl", side=side,

@@ -10,10 +10,9 @@ host, fetched back into the run directory when the run ends and then removed
 and the serial consoles are reached through :meth:`Host.forward_unix_socket`;
 the migration stream goes from host to host.
 
-The destination's trace: with ``collect.compress = "zstd"`` QEMU writes it into
-the FIFO ``trace.fifo``, which ``zstd`` on the same host compresses into
-``trace.log.zst`` (:mod:`migrator.hosts.zstd_fifo`); with ``"none"`` QEMU writes
-``trace.log`` itself.
+The destination's trace: QEMU writes ``trace.log``; with ``collect.compress =
+"zstd"`` it becomes ``trace.log.zst`` on the QEMU's host once QEMU has stopped,
+before it is fetched (:mod:`migrator.hosts.compress`).
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ __all__ = [
     "JANITOR",
     "MAX_SOCKET_PATH",
     "QEMU_OUTPUT_FILES",
-    "TRACE_FIFO",
     "TRACE_LOG",
     "Place",
     "check_layout",
@@ -63,11 +61,10 @@ log = logging.getLogger(__name__)
 # sun_path holds 108 bytes.  Longer socket paths move to a private temp dir on a
 # local host; on an SSH host they are a ConfigError (see check_layout).
 MAX_SOCKET_PATH = 100
-# The destination's trace as QEMU writes it, and the FIFO it writes into when compressed.
+# The destination's trace as QEMU writes it.
 TRACE_LOG = "trace.log"
-TRACE_FIFO = "trace.fifo"
-# What a QEMU writes itself on its host (or its compressor does); fetched back from remote
-# hosts after the run.
+# What a QEMU writes itself on its host (the trace compressed there, or not); fetched back
+# from remote hosts after the run.
 QEMU_OUTPUT_FILES = ("stdout.log", "stderr.log", "serial.log", TRACE_LOG, TRACE_LOG + ZST)
 
 # The remote run directory's janitor (``sh -c JANITOR migrator-janitor DIR``): idles
@@ -287,9 +284,8 @@ def launch_spec(
         serial_args=tuple(serial_chardev_args(place.serial_socket,
                                               place.host_dir / "serial.log")),
         mem_path=mem_path, incoming=side == "dst",
-        trace_file=place.host_dir / (TRACE_FIFO if scenario.collect.compress == "zstd"
-                                     else TRACE_LOG)
-        if side == "dst" and scenario.collect.trace else None,
+        trace_file=place.host_dir / TRACE_LOG if side == "dst" and scenario.collect.trace
+        else None,
     )
 
 

@@ -124,8 +124,8 @@ def test_destination_killed_in_postcopy_fails_after_switchover(
     assert "the VM is lost" in report["statement"]
     [pause] = report["recoveries"]  # the source paused when its destination vanished
     assert pause["result"] == "not recovered"
-    # The killed QEMU's trace, compressed on its host as it was written and fetched back:
-    # a whole stream (zstd saw the end of it), with the fetches made until the kill.
+    # The killed QEMU's trace, compressed on its host and fetched back: a whole stream,
+    # with the fetches made until the kill.
     decompressor = zstandard.ZstdDecompressor().decompressobj()
     decompressor.decompress((run_dir / "dst" / "trace.log.zst").read_bytes())
     assert decompressor.eof
