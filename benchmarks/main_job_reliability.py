@@ -45,6 +45,7 @@ from migrator.bench.suite import load_suite  # noqa: E402
 from migrator.config import Scenario, dump_scenario, load_scenario, parse_scenario  # noqa: E402
 from migrator.config.models import SSHHostSpec  # noqa: E402
 from migrator.metrics.qemu_counters import load_counters  # noqa: E402
+from migrator.rundir import artifact_path  # noqa: E402
 from tests.integration.children import run_migrator  # noqa: E402
 from tests.integration.ssh_scenarios import host_entry  # noqa: E402
 from tests.integration.sshhosts import SSHTestbed, make_testbed  # noqa: E402
@@ -105,7 +106,7 @@ def run_once(label: str, scenario_file: Path, runs: Path) -> Run:
     run_dir = made[-1] if made else None
     meta = _read_json(run_dir / "run.json") if run_dir else {}
     passes = postcopy_bytes = None
-    if run_dir is not None and (run_dir / "samples.jsonl").exists():
+    if run_dir is not None and artifact_path(run_dir / "samples.jsonl") is not None:
         # The report's own reader: the final reply, else the last samples of a run that died.
         counters = load_counters(run_dir)
         passes = counters.metric("src", "ram.dirty-sync-count", "passes").value

@@ -9,6 +9,7 @@ need carries the fix an operator can apply.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -423,6 +424,28 @@ async def placement_needs(host: Host, roles: list[Role], scenario: Scenario,
     return needs
 
 
+async def _compressor_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
+    """The zstd command on the destination's host, which compresses its trace there once QEMU
+    has stopped (:mod:`migrator.hosts.compress`); the controller compresses everything else
+    itself."""
+    collect = scenario.collect
+    if "destination" not in roles or not collect.trace or collect.compress != "zstd":
+        return []
+    try:
+        found = await host.run(["zstd", "--version"], timeout=30)
+    except HostError:
+        found = None
+    met = found is not None and found.status == 0
+    version = re.search(r"v(\d+(?:\.\d+)+)", found.stdout) if found is not None else None
+    return [Need(
+        what="zstd (collect.compress = \"zstd\": the destination trace is compressed there)",
+        met=met,
+        detail=(f"zstd {version.group(1)}" if version else "present") if met
+        else f"zstd not found on {host.name}",
+        fix="" if met else f"apt install zstd on {host.name}, or set collect.compress = "
+                           "\"none\" to keep the trace plain")]
+
+
 async def check_host(
     host: Host, roles: list[Role], scenario: Scenario,
     kvm: tuple[bool | None, str] | None = None, hugepages: list[Need] | None = None,
@@ -502,6 +525,7 @@ async def check_host(
                           fix="" if userfaultfd else "a kernel with CONFIG_USERFAULTFD=y"))
     needs.extend(await _tls_needs(host, roles, scenario))
     needs.extend(await _fault_needs(host, roles, scenario))
+    needs.extend(await _compressor_needs(host, roles, scenario))
     mem_mib = mem_available_mib(await _text(host, "/proc/meminfo"))
     if not scenario.vm.backing.is_hugetlb and mem_mib is not None:
         wanted_mib = vms_on_host * scenario.vm.memory_mib

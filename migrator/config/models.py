@@ -312,6 +312,13 @@ class CollectSpec(ScenarioModel):
         description="samples per second of the destination QEMU's /proc/PID/smaps (guest RAM "
                     "mapping granularity; hugetlb backings only)",
     )
+    compress: Literal["zstd", "none"] = Field(
+        "zstd",
+        description="how the growing raw artifacts are kept: zstd streams (the samples and "
+                    "consoles as migrator records them, dst/trace.log.zst by the zstd command "
+                    "on the destination's host once its QEMU has stopped), or plain files "
+                    "('none')",
+    )
 
 
 Side = Literal["source", "destination"]

@@ -16,8 +16,10 @@ Raw artifact format, one JSON object per line::
     {"host_ns": 1764093164005123456, "side": "src", "line": "@MIG {\\"t\\":\\"hb\\",...}"}
     {"host_ns": 1764093164105123456, "side": "src", "line": "verify", "sent": true}
 
-Several consoles may append to the same file: each record is one
-``O_APPEND`` write.  :func:`read_console_log` re-parses such a file offline.
+Several consoles may append to the same plain file: each record is one
+``O_APPEND`` write.  With ``compress`` a console has a zstd stream of its own
+instead (``console.jsonl.zst``, see :class:`~migrator.rundir.JsonlWriter`).
+:func:`read_console_log` re-parses either offline.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 from migrator.errors import ArtifactError, GuestError
 from migrator.guest.protocol import ClockStep, GuestEvent, Malformed, ProbeError, parse_line
+from migrator.rundir import JsonlWriter, open_artifact_text
 
 __all__ = ["ConsoleLine", "GuestConsole", "Side", "read_console_log", "serial_chardev_args"]
 
@@ -103,13 +106,16 @@ class GuestConsole:
 
     Survives QEMU closing the socket: the reader stops, everything received
     stays available, and waits that can no longer be satisfied fail at once.
+    With ``compress`` the record goes to ``jsonl`` + ``.zst`` (see the module docstring).
     """
 
     def __init__(
-        self, sock: Path, jsonl: Path, *, side: Side, connect_timeout: float = 10.0
+        self, sock: Path, jsonl: Path, *, side: Side, connect_timeout: float = 10.0,
+        compress: bool = False,
     ) -> None:
         self.sock = sock
         self.jsonl = jsonl
+        self.compress = compress
         self.side: Side = side
         self.connect_timeout = connect_timeout
         self._log = logger.getChild(side)
@@ -117,6 +123,7 @@ class GuestConsole:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._fd: int | None = None
+        self._compressed: JsonlWriter | None = None
         # One condition per event kind that somebody waits for: a heartbeat every few
         # ms must not wake the tasks waiting for a verify line or a probe error.
         self._arrived: dict[str, asyncio.Condition] = {}
@@ -130,12 +137,15 @@ class GuestConsole:
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> GuestConsole:
-        self._fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if self.compress:
+            self._compressed = JsonlWriter(self.jsonl, compress=True)
+        else:
+            self._fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o644)
         try:
             self._reader, self._writer = await self._connect()
         except BaseException:
-            os.close(self._fd)
-            self._fd = None
+            self._close_record()
             raise
         self._task = asyncio.create_task(self._read_loop(), name=f"console-{self.side}")
         return self
@@ -155,9 +165,15 @@ class GuestConsole:
             # The peer may already be gone; closing is all that is left to do.
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
+        self._close_record()
+
+    def _close_record(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._compressed is not None:
+            self._compressed.close()
+            self._compressed = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         # QEMU creates the socket during start-up; until then there is nothing
@@ -244,10 +260,13 @@ class GuestConsole:
         record: dict[str, Any] = {"host_ns": host_ns, "side": self.side, "line": text}
         if sent:
             record["sent"] = True
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         if self._fd is not None:
             # One write per record: the file is a raw artifact that must be
             # complete up to the last line even if migrator dies right after.
-            os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+            os.write(self._fd, line.encode())
+        elif self._compressed is not None:
+            self._compressed.append(line)
 
     # ----------------------------------------------------------------- API
 
@@ -336,7 +355,7 @@ def read_console_log(path: Path) -> Iterator[ConsoleLine[GuestEvent | None]]:
     A final line without a newline (migrator killed mid-write) is skipped;
     any other undecodable record raises :class:`ArtifactError`.
     """
-    with path.open(encoding="utf-8") as f:
+    with open_artifact_text(path) as f:
         for number, raw in enumerate(f, start=1):
             if not raw.endswith("\n"):
                 return

@@ -38,7 +38,7 @@ from typing import Any, Final, Literal
 from migrator.aio import paced
 from migrator.errors import ArtifactError, HostError
 from migrator.hosts.base import Host
-from migrator.rundir import JsonlWriter
+from migrator.rundir import JsonlWriter, open_artifact_text
 
 __all__ = [
     "CollapseSummary",
@@ -480,14 +480,15 @@ async def sample_smaps(
 
 
 def load_samples(path: Path) -> list[SmapsSample]:
-    """The samples of a smaps JSONL artifact (error records are skipped).
+    """The samples of a smaps JSONL artifact, plain or compressed (error records are skipped).
 
     A last line without its newline that does not parse was cut short by a run
     killed mid-write and is skipped; any other bad line is an :class:`ArtifactError`.
     """
     samples = []
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_artifact_text(path) as opened:
+            text = opened.read()
     except OSError as error:
         raise ArtifactError(f"{path}: cannot read smaps samples: {error}") from error
     lines = text.splitlines()

@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from migrator.model import Phase
-from migrator.rundir import SIDES
+from migrator.rundir import SIDES, open_artifact_text
 
 __all__ = ["MigrationEvents", "PhaseTimeline", "load_events", "read_jsonl", "time_zero"]
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL artifact; a torn last line (run killed mid-write) is skipped."""
-    if not path.exists():
+    """Records of a JSONL artifact, plain or compressed (:func:`~migrator.rundir.open_artifact`);
+    a torn last line (run killed mid-write) is skipped, and so is an absent artifact."""
+    try:
+        opened = open_artifact_text(path)
+    except FileNotFoundError:
         return
-    with path.open(encoding="utf-8") as lines:
+    with opened as lines:
         for line in lines:
             try:
                 record = json.loads(line)

@@ -30,6 +30,7 @@ import numpy as np
 
 from migrator.guest.console import read_console_log
 from migrator.guest.protocol import ClockStep, Heartbeat, Hist, ProbeError, Ready, Stall, Verify
+from migrator.rundir import artifact_path
 
 __all__ = [
     "WRAPPED",
@@ -166,7 +167,7 @@ def load_guest(run_path: Path) -> GuestObservations:
     arrivals: list[int] = []
     for side in ("src", "dst"):
         path = run_path / side / "console.jsonl"
-        if not path.exists():
+        if artifact_path(path) is None:
             continue
         for line in read_console_log(path):
             arrivals.append(line.host_ns)

@@ -33,7 +33,7 @@ from migrator.model import (
     HgmSection,
     Metric,
 )
-from migrator.rundir import RunMeta
+from migrator.rundir import RunMeta, artifact_path
 from migrator.units import format_size
 
 __all__ = ["SMAPS_SOURCE", "hgm_section"]
@@ -185,7 +185,7 @@ def _mapping(
     run_path: Path, phases: PhaseTimeline, enabled: bool, warnings: list[str],
 ) -> HgmMapping | None:
     path = run_path / SMAPS_FILE
-    if not path.exists():
+    if artifact_path(path) is None:
         return None
     try:
         samples = load_smaps_samples(path)
@@ -233,7 +233,7 @@ def hgm_section(
             notes.append("no huge-page RAMBlock in the destination trace: every fetch was a "
                          "whole 4 KiB page")
     mapping = _mapping(run_path, phases, enabled, warnings)
-    if mapping is None and not (run_path / SMAPS_FILE).exists():
+    if mapping is None and artifact_path(run_path / SMAPS_FILE) is None:
         why = ("nothing to sample on a 4 KiB backing"
                if _small_pages(backing)
                else "recorded before migrator sampled smaps, or the run stopped before migrating")

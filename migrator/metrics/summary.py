@@ -44,7 +44,7 @@ from migrator.model import (
     Stall,
 )
 from migrator.qemu.known_issues import tcg_dirty_tracking_risk
-from migrator.rundir import atomic_write
+from migrator.rundir import artifact_path, atomic_write
 
 __all__ = ["build_report", "derive_report", "stall_threshold_ms", "write_report"]
 
@@ -230,7 +230,7 @@ def derive_report(artifacts: RunArtifacts) -> Report:
 
     analysis: TraceAnalysis | None = None
     trace = run_path / "dst" / "trace.log"
-    if trace.exists():
+    if artifact_path(trace) is not None:
         ramblocks_file = run_path / "dst" / "ramblocks.txt"
         blocks = load_ramblocks(ramblocks_file) if ramblocks_file.exists() else []
         if not blocks:

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from migrator.metrics.events import MigrationEvents, read_jsonl
 from migrator.model import Metric, ThreadCpu
 from migrator.qemu.threads import THREADS_FILE, thread_kind
-from migrator.rundir import SIDES
+from migrator.rundir import SIDES, artifact_path
 
 __all__ = ["ThreadSamples", "load_thread_samples", "source_of", "thread_cpu", "thread_load"]
 
@@ -94,7 +94,7 @@ def load_thread_samples(run_path: Path) -> dict[str, ThreadSamples]:
     out = {}
     for side in SIDES:
         path = run_path / side / THREADS_FILE
-        if path.exists() and len((samples := _load(path)).times) >= 2:
+        if artifact_path(path) is not None and len((samples := _load(path)).times) >= 2:
             out[side] = samples
     return out
 

@@ -39,6 +39,7 @@ from migrator.guest.crash import attribute_to_guest_crash, first_guest_crash
 from migrator.guest.protocol import Heartbeat, ProbeError, Ready, Verify
 from migrator.hgm import GuestRamFilter, HgmDecision, HgmSupport, sample_smaps
 from migrator.hosts.base import Host
+from migrator.hosts.compress import compressed_when_done
 from migrator.hosts.hugepages import hugetlbfs_dir, reserve_hugepages
 from migrator.metrics.events import load_events, read_jsonl
 from migrator.migration.driver import MigrationDriver
@@ -99,8 +100,8 @@ EXIT_NOTICE_S = 0.5
 class _ObservedWriter:
     """Tees samples to the observer (for live progress) and the samples artifact."""
 
-    def __init__(self, run: RunDir, observer: Observer) -> None:
-        self._out = run.jsonl("samples.jsonl")
+    def __init__(self, run: RunDir, observer: Observer, *, compress: bool) -> None:
+        self._out = run.jsonl("samples.jsonl", compress=compress)
         self._observer = observer
 
     def write(self, record: dict[str, Any]) -> None:
@@ -138,6 +139,8 @@ class ScenarioRun(RunJournal):
         self.pinners: dict[Side, SidePinner] = {}
         #: The ``ram`` section of the source's final query-migrate, once it is taken.
         self.final_source_ram: dict[str, Any] = {}
+        #: The growing raw artifacts are zstd streams (``collect.compress``).
+        self.compress = scenario.collect.compress == "zstd"
 
     def conclude(self, error: MigratorError | None) -> Outcome:
         """State how the run ended (``outcome``, ``statement`` in run.json), from raw artifacts.
@@ -250,17 +253,25 @@ class ScenarioRun(RunJournal):
     async def start_vm(
         self, stack: AsyncExitStack, side: Side, place: Place, spec: LaunchSpec
     ) -> tuple[QemuProcess, GuestConsole]:
-        """One QEMU and the console on its serial line, both owned by ``stack``."""
+        """One QEMU and the console on its serial line, both owned by ``stack``.
+
+        A traced QEMU's trace is compressed on its host once it has stopped
+        (:mod:`migrator.hosts.compress`), before a remote host's files are fetched.
+        """
         host = place.host
         # QEMU removes its listening sockets when it exits, but not when it is killed.
         stack.push_async_callback(host.remove_tree, place.serial_socket)
+        if spec.trace_file is not None and self.compress:
+            await self.teardown_step(stack, f"{side} trace compressed on {host.name}",
+                                     compressed_when_done(host, spec.trace_file))
         qemu = await self.teardown_step(
             stack, f"{side} QEMU stopped",
             QemuProcess.from_spec(host, spec, self.run.side(side), host_dir=place.host_dir))
         self.booted = True
         serial = await stack.enter_async_context(host.forward_unix_socket(place.serial_socket))
         console = await stack.enter_async_context(
-            GuestConsole(serial, self.run.side(side) / "console.jsonl", side=side))
+            GuestConsole(serial, self.run.side(side) / "console.jsonl", side=side,
+                         compress=self.compress))
         return qemu, console
 
     async def reserve_memory(
@@ -376,10 +387,11 @@ class ScenarioRun(RunJournal):
         await driver.prepare(uri)
         if scenario.vm.backing.is_hugetlb:
             await self._sample_destination_smaps(stack, dst, mem_path)
-        samples = _ObservedWriter(self.run, self.observer)
+        samples = _ObservedWriter(self.run, self.observer, compress=self.compress)
         stack.callback(samples.close)
         hz = scenario.collect.query_migrate_hz
-        threads = {side: JsonlWriter(self.run.side(side) / THREADS_FILE) for side in SIDES}
+        threads = {side: JsonlWriter(self.run.side(side) / THREADS_FILE, compress=self.compress)
+                   for side in SIDES}
         for writer in threads.values():
             stack.callback(writer.close)
         async with background(
@@ -422,7 +434,7 @@ class ScenarioRun(RunJournal):
         """
         if dst.pid is None:
             return
-        out = JsonlWriter(self.run.side("dst") / "smaps.jsonl")
+        out = JsonlWriter(self.run.side("dst") / "smaps.jsonl", compress=self.compress)
         # Entered before the sampler: closed only after the sampler has stopped.
         stack.callback(out.close)
         # The guest RAM is the shared hugetlb mapping of the backend's size whose file

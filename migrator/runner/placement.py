@@ -2,13 +2,17 @@
 
 What the controller records (run.json, timeline, samples, QMP events,
 consoles, argv) is written to the local run directory as it happens.  What a
-QEMU writes itself (stdout/stderr, serial.log, trace.log), its sockets and the
+QEMU writes itself (stdout/stderr, serial.log, the trace), its sockets and the
 guest kernel it boots live on the QEMU's host: in the run directory for a local
 host; under ``WORK_DIR/RUN_ID/`` (``src/``, ``dst/``, ``guest/``) on an SSH
 host, fetched back into the run directory when the run ends and then removed
 (see :func:`remote_run_dir`, which also covers a controller that dies).  QMP
 and the serial consoles are reached through :meth:`Host.forward_unix_socket`;
 the migration stream goes from host to host.
+
+The destination's trace: QEMU writes ``trace.log``; with ``collect.compress =
+"zstd"`` it becomes ``trace.log.zst`` on the QEMU's host once QEMU has stopped,
+before it is fetched (:mod:`migrator.hosts.compress`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from migrator.migration.plan import destination_address
 from migrator.qemu.accel import AccelDecision, stage_guest
 from migrator.qemu.cmdline import LaunchSpec
 from migrator.qemu.probe import QemuFacts
-from migrator.rundir import ROLE_OF_SIDE, SIDES, RunDir
+from migrator.rundir import ROLE_OF_SIDE, SIDES, ZST, RunDir
 from migrator.runner.journal import RunJournal
 
 if TYPE_CHECKING:  # asyncssh is imported only by runs that use an SSH host
@@ -43,6 +47,7 @@ __all__ = [
     "JANITOR",
     "MAX_SOCKET_PATH",
     "QEMU_OUTPUT_FILES",
+    "TRACE_LOG",
     "Place",
     "check_layout",
     "free_tcp_port",
@@ -59,8 +64,11 @@ log = logging.getLogger(__name__)
 # sun_path holds 108 bytes.  Longer socket paths move to a private temp dir on a
 # local host; on an SSH host they are a ConfigError (see check_layout).
 MAX_SOCKET_PATH = 100
-# What a QEMU writes itself on its host; fetched back from remote hosts after the run.
-QEMU_OUTPUT_FILES = ("stdout.log", "stderr.log", "serial.log", "trace.log")
+# The destination's trace as QEMU writes it.
+TRACE_LOG = "trace.log"
+# What a QEMU writes itself on its host (the trace compressed there, or not); fetched back
+# from remote hosts after the run.
+QEMU_OUTPUT_FILES = ("stdout.log", "stderr.log", "serial.log", TRACE_LOG, TRACE_LOG + ZST)
 
 # The remote run directory's janitor (``sh -c JANITOR migrator-janitor DIR``): idles
 # until SIGTERM, then removes DIR and exits with rm's status.  SSHHost's supervisor
@@ -284,7 +292,7 @@ def launch_spec(
         serial_args=tuple(serial_chardev_args(place.serial_socket,
                                               place.host_dir / "serial.log")),
         mem_path=mem_path, incoming=side == "dst",
-        trace_file=place.host_dir / "trace.log" if side == "dst" and scenario.collect.trace
+        trace_file=place.host_dir / TRACE_LOG if side == "dst" and scenario.collect.trace
         else None,
         cpus=pinned.launch_cpus if pinned is not None else None,
         memory_node=pinned.memory_node if pinned is not None else None,

@@ -14,11 +14,12 @@ from migrator.config import Scenario
 from tests.integration.conftest import scenario
 from tests.integration.sshhosts import NamespaceHost, SSHTestbed
 
-__all__ = ["NOTHING", "host_entry", "leftovers", "qemus_in", "ssh_scenario"]
+__all__ = ["NOTHING", "host_entry", "leftovers", "programs_in", "qemus_in", "ssh_scenario"]
 
 
-def qemus_in(host: NamespaceHost) -> list[int]:
-    """PIDs of the QEMU processes inside ``host``'s namespace."""
+def programs_in(host: NamespaceHost, name: str) -> list[int]:
+    """PIDs of the processes inside ``host``'s namespace whose program's name starts with
+    ``name``."""
     found = []
     for pid in host.pids():
         try:
@@ -27,9 +28,14 @@ def qemus_in(host: NamespaceHost) -> list[int]:
             continue
         # The program, not anywhere in the command line: the SSH supervisor shells
         # that run a QEMU carry its argv too.
-        if Path(program.decode()).name.startswith("qemu-system"):
+        if Path(program.decode()).name.startswith(name):
             found.append(pid)
     return found
+
+
+def qemus_in(host: NamespaceHost) -> list[int]:
+    """PIDs of the QEMU processes inside ``host``'s namespace."""
+    return programs_in(host, "qemu-system")
 
 
 def host_entry(bed: SSHTestbed, host: NamespaceHost, work_root: Path,
@@ -52,13 +58,15 @@ def ssh_scenario(bed: SSHTestbed, work_root: Path, name: str,
 
 
 def leftovers(bed: SSHTestbed, work_root: Path) -> dict[str, object]:
-    """Whatever a run left on the hosts: QEMU processes and anything in the work dirs."""
+    """Whatever a run left on the hosts: QEMU and zstd processes and anything in the work
+    dirs."""
     return {
         "qemu": {host.label: qemus_in(host) for host in bed.hosts},
+        "zstd": {host.label: programs_in(host, "zstd") for host in bed.hosts},
         "files": sorted(str(p) for p in work_root.rglob("*")
                         if p.parent != work_root),  # the (empty) work_dirs may stay
     }
 
 
-NOTHING = {"qemu": {"a": [], "b": []}, "files": []}
+NOTHING = {"qemu": {"a": [], "b": []}, "zstd": {"a": [], "b": []}, "files": []}
 """What :func:`leftovers` finds when a run left nothing."""

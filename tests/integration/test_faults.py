@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from migrator.config import Scenario, dump_scenario
 from migrator.metrics.events import read_jsonl
@@ -123,6 +124,13 @@ def test_destination_killed_in_postcopy_fails_after_switchover(
     assert "the VM is lost" in report["statement"]
     [pause] = report["recoveries"]  # the source paused when its destination vanished
     assert pause["result"] == "not recovered"
+    # The killed QEMU's trace, compressed on its host and fetched back: a whole stream,
+    # with the fetches made until the kill.
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    decompressor.decompress((run_dir / "dst" / "trace.log.zst").read_bytes())
+    assert decompressor.eof
+    [ram0] = [block for block in report["fetch"] if block["ramblock"] == "ram0"]
+    assert ram0["faults"] >= 1
     assert leftovers(ssh_testbed, work_root) == NOTHING
 
 

@@ -11,8 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from tests.integration.conftest import one_error_line, scenario
+from migrator.metrics.events import read_jsonl
+from migrator.model import Report
+from tests.integration.conftest import one_error_line, ram, scenario
 from tests.integration.mid_postcopy import strike_mid_postcopy
 from tests.integration.qemu_leftovers import POOL, assert_released, qemu_processes_mentioning
 
@@ -52,9 +55,16 @@ def assert_nothing_left(run_dir: Path, pool_before: str) -> None:
     assert {"src QEMU stopped", "dst QEMU stopped", "hugepages given back on local",
             "hugetlbfs directory removed on local"} <= released, released
     assert [r["what"] for r in steps][-1] == "teardown-done"
-    assert (run_dir / "dst" / "trace.log").stat().st_size > 0
+    assert "dst trace compressed on local" in released
+    # Compressed once QEMU had stopped: the stream is whole (its frame ended).
+    trace = zstandard.ZstdDecompressor().decompressobj()
+    text = trace.decompress((run_dir / "dst" / "trace.log.zst").read_bytes())
+    assert trace.eof
+    assert b"postcopy_place_page" in text
+    assert not (run_dir / "dst" / "trace.log").exists()
     assert (run_dir / "src" / "events.jsonl").stat().st_size > 0
-    assert os.path.getsize(run_dir / "samples.jsonl") > 0
+    assert os.path.getsize(run_dir / "samples.jsonl.zst") > 0
+    assert any("reply" in record for record in read_jsonl(run_dir / "samples.jsonl"))
 
 
 def test_destination_qemu_killed_mid_postcopy(tmp_path: Path) -> None:
@@ -66,7 +76,11 @@ def test_destination_qemu_killed_mid_postcopy(tmp_path: Path) -> None:
     assert_nothing_left(run_dir, pool_before)
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["outcome"] == "failed-after-switchover"
-    assert (run_dir / "report.json").exists()  # the partial report of what was observed
+    # The partial report of what was observed, fetches included: the trace of a QEMU
+    # that crashed is readable up to its crash.
+    report = Report.model_validate_json((run_dir / "report.json").read_text())
+    assert ram(report).faults >= 1
+    assert ram(report).resolved >= 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

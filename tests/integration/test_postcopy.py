@@ -8,17 +8,22 @@ recorded ones.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from migrator.config import Scenario, dump_scenario
+from migrator.metrics.events import read_jsonl
 from migrator.metrics.summary import build_report, write_report
 from migrator.model import Report
 from tests.integration.children import migrator, run_migrator
 from tests.integration.conftest import one_error_line, ram, run_migration, scenario
+from tests.integration.qemu_leftovers import processes_mentioning
 from tests.unit.html_pages import figures, values
 
 MigrateFn = Callable[[str], tuple[Path, Report]]
@@ -36,7 +41,9 @@ def migrated(runs_root: Path) -> MigrateFn:
         "precopy-only": scenario(
             "it-precopy", workload={"working_set_mib": 16, "write_pct": 10},
             migration={"postcopy": False, "downtime_limit_ms": 2000}),
-        "preempt": scenario("it-preempt", migration={"preempt": True}),
+        # Also the run that keeps its raw artifacts plain (test_compress_none_keeps_plain_files).
+        "preempt": scenario("it-preempt", migration={"preempt": True},
+                            collect={"compress": "none"}),
     }
 
     def run(name: str) -> tuple[Path, Report]:
@@ -66,14 +73,19 @@ def test_postcopy_completes_with_intact_guest_memory(migrated: MigrateFn, backin
     assert block.resolved >= 1
     assert block.latency_ms["p50"].value is not None
     assert block.latency_ms["p50"].value > 0
-    # Raw artifacts that every number is recomputed from.
-    for name in ("scenario.toml", "run.json", "timeline.jsonl", "samples.jsonl",
-                 "src/argv.json", "dst/argv.json", "dst/trace.log", "dst/ramblocks.txt",
-                 "src/console.jsonl", "dst/console.jsonl", "src/serial.log",
-                 "src/events.jsonl", "dst/events.jsonl", "report.json"):
+    # Raw artifacts that every number is recomputed from, the growing ones compressed.
+    for name in ("scenario.toml", "run.json", "timeline.jsonl", "samples.jsonl.zst",
+                 "src/argv.json", "dst/argv.json", "dst/trace.log.zst", "dst/ramblocks.txt",
+                 "src/console.jsonl.zst", "dst/console.jsonl.zst", "src/serial.log",
+                 "src/threads.jsonl.zst", "dst/threads.jsonl.zst",
+                 "src/events.jsonl", "dst/events.jsonl", "report.json",
+                 *(["dst/smaps.jsonl.zst"] if backing.startswith("hugetlb") else [])):
         assert (run_dir / name).exists(), name
-    # Nothing of the run's live state is left.
+        if name.endswith(".zst"):
+            assert not (run_dir / name.removesuffix(".zst")).exists(), name
+    # Nothing of the run's live state is left: no socket, no trace compressor.
     assert not list(run_dir.glob("*.sock"))
+    assert processes_mentioning("zstd", run_dir.name) == []
 
 
 def test_report_is_rebuilt_identically_offline(migrated: MigrateFn) -> None:
@@ -81,9 +93,37 @@ def test_report_is_rebuilt_identically_offline(migrated: MigrateFn) -> None:
     assert build_report(run_dir) == report
 
 
+def test_compressed_artifacts_give_the_report_their_plain_text_gives(
+    migrated: MigrateFn, tmp_path: Path,
+) -> None:
+    run_dir, report = migrated("memfd-4k")
+    # The whole trace, compressed once QEMU had stopped: one whole frame, as zstdcat reads it.
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    trace = decompressor.decompress((run_dir / "dst" / "trace.log.zst").read_bytes())
+    assert decompressor.eof
+    assert trace.count(b"postcopy_ram_fault_thread_request") >= ram(report).faults > 0
+    # The same run with every stream decompressed to its plain name: the same report.
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir, plain)
+    packed = sorted(plain.rglob("*.zst"))
+    assert len(packed) >= 6
+    subprocess.run(["zstd", "-q", "-d", "--rm", *map(str, packed)], check=True)
+    assert not list(plain.rglob("*.zst"))
+    assert build_report(plain) == report
+
+
+def test_compress_none_keeps_plain_files(migrated: MigrateFn) -> None:
+    run_dir, report = migrated("preempt")
+    assert ram(report).faults >= 1
+    assert not list(run_dir.rglob("*.zst"))
+    for name in ("samples.jsonl", "dst/trace.log", "src/console.jsonl", "dst/console.jsonl",
+                 "src/threads.jsonl", "dst/threads.jsonl"):
+        assert (run_dir / name).stat().st_size > 0, name
+
+
 def test_samples_cover_both_sides(migrated: MigrateFn) -> None:
     run_dir, _ = migrated("memfd-4k")
-    sides = [json.loads(line)["side"] for line in (run_dir / "samples.jsonl").open()]
+    sides = [record["side"] for record in read_jsonl(run_dir / "samples.jsonl")]
     assert sides.count("src") >= 2
     assert sides.count("dst") >= 2
 

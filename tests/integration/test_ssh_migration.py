@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from migrator.config import dump_scenario
 from migrator.metrics.summary import build_report, write_report
@@ -98,14 +99,19 @@ def test_postcopy_between_ssh_hosts(
         assert host_dir + "guest/" in argv[argv.index("-kernel") + 1]
         assert host_dir + f"{side}/qmp.sock" in argv[argv.index("-qmp") + 1]
         assert meta["host_dirs"][side]["host"] == getattr(ssh_testbed, label).address
-    # Raw artifacts: the controller's own, and the QEMUs' fetched back from the hosts.
-    for name in ("scenario.toml", "run.json", "timeline.jsonl", "samples.jsonl",
-                 "src/argv.json", "dst/argv.json", "dst/trace.log", "dst/ramblocks.txt",
-                 "src/console.jsonl", "dst/console.jsonl", "src/serial.log", "dst/serial.log",
-                 "src/stderr.log", "dst/stderr.log", "src/events.jsonl", "dst/events.jsonl",
-                 "report.json"):
+    # Raw artifacts: the controller's own, and the QEMUs' fetched back from the hosts (the
+    # trace compressed on b before it was fetched).
+    for name in ("scenario.toml", "run.json", "timeline.jsonl", "samples.jsonl.zst",
+                 "src/argv.json", "dst/argv.json", "dst/trace.log.zst", "dst/ramblocks.txt",
+                 "src/console.jsonl.zst", "dst/console.jsonl.zst", "src/serial.log",
+                 "dst/serial.log", "src/stderr.log", "dst/stderr.log", "src/events.jsonl",
+                 "dst/events.jsonl", "report.json"):
         assert (run_dir / name).exists(), name
-    assert (run_dir / "dst" / "trace.log").stat().st_size > 0
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    trace = decompressor.decompress((run_dir / "dst" / "trace.log.zst").read_bytes())
+    assert decompressor.eof
+    assert b"postcopy_place_page" in trace
+    assert not (run_dir / "dst" / "trace.log").exists()
     assert not list(run_dir.glob("**/*.sock"))
     # Nothing left on either host: no QEMU, no run directory.
     assert migrated.left == NOTHING
@@ -143,7 +149,7 @@ def test_stopped_controller_leaves_nothing_on_either_host(
         assert len(qemus_in(ssh_testbed.a)) == 1
         assert len(qemus_in(ssh_testbed.b)) == 1
         remote = work_root / "b" / run_dir.name
-        assert (remote / "dst" / "trace.log").exists()
+        assert (remote / "dst" / "trace.log").exists()  # compressed once QEMU has stopped
         assert {stat.S_IMODE(p.stat().st_mode) for p in (remote, remote / "dst")} == {0o700}
 
     struck: list[float] = []
@@ -163,7 +169,7 @@ def test_stopped_controller_leaves_nothing_on_either_host(
         # An orderly stop also fetched what the hosts had recorded before removing it.
         assert child.returncode == 143, stderr
         assert "Traceback" not in stderr
-        assert (run_dir / "dst" / "trace.log").stat().st_size > 0
+        assert (run_dir / "dst" / "trace.log.zst").stat().st_size > 0
         assert (run_dir / "src" / "serial.log").stat().st_size > 0
         assert json.loads((run_dir / "run.json").read_text())["outcome"] == "interrupted"
 

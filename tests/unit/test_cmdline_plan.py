@@ -8,10 +8,14 @@ import pytest
 
 from migrator.config import Backing, parse_scenario
 from migrator.errors import MissingCapability
+from migrator.guest.build import GuestArtifacts
+from migrator.hosts.local import LocalHost
 from migrator.migration.plan import UNLIMITED_BANDWIDTH, check_capabilities, plan_migration
+from migrator.qemu.accel import AccelDecision
 from migrator.qemu.cmdline import LaunchSpec, qemu_argv, shell_line
 from migrator.qemu.launcher import QemuLauncher
 from migrator.qemu.probe import QemuFacts
+from migrator.runner.placement import QEMU_OUTPUT_FILES, TRACE_LOG, Place, launch_spec
 
 
 def spec(backing: Backing, **kw: object) -> LaunchSpec:
@@ -113,3 +117,20 @@ def test_missing_capabilities_are_named() -> None:
         caught.value)
     check_capabilities(plan, facts("events", "postcopy-ram", "postcopy-preempt",
                                    "postcopy-blocktime"))
+
+
+@pytest.mark.parametrize("compress", ["zstd", "none"])
+def test_the_destination_writes_its_trace_plain_either_way(compress: str) -> None:
+    scenario = parse_scenario({"name": "x", "vm": {"backing": "memfd-4k"},
+                               "collect": {"compress": compress}})
+    place = Place(LocalHost(), Path("/r/dst"), Path("/r/dst"),
+                  GuestArtifacts(Path("/k"), Path("/i"), "0" * 64, "6.1.0"))
+    facts = QemuFacts("/usr/bin/qemu-system-x86_64", "10.0.2", "", ())
+    accel = AccelDecision("tcg", "tcg", "explicit", "asked for")
+    dst = qemu_argv(launch_spec(scenario, "dst", place, facts, accel, None))
+    # Compressed after QEMU has stopped, never while it writes (migrator/hosts/compress.py).
+    assert value_after(dst, "-D") == ["/r/dst/trace.log"]
+    # Either form is fetched back from a remote host with QEMU's own files.
+    assert {TRACE_LOG, TRACE_LOG + ".zst"} <= set(QEMU_OUTPUT_FILES)
+    # Only the destination is traced.
+    assert "-D" not in qemu_argv(launch_spec(scenario, "src", place, facts, accel, None))

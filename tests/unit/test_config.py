@@ -27,6 +27,7 @@ def test_defaults_are_the_main_job() -> None:
     assert scenario.vm.backing is Backing.HUGETLB_1G
     assert scenario.vm.memory_mib == 1024
     assert scenario.migration.postcopy
+    assert scenario.collect.compress == "zstd"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,8 @@ def test_defaults_are_the_main_job() -> None:
          "migration.switchover.after-seconds.seconds: Field required"),
         ({"name": "x", "migration": {"switchover": {"policy": "whenever"}}},
          "migration.switchover"),
+        ({"name": "x", "collect": {"compress": "gzip"}},
+         "collect.compress: Input should be 'zstd' or 'none'"),
         ({"name": "bad name"}, "name: String should match"),
         ({}, "name: Field required"),
     ],

@@ -37,6 +37,7 @@ from migrator.guest.protocol import (
     Verify,
     parse_line,
 )
+from migrator.rundir import artifact_path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "guest"
 RUN = DATA / "run-2vcpu-stop.console.jsonl"
@@ -350,7 +351,9 @@ class FakeSerial:
         await self.writer.drain()
 
 
-async def test_console_waits_sends_records_and_survives_eof(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+async def test_console_waits_sends_records_and_survives_eof(tmp_path: Path,
+                                                           compress: bool) -> None:
     sock, jsonl = tmp_path / "serial.sock", tmp_path / "console.jsonl"
     fake = FakeSerial()
     lines = [line.line + "\r\n" for line in received(RUN)]
@@ -361,7 +364,8 @@ async def test_console_waits_sends_records_and_survives_eof(tmp_path: Path) -> N
         return await asyncio.start_unix_server(fake.handle, path=str(sock))
 
     server_task = asyncio.create_task(serve_later())
-    async with GuestConsole(sock, jsonl, side="src", connect_timeout=5) as console:
+    async with GuestConsole(sock, jsonl, side="src", connect_timeout=5,
+                            compress=compress) as console:
         server = await server_task
         await fake.connected.wait()
         # Split mid-line: arrival is stamped when the newline arrives.
@@ -405,6 +409,9 @@ async def test_console_waits_sends_records_and_survives_eof(tmp_path: Path) -> N
     server.close()
     await server.wait_closed()
 
+    # The record is in the form asked for, and read back by its plain name either way.
+    assert artifact_path(jsonl) == tmp_path / ("console.jsonl.zst" if compress
+                                               else "console.jsonl")
     recorded = list(read_console_log(jsonl))
     assert [r.line for r in recorded if not r.sent] == [text.rstrip("\r\n") for text in lines]
     assert [r.line for r in recorded if r.sent] == ["verify"]

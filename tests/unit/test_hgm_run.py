@@ -27,7 +27,7 @@ from migrator.metrics.summary import build_report
 from migrator.migration.plan import plan_migration
 from migrator.model import Report
 from migrator.report.terminal import render_report
-from migrator.rundir import RunDir
+from migrator.rundir import RunDir, artifact_path
 from migrator.runner import Observer, ScenarioRun
 from tests.unit.hgm_fakes import QEMU_72, QEMU_RFC, ScriptedSmaps, kernel, probe_report, text
 
@@ -283,7 +283,7 @@ async def test_guest_ram_is_matched_by_size_and_mem_path(tmp_path: Path) -> None
         # No pid (QEMU not started): nothing to sample.
         await state._sample_destination_smaps(stack, FakeQemu(host, None),  # type: ignore[arg-type]
                                               None)
-        assert not out.exists()
+        assert artifact_path(out) is None  # in neither form
         await state._sample_destination_smaps(stack, FakeQemu(host, 7),  # type: ignore[arg-type]
                                               Path("/dev/hugepages/elsewhere"))
         await asyncio.wait_for(host.drained.wait(), 5)
