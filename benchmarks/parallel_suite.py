@@ -42,10 +42,10 @@ arrives (on the 2-core test VM about 0.3 ms of loop CPU per line, mostly the wak
 from idle).  One 256 MiB run measured 9.5 % of a core per live migration with 5 ms
 heartbeats, 1.8 % with 50 ms, 1.5 % with 50 ms and ``collect.threads_hz = 1``.
 
-Run it alone on the machine (it keeps both cores busy), under the integration lock:
+Run it alone on the machine (it keeps both cores busy; nothing else should boot QEMUs
+or reserve hugepages meanwhile):
 
-    flock /tmp/migrator-integration.lock .venv/bin/python benchmarks/parallel_suite.py \\
-        [--runs 40] [--parallel 1,2,4] [--max-n 16]
+    .venv/bin/python benchmarks/parallel_suite.py [--runs 40] [--parallel 1,2,4] [--max-n 16]
 
 A quick version: ``--runs 8 --parallel 1,2 --max-n 4``.
 """
