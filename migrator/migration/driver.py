@@ -70,6 +70,9 @@ class MigrationDriver:
         self.plan = plan
         self.spec = spec
         self.timeline = timeline
+        #: Set once a cancel rule sent migrate_cancel: the destination QEMU then ends on
+        #: its own (its incoming stream is cut), which is no failure of its own.
+        self.cancel_sent = asyncio.Event()
         self.recovery = PostcopyRecovery(source, destination, spec.recovery, listen_uri,
                                          self.mark)
 
@@ -241,6 +244,7 @@ class MigrationDriver:
         if fired is None:
             return None
         self.mark("cancel", reason=reasons[fired])
+        self.cancel_sent.set()
         await self.source.migrate_cancel()
         return reasons[fired]
 

@@ -31,7 +31,14 @@ from migrator.aio import background, guarded
 from migrator.cache import CACHE_DIR, HOST_FACTS
 from migrator.config.loader import dump_scenario
 from migrator.config.models import PoolExhaustedFault, Scenario
-from migrator.errors import GuestError, IntegrityError, MigratorError, QemuError, RunFailed
+from migrator.errors import (
+    GuestError,
+    IntegrityError,
+    MigratorError,
+    QemuError,
+    QemuExitedError,
+    RunFailed,
+)
 from migrator.faults import FaultTargets, exhaust_hugepage_pool, inject_faults
 from migrator.guest.build import ensure_guest
 from migrator.guest.console import GuestConsole, Side
@@ -406,7 +413,7 @@ class ScenarioRun(RunJournal):
                                   mark=self.mark)
             try:
                 result = await guarded(driver.run(uri), [
-                    src.fail_if_exits(), dst.fail_if_exits(),
+                    src.fail_if_exits(), _destination_alive(dst, driver),
                     inject_faults(scenario.faults, faults)])
             finally:
                 self.recoveries = driver.recovery.recoveries
@@ -465,6 +472,18 @@ class ScenarioRun(RunJournal):
                 f"hold wrong content after migration ({verify.read_mismatches} bad reads "
                 f"during the run); first bad pages {list(verify.first_bad)}"
             )
+
+
+async def _destination_alive(dst: QemuProcess, driver: MigrationDriver) -> None:
+    """:meth:`QemuProcess.fail_if_exits` for the destination while migrating, except after a
+    cancel rule sent migrate_cancel: the destination's exit is then the cancel's doing, and
+    the driver's own error (which rule, and that the guest stays on the source) follows."""
+    try:
+        await dst.fail_if_exits()
+    except QemuExitedError:
+        if not driver.cancel_sent.is_set():
+            raise
+        await asyncio.Event().wait()  # until the driver ends and guarded() cancels this
 
 
 async def _heartbeats_continue(console: GuestConsole) -> None:

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from migrator.config import dump_scenario
+from migrator.metrics.events import read_jsonl
 from migrator.metrics.summary import build_report
+from migrator.qemu.threads import THREADS_FILE
 from migrator.results import ResultsStore, parse_selector
-from migrator.rundir import RunDir, RunMeta
+from migrator.rundir import RunDir, RunMeta, artifact_path
 from tests.integration.conftest import (
     QEMU_7_SWITCHOVER,
     QEMU_11_SWITCHOVER,
@@ -40,8 +42,9 @@ def ran_on(run: Path, side: str) -> dict[tuple[int, str], set[int]]:
     run since the one before (its ticks grew): where it really ran during the migration."""
     seen: dict[tuple[int, str], set[int]] = defaultdict(set)
     ticks: dict[int, int] = {}
-    for line in (run / side / "threads.jsonl").read_text().splitlines():
-        for tid, name, utime, stime, cpu in json.loads(line).get("threads", []):
+    assert artifact_path(run / side / THREADS_FILE) is not None, f"no {side}/{THREADS_FILE}"
+    for record in read_jsonl(run / side / THREADS_FILE):
+        for tid, name, utime, stime, cpu in record.get("threads", []):
             if tid in ticks and utime + stime > ticks[tid]:
                 seen[(tid, name)].add(cpu)
             ticks[tid] = utime + stime

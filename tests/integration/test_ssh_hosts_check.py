@@ -30,6 +30,7 @@ from tests.integration.sshhosts import SSHTestbed
 # A stable path (the accelerator verdict is cached per host and binary path, so a new
 # path per session would cost a KVM boot probe each time); only a symlink lives there.
 QEMU_ELSEWHERE = Path("/var/tmp/migrator-it-qemu")
+ZSTD_NEED = 'zstd (collect.compress = "zstd": the destination trace is compressed there)'
 
 
 def hosts_check(tmp_path: Path, bed: SSHTestbed, work_root: Path,
@@ -92,15 +93,16 @@ def test_facts_and_needs_of_both_hosts(
         record_property(f"clock_{host['roles'][0]}_offset_rtt_ms", [offset, rtt])
         assert 0 < rtt < 50
         assert abs(offset) <= rtt / 2 + 1
-    # Needs per role: capabilities for each side's part, userfaultfd on the destination
-    # only, and the hugepages of both VMs on the one kernel both hosts share.
+    # Needs per role: capabilities for each side's part, userfaultfd and zstd (which
+    # compresses its trace there) on the destination only, and the hugepages of both VMs on
+    # the one kernel both hosts share.
     src_needs, dst_needs = by_what(source), by_what(destination)
     settings = "migration settings (capabilities and parameters)"
     assert list(src_needs) == ["migration capabilities events, postcopy-ram", settings,
                                "256 free hugepages of 2048 kB"]
     assert list(dst_needs) == ["migration capabilities events, postcopy-blocktime, postcopy-ram",
                                settings, "256 free hugepages of 2048 kB",
-                               "userfaultfd (post-copy)"]
+                               "userfaultfd (post-copy)", ZSTD_NEED]
     # Each side's probe QEMU, over SSH, was handed that side's settings and took them.
     for needs in (src_needs, dst_needs):
         assert needs[settings]["detail"].endswith(" takes them")

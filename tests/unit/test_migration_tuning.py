@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from migrator.config import parse_scenario
 from migrator.config.migration import tuning_label
-from migrator.errors import ConfigError
+from migrator.errors import ConfigError, QemuExitedError
 from migrator.metrics.events import MigrationEvents
 from migrator.metrics.summary import build_report
 from migrator.metrics.tuning import tuning_of, tuning_warnings
@@ -20,6 +21,7 @@ from migrator.qemu.known_issues import postcopy_multifd_refusal
 from migrator.report.run_tables import environment_line
 from migrator.results.store import ResultsStore, parse_selector
 from migrator.rundir import RunMeta
+from migrator.runner import _destination_alive
 from tests.unit.rendering import terminal_text
 
 
@@ -167,3 +169,31 @@ def test_the_report_shows_the_tuning_in_both_renderers(tmp_path: Path) -> None:
     assert "tuning auto-converge" in environment_line(report)
     plain = build_report(runs / "hugetlb-2m")
     assert "tuning" not in terminal_text(plain, width=120)
+
+
+class _ExitingDestination:
+    """A destination QEMU that has just exited (what a cut incoming stream does to it)."""
+
+    async def fail_if_exits(self) -> None:
+        raise QemuExitedError("QEMU exited unexpectedly", name="dst", status=1)
+
+
+class _Driver:
+    def __init__(self) -> None:
+        self.cancel_sent = asyncio.Event()
+
+
+async def test_a_destination_exit_is_a_failure_unless_a_cancel_rule_sent_migrate_cancel() -> None:
+    driver = _Driver()
+    with pytest.raises(QemuExitedError):
+        await _destination_alive(_ExitingDestination(), driver)  # type: ignore[arg-type]
+    # After the cancel, the exit is the cancel's doing: the guard waits for the driver's
+    # own error (which rule fired) instead of racing it with "QEMU exited unexpectedly".
+    driver.cancel_sent.set()
+    waiting = asyncio.create_task(
+        _destination_alive(_ExitingDestination(), driver))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
