@@ -14,8 +14,9 @@ same machine:
 
 For each pair it takes, from each run's ``report.json``: the migration's total time
 (QEMU's ``query-migrate`` ``total-time``, ms), the guest stall p99 (the guest probe's
-per-access histogram, ms) and the total stalled time (guest probe, ms), and prints
-the median, min and max of the with/without difference in percent.  Target (issue
+per-access histogram, ms: with stalls rare among millions of accesses it is the
+access time itself), the worst stall and the total stalled time (guest probe, ms), and
+prints the median, min and max of the with/without difference in percent.  Target (issue
 13): under 5 % each; the figures say what was measured either way.
 
     .venv/bin/python benchmarks/cost_of_measuring.py [--pairs 3] [--scenario FILE]
@@ -34,11 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from migrator.config.loader import dump_scenario, load_scenario
+from migrator.config.models import Scenario
 
-from migrator.config.loader import dump_scenario, load_scenario  # noqa: E402
-from migrator.config.models import Scenario  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def _collect(scenario: Scenario, **changes: object) -> Scenario:
@@ -58,6 +59,8 @@ FIGURES: tuple[tuple[str, Callable[[Any], float]], ...] = (
      lambda r: float(r["timings"]["total-time"]["value"])),
     ("guest stall p99 (guest probe, ms)",
      lambda r: max(float(s["p99_ms"]["value"]) for s in r["guest_stalls"])),
+    ("worst guest stall (guest probe, ms)",
+     lambda r: max(float(s["max_ms"]["value"]) for s in r["guest_stalls"])),
     ("guest stalled in total (guest probe, ms)",
      lambda r: sum(float(s["total_stalled_ms"]["value"]) for s in r["guest_stalls"])),
 )

@@ -22,7 +22,7 @@ exits is kept):
 * QEMU and helpers: the children's CPU (cutime + cstime: QEMUs, flock, sh), in %
   of the machine's cores over the wall time.
 * sampler lag: how late each query-migrate was sent beyond when it was due
-  (``samples.jsonl``: send - max(previous send + 1/hz, previous reply)), p50/p99
+  (``samples.jsonl``, plain or zstd: send - max(previous send + 1/hz, previous reply)), p50/p99
   ms: the event loop's delay, not QEMU's (QEMU's reply time is shown apart).
 * peak: the most runs whose timelines (first to last mark) overlapped.
 
@@ -63,6 +63,9 @@ import time
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+
+from migrator.metrics.events import read_jsonl
+from migrator.rundir import artifact_path
 
 ROOT = Path(__file__).resolve().parents[1]
 HZ = 10.0
@@ -146,8 +149,7 @@ def sampler_lag(run_dir: Path) -> tuple[list[float], list[float]]:
     last: dict[str, dict[str, int]] = {}
     lags, replies = [], []
     period_ns = 1e9 / HZ
-    for line in (run_dir / "samples.jsonl").read_text().splitlines():
-        sample = json.loads(line)
+    for sample in read_jsonl(run_dir / "samples.jsonl"):
         side, sent = sample["side"], sample["host_ns"]
         previous = last.get(side)
         if previous is not None:
@@ -229,7 +231,7 @@ def run_suite(runs: int, parallel: int, scratch: Path) -> Measured:
     lags: list[float] = []
     replies: list[float] = []
     for run_dir in run_dirs:
-        if (run_dir / "samples.jsonl").exists():
+        if artifact_path(run_dir / "samples.jsonl") is not None:
             lag, reply = sampler_lag(run_dir)
             lags += lag
             replies += reply
