@@ -87,6 +87,7 @@ __all__ = [
     "CACHE_DIR",
     "Observer",
     "ScenarioRun",
+    "destination_alive",
     "exit_stack_keeping_first_error",
     "free_tcp_port",
     "remote_run_dir",
@@ -413,7 +414,7 @@ class ScenarioRun(RunJournal):
                                   mark=self.mark)
             try:
                 result = await guarded(driver.run(uri), [
-                    src.fail_if_exits(), _destination_alive(dst, driver),
+                    src.fail_if_exits(), destination_alive(dst, driver),
                     inject_faults(scenario.faults, faults)])
             finally:
                 self.recoveries = driver.recovery.recoveries
@@ -474,7 +475,7 @@ class ScenarioRun(RunJournal):
             )
 
 
-async def _destination_alive(dst: QemuProcess, driver: MigrationDriver) -> None:
+async def destination_alive(dst: QemuProcess, driver: MigrationDriver) -> None:
     """:meth:`QemuProcess.fail_if_exits` for the destination while migrating, except after a
     cancel rule sent migrate_cancel: the destination's exit is then the cancel's doing, and
     the driver's own error (which rule, and that the guest stays on the source) follows."""

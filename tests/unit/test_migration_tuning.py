@@ -21,7 +21,7 @@ from migrator.qemu.known_issues import postcopy_multifd_refusal
 from migrator.report.run_tables import environment_line
 from migrator.results.store import ResultsStore, parse_selector
 from migrator.rundir import RunMeta
-from migrator.runner import _destination_alive
+from migrator.runner import destination_alive
 from tests.unit.rendering import terminal_text
 
 
@@ -186,12 +186,12 @@ class _Driver:
 async def test_a_destination_exit_is_a_failure_unless_a_cancel_rule_sent_migrate_cancel() -> None:
     driver = _Driver()
     with pytest.raises(QemuExitedError):
-        await _destination_alive(_ExitingDestination(), driver)  # type: ignore[arg-type]
+        await destination_alive(_ExitingDestination(), driver)  # type: ignore[arg-type]
     # After the cancel, the exit is the cancel's doing: the guard waits for the driver's
     # own error (which rule fired) instead of racing it with "QEMU exited unexpectedly".
     driver.cancel_sent.set()
     waiting = asyncio.create_task(
-        _destination_alive(_ExitingDestination(), driver))  # type: ignore[arg-type]
+        destination_alive(_ExitingDestination(), driver))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert not waiting.done()
     waiting.cancel()
