@@ -36,6 +36,7 @@ from migrator.errors import ArtifactError, ConfigError, ExitCode, MigratorError
 if TYPE_CHECKING:
     from migrator.metrics.run_artifacts import RunArtifacts
     from migrator.model import Report
+    from migrator.pagedata import RunPageData
 
 __all__ = ["COMMAND_ORDER", "app"]
 
@@ -135,7 +136,13 @@ def run(
     report = derive_report(artifacts)
     write_report(run_dir.path, report)
     if html:
-        _write_html(artifacts, report)
+        from migrator.metrics.run_page import load_run_page_data
+
+        try:
+            page = load_run_page_data(artifacts, report)
+        except MigratorError as error:
+            raise fail(error) from None
+        _write_html(run_dir.path, page)
     if json_out:
         print_json(report.model_dump_json())
     else:
@@ -170,17 +177,16 @@ def _report_if_possible(run_path: Path | None) -> None:
                   soft_wrap=True)
 
 
-def _write_html(artifacts: RunArtifacts, report: Report) -> None:
-    """The run's HTML page, from its artifacts and ``report`` (derived from them and just
-    written to report.json: not read back)."""
-    from migrator.metrics.run_page import load_run_page_data
+def _write_html(run_dir: Path, page: RunPageData) -> None:
+    """The run's HTML page, from its page data (derived from the report just written to
+    report.json: not read back)."""
     from migrator.report.html import write_run_html
 
     try:
-        page = write_run_html(artifacts.path, load_run_page_data(artifacts, report))
+        written = write_run_html(run_dir, page)
     except MigratorError as error:
         raise fail(error) from None
-    err.print(f"HTML report: {escape(str(page))}", highlight=False, soft_wrap=True)
+    err.print(f"HTML report: {escape(str(written))}", highlight=False, soft_wrap=True)
 
 
 RunDirsArgument = Annotated[list[Path], typer.Argument(
@@ -225,13 +231,18 @@ def report(
             raise ConfigError("the overlay page needs --html and two or more run directories",
                               field="--out")
         runs = [_derive(run_dir) for run_dir in _distinct(run_dirs)]
+        pages = []
+        if html:
+            from migrator.metrics.run_page import load_run_page_data
+
+            pages = [load_run_page_data(artifacts, rebuilt) for artifacts, rebuilt in runs]
         data = target = None
         if overlay:
             from migrator.metrics.run_overlay import load_overlay_data
             from migrator.report.overlay import default_overlay_path
 
             target = _overlay_target(out_file or default_overlay_path())
-            data = load_overlay_data(runs)
+            data = load_overlay_data(runs, pages)
     except ArtifactError as error:
         # The run directories are this command's input: one it cannot read is bad input.
         raise fail(error, exit_code=ExitCode.BAD_INPUT) from None
@@ -241,8 +252,8 @@ def report(
 
     for artifacts, rebuilt in runs:
         write_report(artifacts.path, rebuilt)
-        if html:
-            _write_html(artifacts, rebuilt)
+    for (artifacts, _), page in zip(runs, pages, strict=False):
+        _write_html(artifacts.path, page)
     if data is not None and target is not None:
         from migrator.report.overlay import write_overlay_html
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from migrator.errors import ArtifactError
 from migrator.metrics.run_artifacts import RunArtifacts
-from migrator.metrics.run_page import guest_ram_block, load_run_page_data
+from migrator.metrics.run_page import guest_ram_block
 from migrator.metrics.summary import TRACE_SOURCE
 from migrator.model import Metric, Report
 from migrator.pagedata import HeadlineRow, OverlayData, OverlayRun, RunPageData, ThreadLoad
@@ -82,13 +82,13 @@ def _label(report: Report, differs: dict[str, str], order: list[str]) -> str:
     return " · ".join([report.scenario, report.run_id, *named])
 
 
-def _zero(page: RunPageData, path: str) -> tuple[int, str]:
+def _zero(page: RunPageData, artifacts: RunArtifacts) -> tuple[int, str]:
     """t = 0 of one run on the overlay's axes, and what it is."""
     if page.switchover_ns is not None:
         return page.switchover_ns, "switchover (src STOP)"
-    if page.clock.what == "the migrate command":
-        return page.clock.t0_ns, "migrate (the run never switched over)"
-    raise ArtifactError(f"{path}: nothing to overlay: the run never started migrating "
+    if (migrate := artifacts.events.marks.get("migrate")) is not None:
+        return migrate, "migrate (the run never switched over)"
+    raise ArtifactError(f"{artifacts.path}: nothing to overlay: the run never started migrating "
                         f"(outcome {page.report.outcome}, no migrate mark in timeline.jsonl)")
 
 
@@ -171,18 +171,19 @@ def headline_rows(reports: Sequence[Report]) -> list[HeadlineRow]:
     return rows
 
 
-def load_overlay_data(runs: Sequence[tuple[RunArtifacts, Report]]) -> OverlayData:
+def load_overlay_data(runs: Sequence[tuple[RunArtifacts, Report]],
+                      pages: Sequence[RunPageData]) -> OverlayData:
     """What the overlay page of ``runs`` shows (see module docstring); writes nothing.
 
+    ``pages``: each run's page data (:func:`load_run_page_data`), in the same order.
     ArtifactError, naming the run directory, when a run never started migrating: it has
     nothing to overlay.
     """
     differ = dimensions(runs)
     order = label_order(differ)
     out = []
-    for index, (artifacts, report) in enumerate(runs):
-        page = load_run_page_data(artifacts, report)
-        zero_ns, zero_what = _zero(page, str(artifacts.path))
+    for index, ((artifacts, report), page) in enumerate(zip(runs, pages, strict=True)):
+        zero_ns, zero_what = _zero(page, artifacts)
         differs = {name: values[index] for name, values in differ.items()}
         out.append(OverlayRun(_label(report, differs, order), differs, str(artifacts.path), page,
                               zero_ns, zero_what, overlay_threads(page.threads)))

@@ -18,7 +18,7 @@ from migrator.cli.main import app
 from migrator.errors import ArtifactError
 from migrator.metrics.run_artifacts import RunArtifacts, load_run_artifacts
 from migrator.metrics.run_overlay import dimensions, load_overlay_data
-from migrator.metrics.run_page import guest_ram_block
+from migrator.metrics.run_page import guest_ram_block, load_run_page_data
 from migrator.metrics.summary import derive_report
 from migrator.model import Report
 from migrator.pagedata import OverlayData
@@ -43,6 +43,11 @@ def copy(name: str, tmp_path: Path, as_name: str | None = None) -> Path:
     return shutil.copytree(RECORDED[name], tmp_path / (as_name or name))
 
 
+def overlaid(runs: list[tuple[RunArtifacts, Report]]) -> OverlayData:
+    """The overlay data of ``runs``, with each run's page data built as the CLI does."""
+    return load_overlay_data(runs, [load_run_page_data(a, r) for a, r in runs])
+
+
 def derived(paths: list[Path]) -> list[tuple[RunArtifacts, Report]]:
     return [(artifacts, derive_report(artifacts))
             for artifacts in map(load_run_artifacts, paths)]
@@ -51,7 +56,7 @@ def derived(paths: list[Path]) -> list[tuple[RunArtifacts, Report]]:
 @pytest.fixture
 def three(tmp_path: Path) -> OverlayData:
     """The 2 MiB, 1 GiB and thread-sampled runs, overlaid."""
-    return load_overlay_data(derived([copy(n, tmp_path) for n in ("2m", "1g", "threads")]))
+    return overlaid(derived([copy(n, tmp_path) for n in ("2m", "1g", "threads")]))
 
 
 def test_the_dimensions_that_differ_label_each_run(three: OverlayData) -> None:
@@ -74,7 +79,7 @@ def test_the_dimensions_that_differ_label_each_run(three: OverlayData) -> None:
 def test_repetitions_differ_in_nothing(tmp_path: Path) -> None:
     runs = derived([copy("2m", tmp_path, "a"), copy("2m", tmp_path, "b")])
     assert dimensions(runs) == {}
-    data = load_overlay_data(runs)
+    data = overlaid(runs)
     assert [run.label for run in data.runs] == [
         "rec-hugetlb-2m · 20261125T183726Z-rec-hugetlb-2m-3cd3"] * 2
 
@@ -105,7 +110,7 @@ def test_a_run_that_never_switched_is_aligned_at_migrate(tmp_path: Path) -> None
     events = [line for line in (run / "src" / "events.jsonl").read_text().splitlines()
               if '"STOP"' not in line]
     (run / "src" / "events.jsonl").write_text("\n".join(events) + "\n")
-    data = load_overlay_data(derived([run, copy("1g", tmp_path)]))
+    data = overlaid(derived([run, copy("1g", tmp_path)]))
     first = data.runs[0]
     assert first.zero_what == "migrate (the run never switched over)"
     assert first.shift_s == 0.0
@@ -118,7 +123,7 @@ def test_a_run_that_never_migrated_has_nothing_to_overlay(tmp_path: Path) -> Non
         shutil.copy(RECORDED["2m"] / name, never / name)
     with pytest.raises(ArtifactError, match=rf"^{never}: nothing to overlay: the run never "
                                             r"started migrating \(outcome not-started"):
-        load_overlay_data(derived([copy("2m", tmp_path), never]))
+        overlaid(derived([copy("2m", tmp_path), never]))
 
 
 def test_headline_numbers_are_each_reports_own(three: OverlayData) -> None:
@@ -141,7 +146,7 @@ def test_headline_numbers_are_each_reports_own(three: OverlayData) -> None:
 
 
 def test_a_run_without_a_trace_has_no_fetch_numbers(tmp_path: Path) -> None:
-    data = load_overlay_data(derived([copy("2m", tmp_path), copy("crashed", tmp_path)]))
+    data = overlaid(derived([copy("2m", tmp_path), copy("crashed", tmp_path)]))
     rows = {row.name: row for row in data.headline}
     p50 = rows["fetch p50 (guest RAM block)"].metrics
     assert p50[0] is not None
@@ -165,7 +170,7 @@ def test_one_cdf_per_page_size_holds_every_run_of_that_size(three: OverlayData) 
 
 
 def test_runs_without_fetch_latencies_get_one_empty_cdf_that_says_so(tmp_path: Path) -> None:
-    data = load_overlay_data(derived([copy("crashed", tmp_path, "a"),
+    data = overlaid(derived([copy("crashed", tmp_path, "a"),
                                       copy("crashed", tmp_path, "b")]))
     [(size, figure)] = list(overlay_cdf_figures(data))
     assert size == 0
