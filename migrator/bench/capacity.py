@@ -55,7 +55,8 @@ from migrator.config.models import (
 )
 from migrator.errors import MigratorError
 from migrator.hosts.base import Host
-from migrator.hosts.hugepages import kernel_identity, read_pool
+from migrator.hosts.hugepages import read_pool
+from migrator.hosts.identity import kernel_identity
 from migrator.hosts.pool_claims import hold_pool_lock, other_processes_claims
 from migrator.preflight import mem_available_mib
 from migrator.runner import scenario_hosts
@@ -86,7 +87,7 @@ class KernelCapacity:
     """What one running kernel offers runs, as read before the first run."""
 
     kernel: str
-    """Its boot id (:func:`migrator.hosts.hugepages.kernel_identity`)."""
+    """Its boot id (:func:`migrator.hosts.identity.kernel_identity`)."""
     hosts: tuple[str, ...]
     """The names it was reached as (for messages)."""
     cpus: int

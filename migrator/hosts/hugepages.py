@@ -48,15 +48,15 @@ from secrets import token_hex
 
 from migrator.errors import HostError, HugepageShortfall, MigratorError, MissingResource
 from migrator.hosts.base import Host
+from migrator.hosts.identity import kernel_identity
 from migrator.hosts.pool_claims import hold_claim, hold_pool_lock, other_processes_claims
+from migrator.hosts.topology import NODES
 
 __all__ = [
-    "BOOT_ID",
     "HugepagePool",
     "claimed_hugepages",
     "find_hugetlbfs_mount",
     "hugetlbfs_dir",
-    "kernel_identity",
     "read_pool",
     "reserve_hugepages",
 ]
@@ -64,9 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYSFS = Path("/sys/kernel/mm/hugepages")
-NODES = Path("/sys/devices/system/node")
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-"""A random UUID the kernel draws at boot: equal on two hosts means one running kernel."""
 
 # (kernel identity, page size in kB): one hugepage pool.
 _PoolKey = tuple[str, int]
@@ -179,20 +176,6 @@ async def _grow(host: Host, page_size_kib: int, before: int, total: int,
             await _set_total(host, page_size_kib, before, node)
         raise
     return grown
-
-
-async def kernel_identity(host: Host) -> str:
-    """What identifies ``host``'s running kernel: its boot_id (see :data:`BOOT_ID`).
-
-    A host without one (not Linux, or a test double) is taken to be a kernel of
-    its own: its claims are then shared only by reservations on the same
-    :class:`Host` object.
-    """
-    try:
-        boot_id = (await host.read_text(BOOT_ID)).strip()
-    except FileNotFoundError:
-        boot_id = ""
-    return boot_id or f"unidentified:{host.name}:{id(host)}"
 
 
 async def claimed_hugepages(host: Host, page_size_kib: int) -> int:

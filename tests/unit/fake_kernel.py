@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from migrator.hosts.fake import FakeHost
-from migrator.hosts.hugepages import BOOT_ID
+from migrator.hosts.identity import BOOT_ID
 from migrator.hosts.pool_claims import CLAIMS_DIR
 
 __all__ = ["POOL", "FakeKernel", "pool_writes", "writes_besides_claims"]
