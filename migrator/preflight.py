@@ -33,7 +33,7 @@ from migrator.errors import (
     PreflightError,
 )
 from migrator.hgm import HgmSupport, detect_hgm
-from migrator.hosts.base import Host
+from migrator.hosts.base import CommandResult, Host
 from migrator.hosts.hugepages import claimed_hugepages, read_pool, reserve_hugepages
 from migrator.hosts.topology import CPUS_ONLINE, Topology, read_topology
 from migrator.migration.plan import MigrationPlan, plan_migration
@@ -325,12 +325,14 @@ _FAULT_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
-async def _command_found(host: Host, argv: Sequence[str]) -> bool:
-    """Whether ``argv`` (a harmless call of a command) runs on ``host`` with status 0."""
+async def _command_found(host: Host, argv: Sequence[str]) -> CommandResult | None:
+    """What ``argv`` (a harmless call of a command) printed on ``host``; None unless it ran
+    with status 0."""
     try:
-        return (await host.run(list(argv), timeout=30)).status == 0
+        result = await host.run(list(argv), timeout=30)
     except HostError:
-        return False
+        return None
+    return result if result.status == 0 else None
 
 
 async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> list[Need]:
@@ -342,7 +344,7 @@ async def _fault_needs(host: Host, roles: list[Role], scenario: Scenario) -> lis
         what = f"faults.{index} ({fault.kind})"
         command = _FAULT_COMMANDS.get(fault.kind)
         if command is not None:
-            found = await _command_found(host, command)
+            found = await _command_found(host, command) is not None
             needs.append(Need(
                 what=f"{what}: {command[0]}", met=found,
                 detail="present" if found else f"{command[0]} not found on {host.name}",
@@ -417,7 +419,7 @@ async def placement_needs(host: Host, roles: list[Role], scenario: Scenario,
         commands.append(("taskset (CPU placement: QEMU starts under it)",
                          ("taskset", "--version"), f"install util-linux on {host.name}"))
     for what, argv, fix in commands:
-        found = await _command_found(host, argv)
+        found = await _command_found(host, argv) is not None
         needs.append(Need(what=what, met=found,
                           detail="present" if found else f"not found on {host.name}",
                           fix="" if found else fix))
@@ -431,11 +433,8 @@ async def _compressor_needs(host: Host, roles: list[Role], scenario: Scenario) -
     collect = scenario.collect
     if "destination" not in roles or not collect.trace or collect.compress != "zstd":
         return []
-    try:
-        found = await host.run(["zstd", "--version"], timeout=30)
-    except HostError:
-        found = None
-    met = found is not None and found.status == 0
+    found = await _command_found(host, ("zstd", "--version"))
+    met = found is not None
     version = re.search(r"v(\d+(?:\.\d+)+)", found.stdout) if found is not None else None
     return [Need(
         what="zstd (collect.compress = \"zstd\": the destination trace is compressed there)",

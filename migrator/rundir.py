@@ -105,7 +105,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 #: A compressed artifact's name: its plain name and this suffix (``samples.jsonl.zst``).
 ZST = ".zst"
 #: The zstd level of every compressed artifact.  The fastest level, and on these texts no
-#: larger than the default (3): a 4 KiB-page run's 42 MB trace gives 2.7 MB at 1, 3.2 MB at 3.
+#: larger than the default (3): a 4 KiB-page run's 42 MB trace gave 2.7 MB at 1 and 3.2 MB at 3
+#: (``zstd -1`` and ``zstd -3`` of a ``dst/trace.log`` kept by ``benchmarks/run_disk.py --keep``).
 ZSTD_LEVEL = 1
 #: Longest a record written to a compressed JSONL artifact waits in the compressor before it
 #: is in the file (flushed as a zstd block): a controller killed outright loses at most the

@@ -243,8 +243,9 @@ def _read_chunks(source: Path | BinaryIO, size: int) -> Iterator[bytes]:
 def _read_ahead(handle: BinaryIO, size: int) -> Iterator[bytes]:
     """``handle``'s chunks, each next one read in a thread while this one is analysed.
 
-    Reading a zstd stream is decompressing it, at about a fifth of the analysis's
-    cost; zstandard releases the GIL meanwhile, so on a second core it is hidden.
+    Reading a zstd stream is decompressing it, which costs a fraction of the analysis
+    (``benchmarks/trace_throughput.py`` prints both forms' events/s); zstandard releases
+    the GIL meanwhile, so on a second core it is hidden.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="trace-read") as reader:
         pending = reader.submit(handle.read, size)
