@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-__all__ = ["RunLabelFilter", "current_run_label", "run_label"]
+__all__ = ["RunLabelFilter", "run_label"]
 
 _RUN_LABEL: ContextVar[str] = ContextVar("migrator_run_label", default="")
 
@@ -28,11 +28,6 @@ def run_label(label: str) -> Iterator[None]:
         yield
     finally:
         _RUN_LABEL.reset(token)
-
-
-def current_run_label() -> str:
-    """The label set by the innermost :func:`run_label`, or ``""``."""
-    return _RUN_LABEL.get()
 
 
 class RunLabelFilter(logging.Filter):

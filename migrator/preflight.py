@@ -247,13 +247,12 @@ async def _hugepage_needs(scenario: Scenario, groups: Sequence[MemoryGroup]) -> 
 
     ``groups``: :func:`memory_groups`; one Need per group.
     """
-    page = scenario.vm.backing.page_size
-    size_kib = page // 1024
+    size_kib, per_vm = scenario.vm.hugepages
     size = "1G" if size_kib == 1048576 else f"{size_kib // 1024}M"
     needs = []
     async with AsyncExitStack() as held:
         for host, node, vms in groups:
-            needed = vms * (scenario.vm.memory_mib << 20) // page
+            needed = vms * per_vm
             on_node = "" if node is None else f" on NUMA node {node}"
             what = f"{needed} free hugepages of {size_kib} kB{on_node}"
             others = await claimed_hugepages(host, size_kib)

@@ -147,8 +147,8 @@ def needs_of(scenario: Scenario, kernel_of: Mapping[HostSpec, str]) -> RunNeeds:
     demands = {}
     for kernel, qemus in sides.items():
         guest_mib = 0 if vm.backing.is_hugetlb else vm.memory_mib
-        pages = ({vm.backing.page_size // 1024: qemus * (vm.memory_mib << 20)
-                  // vm.backing.page_size} if vm.backing.is_hugetlb else {})
+        size_kib, per_vm = vm.hugepages
+        pages = {size_kib: qemus * per_vm} if vm.backing.is_hugetlb else {}
         demands[kernel] = Demand(memory_mib=qemus * (guest_mib + QEMU_OVERHEAD_MIB),
                                  vcpus=vm.vcpus, hugepages=pages)
     destination = scenario.hosts.destination

@@ -258,6 +258,13 @@ class VmSpec(ScenarioModel):
             )
         return hgm
 
+    @property
+    def hugepages(self) -> tuple[int, int]:
+        """(page size in kB, pages per VM) of a hugetlb backing: what each of its QEMUs
+        reserves (the preflight, the run and a parallel suite's capacity all count so)."""
+        page = self.backing.page_size
+        return page // 1024, (self.memory_mib << 20) // page
+
     @model_validator(mode="after")
     def _memory_fits_pages(self) -> VmSpec:
         page_mib = self.backing.page_size >> 20

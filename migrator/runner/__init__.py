@@ -121,13 +121,6 @@ class _ObservedWriter:
         self._out.close()
 
 
-def _pages_needed(scenario: Scenario) -> tuple[int, int]:
-    """(page size in kB, pages per VM) for hugetlb backings."""
-    backing = scenario.vm.backing
-    page = backing.page_size
-    return page // 1024, scenario.vm.memory_mib * (1 << 20) // page
-
-
 class ScenarioRun(RunJournal):
     """State of one run while it executes (see :func:`run_scenario`): its journal, and the stages.
 
@@ -294,7 +287,7 @@ class ScenarioRun(RunJournal):
         mem_paths: dict[str, Path | None] = {"src": None, "dst": None}
         if not self.scenario.vm.backing.is_hugetlb:
             return mem_paths
-        size_kib, per_vm = _pages_needed(self.scenario)
+        size_kib, per_vm = self.scenario.vm.hugepages
         roles: list[tuple[Host, list[Role]]] = (
             [(source, ["source", "destination"])] if source is destination
             else [(source, ["source"]), (destination, ["destination"])])
@@ -337,7 +330,7 @@ class ScenarioRun(RunJournal):
         """The ``pool-exhausted`` fault: the destination's free hugepages taken before it starts."""
         for index, fault in enumerate(self.scenario.faults):
             if isinstance(fault, PoolExhaustedFault) and mem_path is not None:
-                size_kib, _ = _pages_needed(self.scenario)
+                size_kib, _ = self.scenario.vm.hugepages
                 hog = await exhaust_hugepage_pool(destination, mem_path, size_kib)
                 stack.push_async_callback(destination.remove_tree, hog)
                 self.mark("fault-injected", index=index, kind=fault.kind, file=str(hog))

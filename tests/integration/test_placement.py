@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from migrator.config import dump_scenario
+from migrator.config.placement import parse_cpu_list
 from migrator.metrics.events import read_jsonl
 from migrator.metrics.summary import build_report
 from migrator.qemu.threads import THREADS_FILE
@@ -86,7 +87,7 @@ def check_pinned(run: RunDir, fault_names: set[str], source_names: set[str]) -> 
         for (tid, name), cpus in where.items():
             wanted = {t.tid: t.wanted for t in record.threads}.get(tid)
             if wanted is not None:
-                assert cpus <= {int(cpu) for cpu in wanted.split(",")}, (name, cpus)
+                assert cpus <= parse_cpu_list(wanted), (name, cpus)
         recorded[side] = record
     return recorded
 
