@@ -43,7 +43,7 @@ __all__ = ["RUN_COLOURS", "X_AXIS", "overlay_cdf_figures", "overlay_stall_figure
 #: One colour per run, the same on every figure of the page.
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
                "#e377c2", "#7f7f7f", "#bcbd22")
-X_AXIS = "s since each run's switchover (host wall clock)"
+X_AXIS = "s since each run's t = 0: its switchover, else its migrate (host wall clock)"
 # Legend entries are long (a run's label): one per line under the plot, each taking this
 # many pixels, so that a figure grows with its legend instead of squeezing its plot.
 _LEGEND_LINE_PX = 21
@@ -150,7 +150,7 @@ def overlay_stall_figure(data: OverlayData) -> Any:
         fig.add_annotation(text=f"probe threshold {threshold:g} ms", xref="paper", x=1.0,
                            yref="y", y=math.log10(threshold), xanchor="right",
                            yanchor="bottom", showarrow=False, font={"size": 11, "color": "#555"})
-    mark_switchover(fig, 0.0, "switchover")
+    mark_switchover(fig, 0.0, "t = 0")
     layout(fig, "Guest stalls of every run, aligned at the switchover", 480)
     fig.update_xaxes(title_text=X_AXIS, range=_x_range(data))
     fig.update_yaxes(**log_axis("stall duration, ms (log)"))
@@ -190,7 +190,7 @@ def overlay_transfer_figure(data: OverlayData) -> Any:
                                   f"<extra>{run.page.report.run_id} {side}</extra>",
                 ), index, run, False), row=2, col=1)
                 entries += 1
-    mark_switchover(fig, 0.0, "switchover")
+    mark_switchover(fig, 0.0, "t = 0")
     layout(fig, "Migration stream of every run over time (samples.jsonl), aligned at the "
                 "switchover", 560)
     fig.update_xaxes(range=_x_range(data))
@@ -221,7 +221,7 @@ def overlay_thread_figure(data: OverlayData) -> Any:
                                    index, run, position == 0),
                           row=1 if load.side == "src" else 2, col=1)
             entries += 1
-    mark_switchover(fig, 0.0, "switchover")
+    mark_switchover(fig, 0.0, "t = 0")
     layout(fig, "Host CPU per QEMU thread of every run, % of one core (/proc/PID/task/*/stat "
                 "utime + stime, sampled on each QEMU's host)", 560)
     fig.update_xaxes(range=_x_range(data))
