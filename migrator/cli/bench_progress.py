@@ -98,6 +98,8 @@ class SuiteProgress(SuiteObserver):
         self.started_runs = 0
         #: The active runs by index: after an interrupt, the runs it caught.
         self.active: dict[int, RunLine] = {}
+        #: The most runs active at once so far: capacity may admit fewer than --parallel.
+        self.peak = 0
         self.durations: list[float] = []
         self.outcomes: dict[RunStatus, int] = {}
         self.live = Live(console=console, refresh_per_second=4, transient=True,
@@ -119,6 +121,7 @@ class SuiteProgress(SuiteObserver):
     def run_started(self, index: int, run: PlannedRun) -> None:
         self.started_runs += 1
         self.active[index] = line = RunLine(self, index, run)
+        self.peak = max(self.peak, len(self.active))
         self.console.log(f"[bold]{line.tag}[/bold] {escape(run.run_id)}", highlight=False)
 
     def run_observer(self, index: int, run: PlannedRun) -> Observer:
@@ -146,7 +149,7 @@ class SuiteProgress(SuiteObserver):
         now = time.monotonic()
         left = ((self.total - self.started_runs) * mean
                 + sum(max(0.0, mean - (now - line.started)) for line in self.active.values()))
-        return _duration(left / max(1, min(self.parallel, self.total)))
+        return _duration(left / max(1, self.peak))
 
     def _render(self) -> Group:
         if not self.total:

@@ -19,6 +19,7 @@ from migrator.config.placement import (
     placement_label,
 )
 from migrator.errors import ConfigError, ExitCode
+from migrator.hosts.base import CommandResult
 from migrator.hosts.fake import FakeHost
 from migrator.hosts.local import LocalHost
 from migrator.hosts.topology import read_topology
@@ -203,8 +204,17 @@ async def test_placement_needs_against_the_host() -> None:
     assert node.detail == "h1 has no NUMA node 1 with memory (it has node 0)"
     assert node.fix == "set memory_node to one of 0"
     # The commands that apply it: python3 always, taskset where QEMU starts under it.
-    assert {"python3 with sched_setaffinity (CPU placement)",
-            "taskset (CPU placement: QEMU starts under it)"} <= needs.keys()
+    python = needs["python3 with sched_setaffinity (CPU placement)"]
+    taskset = needs["taskset (CPU placement: QEMU starts under it)"]
+    assert python.met
+    assert taskset.met
+    # A host where taskset does not run (status 127, as sh says "not found").
+    host.commands["taskset"] = lambda argv: CommandResult(argv, 127, "", "taskset: not found")
+    taskset = (await needs_of(host, {"source": {"vcpu_cpus": "1", "migration_cpus": "0"}}))[
+        "taskset (CPU placement: QEMU starts under it)"]
+    assert not taskset.met
+    assert taskset.detail == "not found on h1"
+    assert taskset.fix == "install util-linux on h1"
 
 
 async def test_placement_needs_only_for_the_roles_a_host_plays() -> None:
